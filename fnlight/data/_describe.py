@@ -1,0 +1,143 @@
+"""Turn stage hyperparameters into a stable, JSON-able description.
+
+The description is what a pipeline's fingerprint hashes, so it must be the
+same in every process and Python run, and must change when a hyperparameter
+changes. Functions are described by qualified name and a hash of their source
+(plus the values they close over); what cannot be described stably is marked
+``{"unstable": reason}`` and makes the fingerprint an error, never a random value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import textwrap
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..tree import tree_hash
+
+UNSTABLE = "unstable"
+
+
+class FingerprintError(ValueError):
+    """A pipeline holds something whose description would not be stable."""
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _source_hash(obj: Any) -> str | None:
+    try:
+        return sha256_text(textwrap.dedent(inspect.getsource(obj)))
+    except (OSError, TypeError):
+        return None
+
+
+def describe_function(fn: Any) -> dict[str, Any]:
+    """Describe a callable by name, source hash and captured values."""
+    if isinstance(fn, functools.partial):
+        return {
+            "partial": describe_function(fn.func),
+            "args": [describe_value(a) for a in fn.args],
+            "keywords": {k: describe_value(v) for k, v in sorted(fn.keywords.items())},
+        }
+    if dataclasses.is_dataclass(fn) and not isinstance(fn, type):
+        d = describe_value(fn)
+        return d
+    name = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    if inspect.ismethod(fn):
+        return {"method": name, "self": describe_value(fn.__self__), "function": describe_function(fn.__func__)}
+    if not inspect.isfunction(fn):
+        # Builtins and C functions (torch.flatten, math.sqrt): the name is the identity.
+        if inspect.isbuiltin(fn) or isinstance(fn, (torch._C._VariableFunctionsClass, type(len))):
+            return {"function": name}
+        if callable(fn) and not isinstance(fn, type):
+            return {"function": name, UNSTABLE: f"callable object of type {type(fn).__qualname__} "
+                    "has no stable description; use a function or a frozen dataclass with __call__"}
+        return {"function": name}
+    out: dict[str, Any] = {"function": name}
+    src = _source_hash(fn)
+    if src is None:
+        out[UNSTABLE] = (f"the source of {fn.__qualname__} is not available (defined in an "
+                         "interactive session or exec?); define it in a module file")
+        return out
+    out["source_sha256"] = src
+    if fn.__closure__:
+        cells = {}
+        for var, cell in zip(fn.__code__.co_freevars, fn.__closure__, strict=True):
+            try:
+                cells[var] = describe_value(cell.cell_contents)
+            except ValueError:  # an empty cell
+                cells[var] = None
+        out["closure"] = cells
+    if fn.__defaults__:
+        out["defaults"] = [describe_value(v) for v in fn.__defaults__]
+    return out
+
+
+def describe_value(v: Any) -> Any:
+    """A JSON-able, process-independent description of a hyperparameter value."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if v == v and v not in (float("inf"), float("-inf")) else repr(v)
+    if isinstance(v, torch.dtype):
+        return str(v)
+    if isinstance(v, torch.device):
+        return str(v)
+    if isinstance(v, torch.Tensor):
+        return {"tensor": {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": tree_hash(v)}}
+    if isinstance(v, (list, tuple)):
+        return [describe_value(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): describe_value(x) for k, x in v.items()}
+    describe = getattr(v, "describe", None)
+    if callable(describe) and not isinstance(v, type):
+        return describe()
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        fields = {f.name: describe_value(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        cls = type(v)
+        out = {"object": f"{cls.__module__}.{cls.__qualname__}", "fields": fields}
+        if callable(v):
+            src = _source_hash(cls)
+            if src is None:
+                out[UNSTABLE] = f"the source of class {cls.__qualname__} is not available"
+            else:
+                out["source_sha256"] = src
+        return out
+    if callable(v):
+        return describe_function(v)
+    return {"value": repr(v), UNSTABLE: f"{type(v).__qualname__} has no stable description"}
+
+
+def unstable_paths(desc: Any, path: str = "") -> list[str]:
+    """Where a description contains an ``unstable`` marker, with its reason."""
+    found: list[str] = []
+    if isinstance(desc, dict):
+        if UNSTABLE in desc:
+            found.append(f"{path or '<root>'}: {desc[UNSTABLE]}")
+        for k, v in desc.items():
+            if k != UNSTABLE:
+                found += unstable_paths(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(desc, list):
+        for i, v in enumerate(desc):
+            found += unstable_paths(v, f"{path}[{i}]")
+    return found
+
+
+def fingerprint_of(desc: Any, what: str = "pipeline") -> str:
+    """sha256 of a description's canonical JSON; an error if any part is unstable."""
+    bad = unstable_paths(desc)
+    if bad:
+        raise FingerprintError(
+            f"cannot fingerprint this {what}: parts of it have no stable description:\n  "
+            + "\n  ".join(bad)
+        )
+    return sha256_text(json.dumps(desc, sort_keys=True, separators=(",", ":")))

@@ -1,0 +1,204 @@
+"""``DataModule``: Lightning's DataModule as an immutable value over a pipeline.
+
+Example:
+    >>> import torch, fnlight, fnlight.data as fd
+    >>> pipeline = (fd.from_tensors(torch.rand(100, 3), torch.randint(0, 2, (100,)))
+    ...             >> fd.split({"train": 0.8, "val": 0.2}) >> fd.shuffle() >> fd.batch(16))
+    >>> dm = fnlight.DataModule(pipeline, seed=0)
+    >>> dm.num_batches("train")
+    5
+    >>> x, y = next(iter(dm.batches("train", epoch=3, start=2)))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ._describe import fingerprint_of
+from .batch import batch as batch_stage
+from .dataset import Dataset
+from .loader import BatchIterator
+from .shuffle import shuffle as shuffle_stage
+from .sources import from_torch
+from .stage import Context, Pipeline, Plans, SplitPlan, Stage, default_root
+
+#: Lightning's stages and the split each reads by default.
+DEFAULT_STAGES: Mapping[str, str] = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}
+
+
+@dataclass(frozen=True, eq=False)
+class DataModule:
+    """Batches of a pipeline's splits, by (split, epoch, position).
+
+    Args:
+        pipeline: a :class:`~fnlight.data.Pipeline` (or a single source stage).
+        seed: the seed of shuffles and random transforms (``split`` has its own).
+        root: the cache root for downloads and disk caches (default
+            ``$FNLIGHT_HOME`` or ``~/.cache/fnlight``).
+        stages: Lightning stage -> split name (``fit`` -> ``train``, ...).
+        device: where ``to_device()`` stages move batches (default: CUDA if available).
+        prefetch: batches computed ahead in a background thread (0: none).
+        workers: worker processes for CPU-heavy Python transforms (0: none);
+            results are identical for any number of workers.
+        rank, world_size: for ``shard()`` (default: from ``torch.distributed``).
+
+    The configuration is immutable; building the splits is done once, lazily,
+    and memoized. ``close()`` (or ``with dm:``) stops every live iteration.
+    """
+
+    pipeline: Pipeline
+    seed: int = 0
+    root: str | Path | None = None
+    stages: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_STAGES))
+    device: str | None = None
+    prefetch: int = 2
+    workers: int = 0
+    rank: int | None = None
+    world_size: int | None = None
+    _memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, init=False, repr=False)
+    _live: Any = field(default_factory=weakref.WeakSet, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pipeline, Stage):
+            object.__setattr__(self, "pipeline", Pipeline((self.pipeline,)))
+        if not isinstance(self.pipeline, Pipeline):
+            raise TypeError(f"DataModule needs a Pipeline, got {type(self.pipeline).__name__}")
+        if self.prefetch < 0 or self.workers < 0:
+            raise ValueError("prefetch and workers must be >= 0")
+        object.__setattr__(self, "stages", dict(self.stages))
+
+    @classmethod
+    def from_datasets(cls, train: Any = None, val: Any = None, test: Any = None, predict: Any = None,
+                      batch_size: int = 1, shuffle: bool = True, **kwargs: Any) -> DataModule:
+        """A DataModule over map-style torch datasets (Lightning's ``from_datasets``).
+
+        Example:
+            >>> import torch
+            >>> tds = torch.utils.data.TensorDataset(torch.rand(10, 2), torch.arange(10))
+            >>> dm = DataModule.from_datasets(train=tds, val=tds, batch_size=4)
+        """
+        named = {k: v for k, v in dict(train=train, val=val, test=test, predict=predict).items()
+                 if v is not None}
+        pipeline = from_torch(**named) >> batch_stage(batch_size)
+        if shuffle and "train" in named:
+            pipeline = Pipeline(pipeline.stages[:1] + (shuffle_stage(),) + pipeline.stages[1:])
+        return cls(pipeline, **kwargs)
+
+    def replace(self, **changes: Any) -> DataModule:
+        """A new DataModule with some settings changed (and nothing built yet)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- building -----------------------------------------------------------
+    @property
+    def context(self) -> Context:
+        """What the build depends on: seed, root, rank, world size, device."""
+        return Context(
+            seed=self.seed,
+            root=Path(self.root) if self.root is not None else default_root(),
+            rank=distributed.rank() if self.rank is None else self.rank,
+            world_size=distributed.world_size() if self.world_size is None else self.world_size,
+            device=torch.device(self.device) if self.device is not None else None,
+        )
+
+    def prepare(self) -> None:
+        """Run the side-effecting stages (downloads, disk caches) once.
+
+        In a distributed run rank 0 prepares while the other ranks wait at a
+        barrier, so ranks never download at once.
+        """
+        ctx = self.context
+        if distributed.world_size() > 1:
+            try:
+                if distributed.rank() == 0:
+                    self.pipeline.prepare(ctx)
+            finally:
+                distributed.barrier()
+        else:
+            self.pipeline.prepare(ctx)
+
+    def setup(self) -> Plans:
+        """Build (once) and return the plan of every split."""
+        with self._lock:
+            if "plans" not in self._memo:
+                self._memo["plans"] = self.pipeline.build(self.context)
+            return self._memo["plans"]
+
+    @property
+    def split_names(self) -> list[str]:
+        """The names of the pipeline's splits."""
+        return list(self.setup())
+
+    def split_for(self, stage: str) -> str:
+        """The split that a Lightning stage (fit, validate, test, predict) reads."""
+        if stage not in self.stages:
+            raise KeyError(f"unknown stage {stage!r}; the stages are {sorted(self.stages)}")
+        return self.stages[stage]
+
+    def plan(self, split: str) -> SplitPlan:
+        """The plan of ``split`` (a split name, or a stage name such as ``"fit"``)."""
+        plans = self.setup()
+        if split not in plans and split in self.stages:
+            split = self.stages[split]
+        if split not in plans:
+            raise KeyError(f"no split named {split!r}; this pipeline has the splits {sorted(plans)}")
+        return plans[split]
+
+    def dataset(self, split: str) -> Dataset:
+        """The lazy dataset of ``split`` (everything before ``batch()``)."""
+        return self.plan(split).dataset
+
+    # -- iterating ----------------------------------------------------------
+    def index_batches(self, split: str, epoch: int = 0) -> list[torch.Tensor]:
+        """The sample indices of every batch of ``split`` in ``epoch``."""
+        return self.plan(split).index_batches(epoch)
+
+    def num_batches(self, split: str) -> int:
+        """The number of batches of ``split`` in an epoch (the same for every epoch)."""
+        return len(self.index_batches(split, 0))
+
+    def batches(self, split: str, epoch: int = 0, start: int = 0) -> BatchIterator:
+        """The batches of ``split`` in ``epoch``, from position ``start`` on.
+
+        ``batches(split, e, start=b)`` yields exactly the batches an
+        uninterrupted pass would yield from its ``b``-th on: resuming needs
+        nothing but (epoch, position).
+        """
+        plan = self.plan(split)
+        all_batches = plan.index_batches(epoch)
+        if not 0 <= start <= len(all_batches):
+            raise ValueError(f"start={start} is out of range: split {split!r} has {len(all_batches)} batches")
+        it = BatchIterator(plan, epoch, all_batches[start:], self.prefetch, self.workers)
+        self._live.add(it)
+        return it
+
+    # -- identity -----------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The pipeline's description plus the seed and the stage mapping."""
+        return {"pipeline": self.pipeline.describe(), "seed": self.seed, "stages": dict(self.stages)}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of ``describe()`` (FingerprintError if a part has no stable description)."""
+        return fingerprint_of(self.describe(), "DataModule")
+
+    # -- resources ----------------------------------------------------------
+    def close(self) -> None:
+        """Stop every live iteration's prefetch thread and worker processes."""
+        for it in list(self._live):
+            it.close()
+
+    def __enter__(self) -> DataModule:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,206 @@
+"""Iterating a split's batches: in the caller, in a prefetch thread, or in worker processes.
+
+Every batch is a pure function of (indices, epoch), so where it is computed
+never changes it: results are identical for any number of workers. The only
+state of an iteration is (epoch, position). Threads and processes belong to
+one :class:`BatchIterator` and are released when it is exhausted, closed,
+garbage-collected (e.g. after ``break``), or when its DataModule is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.multiprocessing as tmp
+
+from .stage import SplitPlan
+
+_POLL_S = 0.1
+
+
+class WorkerError(RuntimeError):
+    """A data worker process failed or died."""
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+        self.tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _raise(f: _Failure, where: str) -> None:
+    exc = f.exc
+    if exc.__traceback__ is None and hasattr(exc, "add_note"):  # it crossed a process boundary
+        exc.add_note(f"(raised in {where}; its traceback:)\n{f.tb}")
+    raise exc
+
+
+def _produce(plan: SplitPlan, epoch: int, batches: list[torch.Tensor], out: queue.Queue,
+             stop: threading.Event) -> None:
+    """The prefetch thread: compute batches in order into a bounded queue."""
+    for idx in batches:
+        try:
+            item: Any = plan.get_batch(idx, epoch)
+        except BaseException as e:  # delivered to the consumer, which re-raises it
+            item = _Failure(e)
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        if stop.is_set() or isinstance(item, _Failure):
+            return
+
+
+def _work(plan: SplitPlan, epoch: int, tasks: Any, results: Any, parent: int) -> None:
+    """A worker process: compute the host part of the batches it is given."""
+    torch.set_num_threads(1)  # the parent and the other workers share the cores
+    while True:
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # orphaned: the parent died
+                return
+            continue
+        if task is None:
+            return
+        pos, idx = task
+        try:
+            results.put((pos, plan.host_batch(idx, epoch)))
+        except BaseException as e:
+            try:
+                results.put((pos, _Failure(e)))
+            except Exception:  # the exception itself does not pickle
+                results.put((pos, _Failure(WorkerError(f"{type(e).__name__}: {e}"))))
+
+
+class BatchIterator(Iterator[Any]):
+    """Batches ``start, start + 1, ...`` of one split and epoch.
+
+    Use it as an iterator (``for batch in it``) or a context manager; ``close()``
+    stops its thread or processes at once.
+    """
+
+    def __init__(self, plan: SplitPlan, epoch: int, batches: list[torch.Tensor], prefetch: int = 2,
+                 workers: int = 0, mp_context: str | None = None):
+        self.plan, self.epoch, self._batches = plan, epoch, batches
+        self._next = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._procs: list[Any] = []
+        if workers > 0 and batches:
+            self._start_workers(workers, max(prefetch, 1), mp_context)
+        elif prefetch > 0 and batches:
+            self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=_produce, args=(plan, epoch, batches, self._queue, self._stop),
+                name="fnlight-prefetch", daemon=True)
+            self._thread.start()
+
+    # -- worker processes ---------------------------------------------------
+    def _start_workers(self, workers: int, prefetch: int, mp_context: str | None) -> None:
+        ctx = tmp.get_context(mp_context or ("fork" if os.name == "posix" else "spawn"))
+        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        self._buffer: dict[int, Any] = {}
+        self._sent = 0
+        self._window = workers * prefetch
+        for _ in range(workers):
+            p = ctx.Process(target=_work, args=(self.plan, self.epoch, self._tasks, self._results,
+                                                os.getpid()), daemon=True)
+            p.start()
+            self._procs.append(p)
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._sent < len(self._batches) and self._sent < self._next + self._window:
+            self._tasks.put((self._sent, self._batches[self._sent]))
+            self._sent += 1
+
+    def _from_workers(self, pos: int) -> Any:
+        while pos not in self._buffer:
+            try:
+                got, value = self._results.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = [p for p in self._procs if not p.is_alive()]
+                if dead:
+                    raise WorkerError(
+                        f"a data worker process died unexpectedly (exit code {dead[0].exitcode}); "
+                        "run with workers=0 to see the error in this process."
+                    ) from None
+                continue
+            self._buffer[got] = value
+        value = self._buffer.pop(pos)
+        if isinstance(value, _Failure):
+            _raise(value, f"data worker, batch {pos}")
+        return self.plan.device_batch(value, self._batches[pos], self.epoch)
+
+    # -- iteration ----------------------------------------------------------
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._batches) - self._next
+
+    def __next__(self) -> Any:
+        if self._closed or self._next >= len(self._batches):
+            self.close()
+            raise StopIteration
+        pos = self._next
+        try:
+            if self._procs:
+                item = self._from_workers(pos)
+                self._next += 1
+                self._fill()
+                return item
+            if self._thread is not None:
+                item = self._queue.get()
+                if isinstance(item, _Failure):
+                    _raise(item, f"prefetch thread, batch {pos}")
+            else:
+                item = self.plan.get_batch(self._batches[pos], self.epoch)
+        except BaseException:
+            self.close()
+            raise
+        self._next += 1
+        return item
+
+    def close(self) -> None:
+        """Stop the prefetch thread or worker processes (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        if self._procs:
+            for _ in self._procs:
+                with contextlib.suppress(Exception):
+                    self._tasks.put(None)
+            for p in self._procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+            for q in (self._tasks, self._results):
+                q.cancel_join_thread()
+                q.close()
+            self._procs = []
+
+    def __enter__(self) -> BatchIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
