@@ -25,7 +25,7 @@ class _BatchOp(OrderOp):
     def __call__(self, seq: Any, epoch: int) -> list[torch.Tensor]:
         if not isinstance(seq, torch.Tensor):
             raise ValueError("batch() appears twice in the order of a split")
-        out = list(seq.split(self.size))
+        out = list(seq.split(self.size)) if len(seq) else []  # split() of empty gives [empty]
         if out and self.drop_last and len(out[-1]) < self.size:
             out.pop()
         return out

@@ -33,13 +33,10 @@ class _ShardOp(OrderOp):
 
     def __call__(self, seq: Any, epoch: int) -> Any:
         n = len(seq)
-        if self.drop:
-            pick = torch.arange(self.rank, n - n % self.world, self.world)
-        else:
-            total = n + (-n) % self.world
-            pick = torch.arange(self.rank, total, self.world) % max(n, 1)
-            if n == 0:
-                pick = pick[:0]
+        total = n - n % self.world if self.drop else n + (-n) % self.world
+        pick = torch.arange(self.rank, max(total, self.rank), self.world)
+        if not self.drop and n:
+            pick = pick % n  # the padding repeats the order from its start
         if isinstance(seq, torch.Tensor):
             return seq[pick]
         return [seq[i] for i in pick.tolist()]

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests build pipelines and run torch ops: keep examples few and
+# deadlines off (a 2-core CI machine is slow and noisy).
+settings.register_profile(
+    "fnlight", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fnlight"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Never touch the user's ~/.cache/fnlight from a test."""
+    monkeypatch.setenv("FNLIGHT_HOME", str(tmp_path / "fnlight_home"))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

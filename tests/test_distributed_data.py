@@ -1,0 +1,96 @@
+"""Real processes with torch.distributed (gloo on 127.0.0.1): prepare() on rank 0
+with a barrier, and shard() taking its rank from the process group."""
+
+import hashlib
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BODY = "".join(f"{i},{i * 2},{i % 2}\n" for i in range(40)).encode()
+
+SCRIPT = r"""
+import json, sys, time
+import torch
+import fnlight, fnlight.data as fd
+from fnlight import distributed
+
+distributed.init(backend="gloo", timeout_s=60)
+url, sha, root = sys.argv[1:4]
+p = fd.download(url, sha256=sha, read=fd.read_csv(label=-1)) >> fd.shard() >> fd.batch(100)
+dm = fnlight.DataModule(p, root=root, prefetch=0)
+fetches = []
+real_fetch = fd.Download.fetch
+fd.Download.fetch = lambda self, ctx: fetches.append(1) or real_fetch(self, ctx)
+dm.prepare()
+done = time.time()
+fd.Download.fetch = real_fetch
+idx = dm.index_batches("train")[0].tolist()
+print(json.dumps({"rank": distributed.rank(), "world": distributed.world_size(), "prepared_at": done, "fetches_in_prepare": len(fetches),
+                  "indices": idx}))
+torch.distributed.destroy_process_group()
+"""
+
+
+class Slow(http.server.BaseHTTPRequestHandler):
+    served: list = []
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        for i in range(0, len(BODY), 64):
+            time.sleep(0.02)
+            if i + 64 >= len(BODY):
+                Slow.served.append(time.time())  # no client can hold the file before this
+            self.wfile.write(BODY[i:i + 64])
+            self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_rank0_prepares_while_the_others_wait(tmp_path):
+    Slow.served = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/data.csv"
+    port = free_port()
+    script = tmp_path / "rank.py"
+    script.write_text(SCRIPT)
+    procs = []
+    try:
+        for rank in range(2):
+            env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                   "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "PATH": "/usr/bin:/bin",
+                   "FNLIGHT_HOME": str(tmp_path / "home")}
+            procs.append(subprocess.Popen(
+                [sys.executable, str(script), url, hashlib.sha256(BODY).hexdigest(), str(tmp_path / "root")],
+                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        server.shutdown()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outs), key=lambda r: r["rank"])
+    assert len(Slow.served) == 1  # one download for the whole job
+    assert all(r["prepared_at"] >= Slow.served[0] for r in results)  # nobody went on before it finished
+    assert [r["world"] for r in results] == [2, 2]
+    assert [r["fetches_in_prepare"] for r in results] == [1, 0]  # rank 1 only waited at the barrier
+    assert results[0]["indices"] == list(range(0, 40, 2)) and results[1]["indices"] == list(range(1, 40, 2))
