@@ -14,6 +14,7 @@ import functools
 import hashlib
 import inspect
 import json
+import sys
 import textwrap
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +41,17 @@ def _source_hash(obj: Any) -> str | None:
         return None
 
 
+def _module_name(obj: Any) -> str | None:
+    """The module's import name, also when it runs as ``python -m package.module``
+    (where ``__module__`` is ``"__main__"``), so both runs share a fingerprint."""
+    module = getattr(obj, "__module__", None)
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name:
+            return spec.name
+    return module
+
+
 def describe_function(fn: Any) -> dict[str, Any]:
     """Describe a callable by name, source hash and captured values."""
     if isinstance(fn, functools.partial):
@@ -51,7 +63,7 @@ def describe_function(fn: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(fn) and not isinstance(fn, type):
         d = describe_value(fn)
         return d
-    name = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    name = f"{_module_name(fn)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
     if inspect.ismethod(fn):
         return {"method": name, "self": describe_value(fn.__self__), "function": describe_function(fn.__func__)}
     if not inspect.isfunction(fn):
@@ -104,7 +116,7 @@ def describe_value(v: Any) -> Any:
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         fields = {f.name: describe_value(getattr(v, f.name)) for f in dataclasses.fields(v)}
         cls = type(v)
-        out = {"object": f"{cls.__module__}.{cls.__qualname__}", "fields": fields}
+        out = {"object": f"{_module_name(cls)}.{cls.__qualname__}", "fields": fields}
         if callable(v):
             src = _source_hash(cls)
             if src is None:
