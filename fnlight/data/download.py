@@ -174,7 +174,7 @@ class Download(Source):
                     f.flush()
                     os.fsync(f.fileno())
         except urllib.error.HTTPError as e:
-            if e.code >= 400:
+            if e.code >= 500 or e.code in (408, 429):
                 raise _Transient(f"HTTP {e.code} {e.reason}") from None
             raise DownloadError(f"HTTP {e.code} {e.reason} for {self.url}") from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
