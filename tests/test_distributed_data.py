@@ -33,8 +33,8 @@ dm.prepare()
 done = time.time()
 fd.Download.fetch = real_fetch
 idx = dm.index_batches("train")[0].tolist()
-print(json.dumps({"rank": distributed.rank(), "world": distributed.world_size(), "prepared_at": done, "fetches_in_prepare": len(fetches),
-                  "indices": idx}))
+print(json.dumps({"rank": distributed.rank(), "world": distributed.world_size(), "prepared_at": done,
+                  "fetches_in_prepare": len(fetches), "indices": idx}))
 torch.distributed.destroy_process_group()
 """
 
@@ -86,7 +86,7 @@ def test_rank0_prepares_while_the_others_wait(tmp_path):
         for p in procs:
             p.kill()
         server.shutdown()
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outs), key=lambda r: r["rank"])
     assert len(Slow.served) == 1  # one download for the whole job

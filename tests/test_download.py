@@ -434,3 +434,13 @@ def test_describe_ignores_root_and_retry_policy_but_not_data():
     ]
     prints = {fd.Pipeline((s,)).fingerprint for s in [a, *others]}
     assert len(prints) == len(others) + 1
+
+
+def test_missing_local_file_fails_at_once(tmp_path):
+    import time
+
+    stage = fd.download((tmp_path / "nope.csv").as_uri(), sha256="0" * 64, backoff_s=1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(fd.DownloadError, match="nope.csv"):
+        stage.fetch(fd.Context(root=tmp_path))
+    assert time.perf_counter() - t0 < 0.9  # not retried

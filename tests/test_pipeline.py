@@ -106,7 +106,7 @@ def test_undescribable_functions_are_flagged_not_randomly_fingerprinted():
     desc = p.describe()
     assert "unstable" in desc["stages"][1]["fn"]
     with pytest.raises(fd.FingerprintError, match=r"stages\[1\]\.fn"):
-        p.fingerprint
+        _ = p.fingerprint
 
     class Opaque:
         def __call__(self, x):
@@ -114,7 +114,7 @@ def test_undescribable_functions_are_flagged_not_randomly_fingerprinted():
 
     p2 = fd.from_tensors(torch.zeros(4)) >> fd.transform(Opaque()) >> fd.batch(2)
     with pytest.raises(fd.FingerprintError, match="callable object"):
-        p2.fingerprint
+        _ = p2.fingerprint
 
 
 def test_a_pipeline_must_start_with_exactly_one_source():

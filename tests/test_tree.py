@@ -5,8 +5,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from fnlight.tree import (device_put, register_node, tree_equal, tree_first_difference, tree_hash,
-                          tree_leaves, tree_map)
+from fnlight.tree import device_put, register_node, tree_equal, tree_first_difference, tree_hash, tree_leaves, tree_map
 
 from .conftest import cuda
 

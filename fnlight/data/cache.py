@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from filelock import FileLock
 
-from ..tree import tree_flatten, tree_map, tree_unflatten
+from ..tree import tree_map
 from .dataset import Dataset, TensorDataset
 from .stage import Context, Plans, SplitPlan, Stage, Where, normalize_on, plans_for
 

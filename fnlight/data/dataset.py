@@ -161,7 +161,8 @@ class TorchDataset(Dataset):
     """
 
     def __init__(self, dataset: Any):
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        if iterable or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
                 f"from_torch needs a map-style dataset with __len__ and __getitem__, got "
                 f"{type(dataset).__name__} (an IterableDataset has no random access)."

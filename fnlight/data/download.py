@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import http.client
 import os
-import socket
 import sys
 import time
 import urllib.error
@@ -177,8 +176,11 @@ class Download(Source):
             if e.code >= 500 or e.code in (408, 429):
                 raise _Transient(f"HTTP {e.code} {e.reason}") from None
             raise DownloadError(f"HTTP {e.code} {e.reason} for {self.url}") from None
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
-                socket.timeout, TimeoutError) as e:
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, FileNotFoundError | PermissionError | IsADirectoryError):
+                raise DownloadError(f"cannot read {self.url}: {e.reason}") from None
+            raise _Transient(f"URLError: {e.reason}") from None
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as e:
             raise _Transient(f"{type(e).__name__}: {e}") from None
         if total is not None and received != total:
             raise _Transient(f"truncated transfer: received {received} of {total} bytes")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,8 @@ class ReadCsv(Reader):
     skip_rows: int = 0
 
     def __call__(self, path: Path) -> Dataset:
-        with _open(path) as f:
+        with _open(path) as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # numpy warns on empty input; we raise below
             try:
                 table = np.loadtxt(f, delimiter=self.delimiter, skiprows=self.skip_rows,
                                    dtype=np.float64, ndmin=2)
@@ -77,6 +79,9 @@ class ReadCsv(Reader):
         if self.label is None:
             return TensorDataset(values.to(_dtype(self.dtype)))
         ncol = values.shape[1]
+        if ncol < 2:
+            raise ValueError(f"{path}: a label column needs at least one feature column besides it, "
+                             f"but the file has {ncol} column; use read_csv(label=None)")
         if not -ncol <= self.label < ncol:
             raise ValueError(f"{path}: label column {self.label} does not exist (the file has {ncol} columns)")
         col = self.label % ncol
@@ -125,6 +130,14 @@ def _splits(splits: Mapping[str, Sequence[str] | str] | None) -> tuple[tuple[str
     return tuple((name, _keys(ks)) for name, ks in splits.items())  # type: ignore[misc]
 
 
+def _array_to_tensor(a: np.ndarray, name: str, path: Path) -> torch.Tensor:
+    try:
+        return torch.from_numpy(np.ascontiguousarray(a))
+    except TypeError:
+        raise TypeError(f"{path}: array {name!r} has dtype {a.dtype}, which has no torch "
+                        "equivalent; store numbers") from None
+
+
 @dataclass(frozen=True)
 class ReadNpz(Reader):
     name: ClassVar[str] = "read_npz"
@@ -132,8 +145,14 @@ class ReadNpz(Reader):
     splits: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
     def __call__(self, path: Path) -> Dataset | Splits:
-        with np.load(path, allow_pickle=False) as z:  # never unpickle downloaded data
-            arrays = {k: torch.from_numpy(np.ascontiguousarray(z[k])) for k in z.files}
+        try:
+            z = np.load(path, allow_pickle=False)  # never unpickle downloaded data
+        except ValueError as e:
+            raise ValueError(f"{path}: refused to read ({e})") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} is not an .npz archive (a single .npy array?); save it with np.savez")
+        with z:
+            arrays = {k: _array_to_tensor(z[k], k, path) for k in z.files}
         return _read_arrays(arrays, self.keys, self.splits, path)
 
 
