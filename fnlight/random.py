@@ -166,9 +166,9 @@ def bits(k: torch.Tensor, shape: Shape = ()) -> torch.Tensor:
     """Uniformly random int64 bit patterns of shape ``k.shape + shape``."""
     _check_key(k, "bits")
     shape = _shape(shape)
-    numel = 1
-    for s in shape:
-        numel *= s
+    if not shape:  # one draw per key (counter 0): skip the counter axis, same values
+        return _mix(k + _SALT_BITS)
+    numel = math.prod(shape)
     counters = torch.arange(numel, device=k.device, dtype=torch.int64) * _GAMMA
     out = _mix(k.unsqueeze(-1) + _SALT_BITS + counters)
     return out.reshape(k.shape + shape)
@@ -219,11 +219,16 @@ def normal(k: torch.Tensor, shape: Shape = (), dtype: torch.dtype = torch.float3
 def bernoulli(k: torch.Tensor, p: float | torch.Tensor = 0.5, shape: Shape = ()) -> torch.Tensor:
     """Booleans that are True with probability ``p``, of shape ``k.shape + shape``.
 
+    True exactly when ``uniform(k, shape, float64) < p``.
+
     Example:
         >>> bernoulli(key(0), 0.5, (4,)).dtype
         torch.bool
     """
-    return uniform(k, shape, dtype=torch.float64) < p
+    if isinstance(p, torch.Tensor):
+        return uniform(k, shape, dtype=torch.float64) < p
+    # u = m * 2**-53 < p  <=>  m < ceil(p * 2**53) for the integer m: compare integers.
+    return (bits(k, shape) & ((1 << 53) - 1)) < math.ceil(min(max(p, 0.0), 1.0) * 2.0**53)
 
 
 def randint(k: torch.Tensor, shape: Shape, low: int, high: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ def digits_pipeline(batch_size=32):
 
 @pytest.fixture(scope="module")
 def dm():
-    with fnlight.DataModule(digits_pipeline(), seed=0) as dm:
+    with fnlight.DataModule(digits_pipeline(), seed=0, prefetch=2) as dm:
         yield dm
 
 
@@ -53,11 +53,18 @@ def test_batches_are_a_function_of_epoch_only(dm):
     assert tree_equal(*unshuffled)
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_results_do_not_depend_on_workers_or_prefetch(dm, workers):
+@pytest.mark.parametrize("workers, prefetch", [(0, 2), (0, None), (1, 2), (3, 1)])
+def test_results_do_not_depend_on_workers_or_prefetch(dm, workers, prefetch):
     reference = list(dm.replace(prefetch=0).batches("train", 1))
-    assert tree_equal(list(dm.replace(workers=workers).batches("train", 1)), reference)
-    assert tree_equal(list(dm.replace(workers=workers).batches("train", 1, start=3)), reference[3:])
+    other = dm.replace(workers=workers, prefetch=prefetch)
+    assert tree_equal(list(other.batches("train", 1)), reference)
+    assert tree_equal(list(other.batches("train", 1, start=3)), reference[3:])
+
+
+def test_prefetch_defaults_to_off_on_the_cpu(dm):
+    it = dm.replace(prefetch=None).batches("train")
+    next(it)
+    assert not _threads()
 
 
 def _threads():

@@ -90,6 +90,13 @@ def test_normal_statistics():
     assert torch.isfinite(z).all()
 
 
+@given(seed=st.integers(0, 2**32), p=st.floats(-0.5, 1.5))
+def test_bernoulli_is_uniform_below_p(seed, p):
+    k = fr.fold_in(fr.key(seed), torch.arange(64))
+    assert torch.equal(fr.bernoulli(k, p), fr.uniform(k, (), dtype=torch.float64) < p)
+    assert torch.equal(fr.bernoulli(k, torch.tensor(p, dtype=torch.float64)), fr.bernoulli(k, p))
+
+
 def test_bernoulli_randint_permutation():
     b = fr.bernoulli(fr.key(2), 0.3, (100_000,))
     assert b.dtype == torch.bool and abs(b.double().mean().item() - 0.3) < 0.01

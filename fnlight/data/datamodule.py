@@ -46,7 +46,11 @@ class DataModule:
             ``$FNLIGHT_HOME`` or ``~/.cache/fnlight``).
         stages: Lightning stage -> split name (``fit`` -> ``train``, ...).
         device: where ``to_device()`` stages move batches (default: CUDA if available).
-        prefetch: batches computed ahead in a background thread (0: none).
+        prefetch: batches computed ahead in a background thread. The default
+            (None) prefetches 2 batches when the pipeline moves batches to a
+            GPU, whose work runs while the thread prepares the next batch, and
+            none otherwise: on the CPU a second thread competes for the same
+            cores and slows a pipeline down (measured: about 2x on 2 cores).
         workers: worker processes for CPU-heavy Python transforms (0: none);
             results are identical for any number of workers.
         rank, world_size: for ``shard()`` (default: from ``torch.distributed``).
@@ -60,7 +64,7 @@ class DataModule:
     root: str | Path | None = None
     stages: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_STAGES))
     device: str | None = None
-    prefetch: int = 2
+    prefetch: int | None = None
     workers: int = 0
     rank: int | None = None
     world_size: int | None = None
@@ -73,7 +77,7 @@ class DataModule:
             object.__setattr__(self, "pipeline", Pipeline((self.pipeline,)))
         if not isinstance(self.pipeline, Pipeline):
             raise TypeError(f"DataModule needs a Pipeline, got {type(self.pipeline).__name__}")
-        if self.prefetch < 0 or self.workers < 0:
+        if (self.prefetch or 0) < 0 or self.workers < 0:
             raise ValueError("prefetch and workers must be >= 0")
         object.__setattr__(self, "stages", dict(self.stages))
 
@@ -177,7 +181,10 @@ class DataModule:
         all_batches = plan.index_batches(epoch)
         if not 0 <= start <= len(all_batches):
             raise ValueError(f"start={start} is out of range: split {split!r} has {len(all_batches)} batches")
-        it = BatchIterator(plan, epoch, all_batches[start:], self.prefetch, self.workers)
+        prefetch = self.prefetch
+        if prefetch is None:
+            prefetch = 2 if plan.device_post and torch.cuda.is_available() else 0
+        it = BatchIterator(plan, epoch, all_batches[start:], prefetch, self.workers)
         self._live.add(it)
         return it
 

@@ -49,19 +49,31 @@ def _is_global_rng_error(e: Exception) -> bool:
     return isinstance(e, RuntimeError) and "randomness" in str(e) and "vmap" in str(e)
 
 
+#: Above this many samples, per-sample keys are hashed per batch instead of
+#: tabulated once per epoch (the table costs 8 bytes a sample).
+KEY_TABLE_MAX = 1 << 22
+
+
 class _Mapper:
     """Applies one transform to batches and to single samples, identically."""
 
     def __init__(self, fn: Callable[..., Any], random: bool, batched: bool, key: torch.Tensor | None,
-                 label: str):
-        self.fn, self.random, self.batched, self.key, self.label = fn, random, batched, key, label
+                 n: int, label: str):
+        self.fn, self.random, self.batched, self.key, self.n, self.label = fn, random, batched, key, n, label
+        self._vfn = torch.func.vmap(fn, randomness="error")
         self._vmap_ok: bool | None = None  # decided on the first batch
-        self._epoch_key: tuple[int, torch.Tensor] | None = None
+        # (epoch, epoch key, keys of every sample or None); replaced whole, so threads may share it
+        self._epoch: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
 
     def keys(self, idx: torch.Tensor | int, epoch: int) -> torch.Tensor:
-        cached = self._epoch_key
+        """``fold_in(fold_in(stage_key, epoch), idx)``, from a per-epoch table when it is small."""
+        cached = self._epoch
         if cached is None or cached[0] != epoch:
-            cached = self._epoch_key = (epoch, fr.fold_in(self.key, epoch))
+            epoch_key = fr.fold_in(self.key, epoch)
+            table = fr.fold_in(epoch_key, torch.arange(self.n)) if self.n <= KEY_TABLE_MAX else None
+            cached = self._epoch = (epoch, epoch_key, table)
+        if isinstance(idx, torch.Tensor) and cached[2] is not None:
+            return cached[2][idx]
         return fr.fold_in(cached[1], idx)
 
     def on_batch(self, batch: Any, idx: torch.Tensor, epoch: int) -> Any:
@@ -70,7 +82,7 @@ class _Mapper:
             return self._check_batched(self.fn(*args), len(idx))
         if self._vmap_ok is not False:
             try:
-                out = torch.func.vmap(self.fn, randomness="error")(*args)
+                out = self._vfn(*args)
             except Exception as e:
                 if _is_global_rng_error(e):
                     raise TransformError(
@@ -118,7 +130,7 @@ class Transform(Stage):
 
         def update(plan: SplitPlan) -> SplitPlan:
             key = ctx.stage_key(where, plan.name) if self.random else None
-            m = _Mapper(self.fn, self.random, self.batched, key, label)
+            m = _Mapper(self.fn, self.random, self.batched, key, len(plan.dataset), label)
             if plan.batch is not None:
                 return plan.add_post(m.on_batch)
             rnd = plan.random_stage or (label if self.random else None)
