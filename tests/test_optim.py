@@ -1,0 +1,186 @@
+"""fnlight.optim against torch.optim: 200 steps, several parameter shapes, float32."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fnlight.optim as fo
+from fnlight.tree import tree_equal
+
+SHAPES = {"w1": (7, 5), "b1": (7,), "w2": (3, 7, 2), "scale": (), "b2": (1,)}
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+
+
+def grads_at(step, params):
+    # deterministic gradient-like values that depend on the current params (like a real loss)
+    g = torch.Generator().manual_seed(1000 + step)
+    return {k: torch.randn(p.shape, generator=g) * 0.1 + 0.05 * p for k, p in params.items()}
+
+
+def run_torch(opt_cls, steps, **kw):
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in make_params().items()}
+    opt = opt_cls(list(params.values()), **kw)
+    for t in range(steps):
+        gs = grads_at(t, {k: p.detach() for k, p in params.items()})
+        for k, p in params.items():
+            p.grad = gs[k]
+        opt.step()
+    return {k: p.detach() for k, p in params.items()}
+
+
+def run_fnlight(opt, steps, inplace=False, fused=True):
+    params = make_params()
+    state = opt.init(params)
+    for t in range(steps):
+        if fused:
+            params, state = fo.step(opt, grads_at(t, params), state, params, inplace=inplace)
+        else:
+            updates, state = opt.update(grads_at(t, params), state, params, inplace=inplace)
+            params = fo.apply_updates(params, updates, inplace=inplace)
+    return params
+
+
+CASES = [
+    ("sgd", torch.optim.SGD, dict(lr=0.05), fo.sgd(0.05)),
+    ("sgd_wd", torch.optim.SGD, dict(lr=0.05, weight_decay=1e-2), fo.sgd(0.05, weight_decay=1e-2)),
+    ("momentum", torch.optim.SGD, dict(lr=0.05, momentum=0.9), fo.sgd(0.05, momentum=0.9)),
+    ("momentum_damp", torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3),
+     fo.sgd(0.05, momentum=0.9, dampening=0.3)),
+    ("nesterov", torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+     fo.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    ("adam", torch.optim.Adam, dict(lr=1e-2), fo.adam(1e-2)),
+    ("adam_wd", torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-2), fo.adam(1e-2, weight_decay=1e-2)),
+    ("adam_amsgrad", torch.optim.Adam, dict(lr=1e-2, amsgrad=True), fo.adam(1e-2, amsgrad=True)),
+    ("adamw", torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), fo.adamw(1e-2, weight_decay=0.1)),
+    ("adamw_amsgrad", torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, betas=(0.8, 0.99)),
+     fo.adamw(1e-2, b1=0.8, b2=0.99, weight_decay=0.1, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("name, cls, kw, ours", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("impl", ["foreach", "fused", "single"])
+def test_200_steps_match_torch_optim(name, cls, kw, ours, impl):
+    flags = {"foreach": dict(foreach=True), "fused": dict(fused=True), "single": dict(foreach=False)}[impl]
+    expected = run_torch(cls, 200, **kw, **flags)
+    got = run_fnlight(ours, 200)
+    if impl != "fused":  # the fused step mirrors the foreach arithmetic op by op: bitwise equal
+        assert tree_equal(got, expected), name
+    for k in SHAPES:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=f"{name}/{impl}: {k}")
+
+
+@pytest.mark.parametrize("name, cls, kw, ours", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("fused", [True, False])
+def test_inplace_donation_is_bitwise_identical(name, cls, kw, ours, fused):
+    assert tree_equal(run_fnlight(ours, 30, inplace=True, fused=fused), run_fnlight(ours, 30, fused=fused))
+
+
+@pytest.mark.parametrize("name, cls, kw, ours", CASES, ids=[c[0] for c in CASES])
+def test_update_plus_apply_matches_the_fused_step(name, cls, kw, ours):
+    got, fused = run_fnlight(ours, 200, fused=False), run_fnlight(ours, 200)
+    for k in SHAPES:
+        torch.testing.assert_close(got[k], fused[k], rtol=1e-5, atol=1e-6)
+
+
+def test_chain_keeps_the_fused_step():
+    opt = fo.chain(fo.clip_by_global_norm(0.1), fo.adam(1e-2))
+    assert opt.step is not None and float(opt.learning_rate(0)) == pytest.approx(1e-2)
+    params = make_params()
+    torch_params = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    topt = torch.optim.Adam(torch_params.values(), lr=1e-2, foreach=True)
+    state = opt.init(params)
+    for t in range(50):
+        g = grads_at(t, params)
+        params, state = fo.step(opt, g, state, params)
+        for k, p in torch_params.items():
+            p.grad = grads_at(t, {kk: pp.detach() for kk, pp in torch_params.items()})[k]
+        torch.nn.utils.clip_grad_norm_(torch_params.values(), 0.1)
+        topt.step()
+    for k in SHAPES:
+        torch.testing.assert_close(params[k], torch_params[k].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_update_is_pure():
+    params = make_params()
+    opt = fo.chain(fo.clip_by_global_norm(0.5), fo.adamw(1e-2))
+    state = opt.init(params)
+    for t in range(3):
+        updates, state = opt.update(grads_at(t, params), state, params)
+        params = fo.apply_updates(params, updates)
+    before = (params, state, grads_at(3, params))
+    snapshot = torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, before)
+    opt.update(before[2], before[1], before[0])
+    assert tree_equal(before, snapshot)
+
+
+def test_clip_by_global_norm_matches_clip_grad_norm_():
+    grads = grads_at(0, make_params())
+    params = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in grads.items()}
+    for k, p in params.items():
+        p.grad = grads[k].clone() * 10
+    torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+    clipped, _ = fo.clip_by_global_norm(1.0).update({k: v * 10 for k, v in grads.items()}, fo.EmptyState())
+    for k in grads:
+        torch.testing.assert_close(clipped[k], params[k].grad, rtol=1e-6, atol=1e-7)
+    small, _ = fo.clip_by_global_norm(1e6).update(grads, fo.EmptyState())
+    assert tree_equal(small, grads)
+
+
+def test_masked_weight_decay():
+    params = make_params()
+    opt = fo.adamw(1e-2, weight_decay=0.5, mask=fo.default_decay_mask)
+    zero = {k: torch.zeros_like(v) for k, v in params.items()}
+    updates, _ = opt.update(zero, opt.init(params), params)
+    for k, v in params.items():
+        decayed = not torch.equal(updates[k], torch.zeros_like(v))
+        assert decayed == (v.dim() > 1), k
+    with pytest.raises(KeyError, match="unknown parameters"):
+        fo.adamw(1e-2, mask={"nope": True}).init(params)
+
+
+@pytest.mark.parametrize("sched, torch_sched", [
+    (fo.step_decay(0.1, 7, 0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 7, 0.5)),
+    (fo.cosine_decay(0.1, 50, alpha=0.1), lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 50, 0.01)),
+])
+def test_schedules_match_torch_schedulers(sched, torch_sched):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    s = torch_sched(opt)
+    for step in range(50):
+        assert float(sched(step)) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12), step
+        opt.step()
+        s.step()
+
+
+def test_schedule_shapes():
+    w = fo.warmup_cosine(1.0, 10, 110, init=0.1, end=0.01)
+    assert float(w(0)) == pytest.approx(0.1) and float(w(10)) == pytest.approx(1.0)
+    assert float(w(60)) == pytest.approx(0.505) and float(w(110)) == pytest.approx(0.01)
+    assert float(w(500)) == pytest.approx(0.01)
+    lw = fo.linear_warmup(2.0, 4)
+    assert [float(lw(s)) for s in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert float(fo.constant(3e-4)(torch.tensor(99))) == pytest.approx(3e-4)
+    with pytest.raises(ValueError):
+        fo.warmup_cosine(1.0, 10, 5)
+
+
+@given(steps=st.integers(1, 40), lr=st.floats(1e-4, 1e-1))
+def test_schedule_inside_the_optimizer(steps, lr):
+    # a schedule is evaluated at the update count, as torch's LR schedulers are
+    sched = fo.linear_warmup(lr, 10)
+    opt = fo.sgd(sched)
+    params = {"w": torch.zeros(())}
+    state = opt.init(params)
+    for _ in range(steps):
+        updates, state = opt.update({"w": torch.ones(())}, state, params)
+        params = fo.apply_updates(params, updates)
+    expected = -sum(float(sched(t)) for t in range(steps))
+    assert float(params["w"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_learning_rate_is_exposed():
+    assert float(fo.adam(fo.step_decay(1.0, 2, 0.5)).learning_rate(4)) == 0.25
