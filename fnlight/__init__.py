@@ -1,19 +1,53 @@
 """fnlight: pure-functional, JAX-style training for PyTorch.
 
 Everything a run depends on is an explicit value: the data pipeline is an
-immutable descriptor (:mod:`fnlight.data`), randomness flows from keys
-(:mod:`fnlight.random`), and trees of tensors are handled with optree
-(:mod:`fnlight.tree`).
+immutable descriptor (:mod:`fnlight.data`), the weights, buffers, optimizer
+state, step and key live in one :class:`TrainState`, and a step is a pure
+function ``(state, batch) -> (state, metrics)`` built with ``torch.func``.
 
 Example:
-    >>> import fnlight, fnlight.data as fd
-    >>> dm = fnlight.DataModule(fd.digits() >> fd.batch(64))
+    >>> import torch, fnlight, fnlight.data as fd, fnlight.optim as fo
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    >>> def loss_fn(model_fn, batch, key):
+    ...     x, y = batch
+    ...     return torch.nn.functional.cross_entropy(model_fn(x / 16), y)
+    >>> dm = fnlight.DataModule(fd.digits() >> fd.split({"train": 0.9, "val": 0.1}) >> fd.shuffle() >> fd.batch(64))
+    >>> state = fnlight.TrainState.create(model, fo.adam(1e-3), seed=0)
+    >>> result = fnlight.Trainer(max_epochs=3).fit(state, fnlight.make_train_step(model, loss_fn, fo.adam(1e-3)), dm)
 """
 
-from . import distributed, random, tree
+from . import distributed, optim, random, tree
 from .data.datamodule import DataModule
+from .train import (
+    Callback,
+    EarlyStopping,
+    FitResult,
+    LambdaCallback,
+    LearningRateMonitor,
+    Trainer,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+)
 from .tree import device_put
 
 __version__ = "0.1.0"
 
-__all__ = ["DataModule", "__version__", "device_put", "distributed", "random", "tree"]
+__all__ = [
+    "Callback",
+    "DataModule",
+    "EarlyStopping",
+    "FitResult",
+    "LambdaCallback",
+    "LearningRateMonitor",
+    "TrainState",
+    "Trainer",
+    "__version__",
+    "device_put",
+    "distributed",
+    "make_eval_step",
+    "make_train_step",
+    "optim",
+    "random",
+    "tree",
+]

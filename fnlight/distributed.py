@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["barrier", "init", "is_initialized", "local_rank", "rank", "world_size"]
+from .tree import tree_flatten, tree_unflatten
+
+T = TypeVar("T")
+
+__all__ = ["all_reduce_mean", "barrier", "init", "is_initialized", "local_rank", "rank", "world_size"]
 
 
 def is_initialized() -> bool:
@@ -59,3 +64,29 @@ def init(backend: str | None = None, timeout_s: float = 300.0) -> None:
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def all_reduce_mean(tree: T) -> T:
+    """The mean of a tree of tensors across ranks, in one flat all-reduce per dtype.
+
+    Without a process group (or with one rank) the tree is returned as it is.
+
+    Example:
+        >>> grads = all_reduce_mean(grads)   # inside a train step
+    """
+    if world_size() == 1:
+        return tree
+    leaves, spec = tree_flatten(tree)
+    out: list[Any] = list(leaves)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            groups.setdefault(leaf.dtype, []).append(i)
+    n = world_size()
+    for idx in groups.values():
+        flat = torch.cat([leaves[i].reshape(-1) for i in idx])
+        dist.all_reduce(flat)
+        flat /= n
+        for i, part in zip(idx, flat.split([leaves[i].numel() for i in idx]), strict=True):
+            out[i] = part.view_as(leaves[i])
+    return tree_unflatten(spec, out)

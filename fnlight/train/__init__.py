@@ -1,0 +1,31 @@
+"""fnlight.train: TrainState, pure steps, the Trainer, callbacks and loggers."""
+
+from .callbacks import Callback, EarlyStopping, FitContext, LambdaCallback, LearningRateMonitor, Signal
+from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
+from .loop import FitResult, Trainer
+from .state import TrainState
+from .step import EvalStep, NonFiniteError, TorchFuncTrapError, TrainStep, make_eval_step, make_train_step
+
+__all__ = [
+    "CSVLogger",
+    "Callback",
+    "ConsoleLogger",
+    "EarlyStopping",
+    "EvalStep",
+    "FitContext",
+    "FitResult",
+    "JSONLLogger",
+    "LambdaCallback",
+    "LearningRateMonitor",
+    "Logger",
+    "NonFiniteError",
+    "Signal",
+    "TensorBoardLogger",
+    "TorchFuncTrapError",
+    "TrainState",
+    "TrainStep",
+    "Trainer",
+    "make_eval_step",
+    "make_train_step",
+]
+assert sorted(__all__) == __all__

@@ -1,0 +1,144 @@
+"""Callbacks: pure observers of ``(state, metrics)`` that may ask the loop to stop or save.
+
+A callback never mutates the state or the trainer. What it remembers (a
+patience counter, the best value) is its own state, a small value that the
+loop threads through its hooks (and that a checkpoint can save):
+
+    cb_state = cb.init()
+    cb_state, signal = cb.on_step(cb_state, state, metrics, ctx)    # after every train step
+    cb_state, signal = cb.on_epoch(cb_state, state, metrics, ctx)   # after every epoch
+
+Example:
+    >>> trainer = Trainer(max_epochs=50, callbacks=(EarlyStopping("val/loss", patience=3),))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+
+class Signal(NamedTuple):
+    """What a callback asks of the loop: stop, save a checkpoint, log extra values."""
+
+    stop: bool = False
+    save: bool = False
+    log: Mapping[str, float] = {}
+
+
+NOTHING = Signal()
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What callbacks may read about the run (never change)."""
+
+    trainer: Any
+    train_step: Any
+    datamodule: Any
+    run_dir: Any
+    epoch: int = 0
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def init(self) -> Any:
+        return None
+
+    def on_step(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
+        return cb_state, NOTHING
+
+    def on_epoch(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
+        return cb_state, NOTHING
+
+
+@dataclass(frozen=True)
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    Example:
+        >>> EarlyStopping("val/acc", mode="max", patience=5, min_delta=1e-3)
+    """
+
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {self.mode!r}")
+        if self.patience < 0 or self.min_delta < 0:
+            raise ValueError("EarlyStopping needs patience >= 0 and min_delta >= 0")
+
+    def init(self) -> dict[str, float]:
+        return {"best": math.inf if self.mode == "min" else -math.inf, "wait": 0, "stopped_epoch": -1}
+
+    def on_epoch(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
+        if self.monitor not in metrics:
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the epoch metrics are {sorted(metrics)}")
+        value = float(metrics[self.monitor])
+        better = value < cb_state["best"] - self.min_delta if self.mode == "min" else \
+            value > cb_state["best"] + self.min_delta
+        if better:
+            return {**cb_state, "best": value, "wait": 0}, NOTHING
+        wait = cb_state["wait"] + 1
+        if wait >= self.patience:
+            return {**cb_state, "wait": wait, "stopped_epoch": ctx.epoch}, Signal(stop=True)
+        return {**cb_state, "wait": wait}, NOTHING
+
+
+@dataclass(frozen=True)
+class LearningRateMonitor(Callback):
+    """Log the learning rate at every step (``lr``), from ``schedule`` or else the
+    train step's optimizer. Example: ``LearningRateMonitor()``."""
+
+    schedule: Callable[[Any], Any] | None = None
+
+    def on_step(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
+        schedule = self.schedule or getattr(getattr(ctx.train_step, "optimizer", None), "learning_rate", None)
+        if schedule is None:
+            raise ValueError("LearningRateMonitor needs a schedule: the train step's optimizer has none")
+        return cb_state, Signal(log={"lr": float(schedule(state.step - 1))})  # the rate the last update used
+
+
+def _as_signal(out: Any) -> Signal:
+    if out is None:
+        return NOTHING
+    if isinstance(out, Signal):
+        return out
+    if isinstance(out, bool):
+        return Signal(stop=out)
+    raise TypeError(f"a LambdaCallback function must return None, a bool (stop) or a Signal, got {out!r}")
+
+
+@dataclass(frozen=True)
+class LambdaCallback(Callback):
+    """Callbacks from plain functions ``fn(state, metrics)`` returning None, a bool
+    (stop) or a :class:`Signal`.
+
+    Example:
+        >>> LambdaCallback(on_epoch=lambda state, m: m["val/acc"] > 0.99)   # stop when good enough
+    """
+
+    step_fn: Callable[[Any, Mapping[str, Any]], Any] | None = field(default=None)
+    epoch_fn: Callable[[Any, Mapping[str, Any]], Any] | None = field(default=None)
+
+    def __init__(self, on_step: Callable[..., Any] | None = None, on_epoch: Callable[..., Any] | None = None):
+        object.__setattr__(self, "step_fn", on_step)
+        object.__setattr__(self, "epoch_fn", on_epoch)
+
+    def on_step(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
+        return cb_state, _as_signal(self.step_fn(state, metrics)) if self.step_fn else NOTHING
+
+    def on_epoch(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
+        return cb_state, _as_signal(self.epoch_fn(state, metrics)) if self.epoch_fn else NOTHING
+
+
+def to_float(v: Any) -> float:
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)

@@ -1,0 +1,306 @@
+"""The ``Trainer``: a frozen configuration whose methods thread a state through
+fit / validate / test / predict. It holds no mutable state; the training loop
+is one short function (``fit``) that reads top to bottom, with every callback
+and logger call visible in it.
+
+Example:
+    >>> trainer = fnlight.Trainer(max_epochs=5, run_dir="runs/digits")
+    >>> result = trainer.fit(state, train_step, dm, eval_step=eval_step)
+    >>> trainer.test(result.state, eval_step, dm)
+    {'loss': 0.08, 'acc': 0.97}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.datamodule import DataModule
+from ..tree import device_put, tree_map
+from .callbacks import Callback, FitContext, Signal, to_float
+from .loggers import CSVLogger, JSONLLogger, Logger
+from .state import TrainState
+from .step import TrainStep, _batch_size
+
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What ``fit`` returns: the final state, one metrics row per epoch, the run directory."""
+
+    state: TrainState
+    history: list[Metrics]
+    run_dir: Path
+    callback_states: tuple[Any, ...] = ()
+
+
+class _WeightedMean:
+    """Per-key means over batches weighted by batch size, summed on the device (no sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: Mapping[str, torch.Tensor], n: int) -> None:
+        for k, v in metrics.items():
+            v = v.detach().double() * n
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += n
+
+    def result(self) -> Metrics:
+        return {k: float(v) / self.count for k, v in self.sums.items()} if self.count else {}
+
+
+def _limit(limit: int | float | None, total: int) -> int:
+    if limit is None:
+        return total
+    if isinstance(limit, float):
+        if not 0.0 < limit <= 1.0:
+            raise ValueError(f"a fractional batch limit must be in (0, 1], got {limit}")
+        return max(1, int(total * limit))
+    if limit < 0:
+        raise ValueError(f"a batch limit must be >= 0, got {limit}")
+    return min(limit, total)
+
+
+def _next_version(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        path = root / f"version_{n}"
+        try:
+            path.mkdir()  # atomic: two runs never share a directory
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def _clone(state: TrainState) -> TrainState:
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, state)
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms and friends for the duration of a call.
+
+    On CUDA some ops have no deterministic implementation and then raise (torch
+    names them); cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before its first use.
+    """
+    if not on:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A frozen training configuration.
+
+    Args:
+        max_epochs, max_steps: stop after whichever comes first (None: no limit).
+        val_every_n_epochs: validate after every n-th epoch (when given an eval step).
+        val_every_n_steps: also validate every n steps (logged as step rows).
+        limit_train_batches, limit_val_batches, limit_test_batches,
+            limit_predict_batches: an int (batches) or a float (fraction) per epoch.
+        callbacks: :class:`~fnlight.train.callbacks.Callback` objects.
+        loggers: default CSV + JSONL in the run directory.
+        run_dir: where logs (and checkpoints) go; default ``runs/version_<n>``.
+        device: where the state and batches live (default: CUDA if available).
+        progress: a progress bar (default: when stderr is a terminal).
+        seed: overrides the DataModule's data seed (shuffles, augmentations).
+        deterministic: run with ``torch.use_deterministic_algorithms(True)``.
+        log_every_n_steps: how often step rows are logged (each one reads the
+            metrics on the host).
+        donate: let the loop reuse the memory of states it has passed on (it
+            copies the state it was given once, so the caller's state is untouched).
+    """
+
+    max_epochs: int | None = 1
+    max_steps: int | None = None
+    val_every_n_epochs: int = 1
+    val_every_n_steps: int | None = None
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
+    limit_test_batches: int | float | None = None
+    limit_predict_batches: int | float | None = None
+    callbacks: tuple[Callback, ...] = ()
+    loggers: tuple[Logger, ...] | None = None
+    run_dir: str | os.PathLike | None = None
+    device: str | None = None
+    progress: bool | None = None
+    seed: int | None = None
+    deterministic: bool = False
+    log_every_n_steps: int = 50
+    donate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_epochs is None and self.max_steps is None:
+            raise ValueError("give max_epochs or max_steps (or both); otherwise training never ends")
+        for name in ("max_epochs", "max_steps", "val_every_n_epochs", "val_every_n_steps", "log_every_n_steps"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < (0 if name.startswith("max") else 1)):
+                raise ValueError(f"{name} must be a {'non-negative' if name.startswith('max') else 'positive'} "
+                                 f"int, got {v!r}")
+        object.__setattr__(self, "callbacks", tuple(self.callbacks))
+
+    # -- helpers ----------------------------------------------------------------
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _datamodule(self, dm: DataModule) -> DataModule:
+        if not isinstance(dm, DataModule):
+            raise TypeError(f"expected a fnlight DataModule, got {type(dm).__name__}")
+        changes: dict[str, Any] = {"device": str(self.torch_device)}
+        if self.seed is not None:
+            changes["seed"] = self.seed
+        return dm.replace(**changes)
+
+    def _progress(self, total: int, desc: str) -> Any:
+        from tqdm.auto import tqdm
+
+        show = sys.stderr.isatty() if self.progress is None else self.progress
+        return tqdm(total=total, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+
+    @staticmethod
+    def _batches(dm: DataModule, split: str, epoch: int, limit: int | float | None) -> tuple[Any, int]:
+        it = dm.batches(split, epoch)
+        return it, _limit(limit, len(it))
+
+    # -- the loop -----------------------------------------------------------------
+    def fit(self, state: TrainState, train_step: Callable[[TrainState, Any], tuple[TrainState, Any]],
+            datamodule: DataModule, eval_step: Callable[[TrainState, Any], Any] | None = None) -> FitResult:
+        """Train ``state`` with ``train_step`` on the fit split of ``datamodule``.
+
+        Returns the final state and one metrics row per epoch (``train/...`` means
+        weighted by batch size, and ``val/...`` when ``eval_step`` is given).
+        """
+        dm = self._datamodule(datamodule)
+        run_dir = Path(self.run_dir) if self.run_dir is not None else _next_version(Path("runs"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        loggers = [lg.open(run_dir) for lg in (self.loggers if self.loggers is not None
+                                               else (CSVLogger(), JSONLLogger()))]
+        step_fn = train_step.donating() if self.donate and isinstance(train_step, TrainStep) else train_step
+        state = device_put(_clone(state) if step_fn is not train_step else state, self.torch_device)
+        cb_states = [cb.init() for cb in self.callbacks]
+        split, history = dm.split_for("fit"), []
+        global_step, epoch, stop = int(state.step), 0, False
+        max_epochs = self.max_epochs if self.max_epochs is not None else math.inf
+        try:
+            with _deterministic(self.deterministic):
+                while epoch < max_epochs and not stop:
+                    ctx = FitContext(self, train_step, dm, run_dir, epoch)
+                    totals, t0 = _WeightedMean(), time.perf_counter()
+                    batches, n = self._batches(dm, split, epoch, self.limit_train_batches)
+                    with batches, self._progress(n, f"epoch {epoch}") as bar:
+                        for _, batch in zip(range(n), batches, strict=False):
+                            state, metrics = step_fn(state, device_put(batch, self.torch_device))
+                            global_step += 1
+                            totals.add(metrics, _batch_size(batch))
+                            extra = self._signal(cb_states, "on_step", state, metrics, ctx)
+                            stop = stop or extra.stop
+                            if global_step % self.log_every_n_steps == 0 or extra.log:
+                                row = {k: to_float(v) for k, v in metrics.items()} | dict(extra.log)
+                                self._log(loggers, "step", global_step, epoch, row)
+                                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", refresh=False)
+                            if (eval_step is not None and self.val_every_n_steps
+                                    and global_step % self.val_every_n_steps == 0):
+                                val = self._evaluate(state, eval_step, dm, "validate", self.limit_val_batches)
+                                self._log(loggers, "step", global_step, epoch, {f"val/{k}": v for k, v in val.items()})
+                            bar.update()
+                            if stop or (self.max_steps is not None and global_step >= self.max_steps):
+                                stop = True
+                                break
+                    row = {f"train/{k}": v for k, v in totals.result().items()}
+                    row["time_s"] = time.perf_counter() - t0
+                    if eval_step is not None and (epoch + 1) % self.val_every_n_epochs == 0:
+                        val = self._evaluate(state, eval_step, dm, "validate", self.limit_val_batches)
+                        row |= {f"val/{k}": v for k, v in val.items()}
+                    extra = self._signal(cb_states, "on_epoch", state, row, ctx)
+                    stop = stop or extra.stop
+                    row |= dict(extra.log)
+                    history.append({"epoch": epoch, "step": global_step, **row})
+                    self._log(loggers, "epoch", global_step, epoch, row)
+                    epoch += 1
+        finally:
+            for lg in loggers:
+                lg.close()
+        return FitResult(state, history, run_dir, tuple(cb_states))
+
+    def _signal(self, cb_states: list[Any], hook: str, state: TrainState, metrics: Mapping[str, Any],
+                ctx: FitContext) -> Signal:
+        """Call every callback's ``hook`` in order; merge what they ask for."""
+        stop, save, log = False, False, {}
+        for i, cb in enumerate(self.callbacks):
+            cb_states[i], sig = getattr(cb, hook)(cb_states[i], state, metrics, ctx)
+            stop, save, log = stop or sig.stop, save or sig.save, {**log, **sig.log}
+        return Signal(stop, save, log)
+
+    @staticmethod
+    def _log(loggers: list[Logger], kind: str, step: int, epoch: int, values: Mapping[str, float]) -> None:
+        row = {"kind": kind, "step": step, "epoch": epoch, **values}
+        for lg in loggers:
+            lg.log(row)
+
+    # -- evaluation -----------------------------------------------------------
+    def _evaluate(self, state: TrainState, eval_step: Callable[[TrainState, Any], Any], dm: DataModule,
+                  stage: str, limit: int | float | None) -> Metrics:
+        split = dm.split_for(stage)
+        totals = _WeightedMean()
+        batches, n = self._batches(dm, split, 0, limit)
+        with batches, self._progress(n, stage) as bar:
+            for _, batch in zip(range(n), batches, strict=False):
+                totals.add(eval_step(state, device_put(batch, self.torch_device)), _batch_size(batch))
+                bar.update()
+        return totals.result()
+
+    def validate(self, state: TrainState, eval_step: Callable[[TrainState, Any], Any],
+                 datamodule: DataModule) -> Metrics:
+        """Metrics of ``eval_step`` on the validate split, averaged weighted by batch size."""
+        with _deterministic(self.deterministic):
+            return self._evaluate(device_put(state, self.torch_device), eval_step, self._datamodule(datamodule),
+                                  "validate", self.limit_val_batches)
+
+    def test(self, state: TrainState, eval_step: Callable[[TrainState, Any], Any], datamodule: DataModule) -> Metrics:
+        """Metrics of ``eval_step`` on the test split, averaged weighted by batch size."""
+        with _deterministic(self.deterministic):
+            return self._evaluate(device_put(state, self.torch_device), eval_step, self._datamodule(datamodule),
+                                  "test", self.limit_test_batches)
+
+    def predict(self, state: TrainState, predict_fn: Callable[[TrainState, Any], Any],
+                datamodule: DataModule) -> Any:
+        """``predict_fn(state, batch)`` over the predict split, outputs concatenated along dim 0.
+
+        Example:
+            >>> logits = trainer.predict(state, lambda s, b: model_fn_of(s)(b[0]), dm)
+        """
+        dm = self._datamodule(datamodule)
+        state = device_put(state, self.torch_device)
+        outs = []
+        batches, n = self._batches(dm, dm.split_for("predict"), 0, self.limit_predict_batches)
+        with _deterministic(self.deterministic), torch.no_grad(), batches, self._progress(n, "predict") as bar:
+            for _, batch in zip(range(n), batches, strict=False):
+                outs.append(predict_fn(state, device_put(batch, self.torch_device)))
+                bar.update()
+        if not outs:
+            return []
+        return tree_map(lambda *xs: torch.cat(xs), *outs)

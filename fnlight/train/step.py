@@ -1,0 +1,321 @@
+"""Pure training and evaluation steps built with ``torch.func``.
+
+``make_train_step`` returns ``train_step(state, batch) -> (state, metrics)``.
+The step is pure: its result depends only on its arguments, and it does not
+change them (unless ``donate=True``). Where torch forces hidden state, the step
+scopes it: torch's global generator (dropout) is seeded from
+``fold_in(state.key, state.step)`` inside a fork that is restored afterwards,
+and BatchNorm's running statistics update clones that come back as the new
+state's buffers.
+
+Example:
+    >>> import torch, fnlight, fnlight.optim as fo
+    >>> model = torch.nn.Linear(4, 2)
+    >>> def loss_fn(model_fn, batch, key):
+    ...     x, y = batch
+    ...     return torch.nn.functional.cross_entropy(model_fn(x), y)
+    >>> step = fnlight.make_train_step(model, loss_fn, fo.adam(1e-3))
+    >>> state = fnlight.TrainState.create(model, fo.adam(1e-3))
+    >>> state, metrics = step(state, (torch.randn(8, 4), torch.randint(0, 2, (8,))))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.func import functional_call, grad_and_value
+
+from .. import distributed
+from .. import random as fr
+from ..optim import GradientTransformation, global_norm
+from ..optim import step as optim_step
+from ..tree import tree_leaves, tree_map
+from .state import Tensors, TrainState
+
+Metrics = dict[str, torch.Tensor]
+LossFn = Callable[[Callable[..., Any], Any, torch.Tensor], Any]
+Precision = Literal["32", "bf16-mixed"]
+
+
+class TorchFuncTrapError(RuntimeError):
+    """A known ``torch.func`` limitation was hit; the message says what to do instead."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients were NaN or infinite."""
+
+
+_TRAPS = (
+    (("running_mean", "were not batched"),
+     "BatchNorm cannot update its running statistics under torch.func.vmap. Use "
+     "nn.BatchNorm(track_running_stats=False), GroupNorm/LayerNorm, or "
+     "torch.func.replace_all_batch_norm_modules_(model) if you do not need eval-mode statistics."),
+    (("setup_context",),
+     "torch.utils.checkpoint (activation checkpointing) does not work under torch.func.grad, which "
+     "fnlight's step uses. Remove the checkpointing; to save memory, split the batch with "
+     "make_train_step(..., accumulate=k) instead."),
+    (("saved tensor hooks",),
+     "torch.utils.checkpoint(use_reentrant=False) uses saved-tensor hooks, which torch.func.grad does "
+     "not support. Remove the checkpointing; to save memory use make_train_step(..., accumulate=k)."),
+)
+
+
+@contextlib.contextmanager
+def _explain_traps() -> Iterator[None]:
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        text = str(e)
+        for needles, advice in _TRAPS:
+            if all(n in text for n in needles):
+                raise TorchFuncTrapError(f"{advice}\n(torch said: {text.splitlines()[0]})") from e
+        raise
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+        raise TypeError(
+            f"make_*_step got a {type(model).__name__}-wrapped module, whose hooks torch.func cannot see. "
+            "Pass the plain module (ddp.module): fnlight averages gradients across ranks itself, in one "
+            "flat all-reduce inside the step."
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+
+
+def _set_mode(model: torch.nn.Module, training: bool) -> None:
+    if model.training != training:
+        model.train(training)
+
+
+@contextlib.contextmanager
+def _rng_scope(key: torch.Tensor, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generator from ``key`` and restore it afterwards."""
+    seed = int(key.cpu()) & ((1 << 64) - 1)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def _batch_size(batch: Any) -> int:
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    raise ValueError("cannot tell the batch size: the batch has no tensor with a leading dimension")
+
+
+def _split(out: Any) -> tuple[torch.Tensor, Metrics]:
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        loss, metrics = out
+    else:
+        loss, metrics = out, {}
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(f"loss_fn must return a scalar loss tensor or (loss, metrics_dict), got {got}")
+    return loss.reshape(()), dict(metrics)
+
+
+def _autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True, eq=False)
+class TrainStep:
+    """``train_step(state, batch) -> (state, metrics)``; see :func:`make_train_step`."""
+
+    model: torch.nn.Module
+    loss_fn: LossFn
+    optimizer: GradientTransformation
+    accumulate: int = 1
+    clip: float | None = None
+    precision: Precision = "32"
+    compile: bool | Mapping[str, Any] = False
+    donate: bool = False
+    on_nonfinite: Literal["raise", "skip"] = "raise"
+
+    def __post_init__(self) -> None:
+        _check_model(self.model)
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+        if self.precision not in ("32", "bf16-mixed"):
+            raise ValueError(f"precision must be '32' or 'bf16-mixed', got {self.precision!r}")
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}")
+        grads = grad_and_value(self._loss, has_aux=True)
+        update = self._update
+        if self.compile:
+            # Compile around the torch.func transform, never inside it (as torch's docs require).
+            options = dict(self.compile) if isinstance(self.compile, Mapping) else {}
+            grads, update = torch.compile(grads, **options), torch.compile(update, **options)
+        object.__setattr__(self, "_grads_fn", grads)
+        object.__setattr__(self, "_update_fn", update)
+
+    def donating(self) -> TrainStep:
+        """The same step with ``donate=True`` (what the Trainer drives internally)."""
+        return self if self.donate else dataclasses.replace(self, donate=True)
+
+    # -- the pure parts -----------------------------------------------------
+    def _loss(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
+              device: torch.device) -> tuple[torch.Tensor, Metrics]:
+        def model_fn(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, (params, buffers), args, kwargs)
+
+        with _autocast(self.precision, device):
+            loss, metrics = _split(self.loss_fn(model_fn, batch, key))
+        return loss.float(), {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+
+    def _update(self, grads: Tensors, opt_state: Any, params: Tensors, norm: torch.Tensor) -> tuple[Tensors, Any]:
+        if self.clip is not None:
+            factor = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
+            keys = list(grads)
+            grads = dict(zip(keys, torch._foreach_mul([grads[k] for k in keys], factor), strict=True))
+        return optim_step(self.optimizer, grads, opt_state, params, inplace=self.donate)
+
+    # -- the step -------------------------------------------------------------
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        _set_mode(self.model, True)
+        device = state.step.device
+        step_key = fr.fold_in(state.key, state.step)
+        # BatchNorm updates its statistics in place: it gets copies (small), which become the
+        # new buffers; so even a donated state is intact when a non-finite step is skipped.
+        buffers = {k: v.clone() for k, v in state.buffers.items()}
+        if self.accumulate == 1:
+            grads, loss, metrics = self._micro(state.params, buffers, batch, step_key, device)
+        else:
+            grads, loss, metrics = self._accumulated(state.params, buffers, batch, step_key, device)
+        if distributed.world_size() > 1:
+            grads = distributed.all_reduce_mean(grads)
+        norm = global_norm(list(grads.values())) if grads else torch.zeros(())
+        if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(
+                    f"non-finite {'loss' if not torch.isfinite(loss) else 'gradients'} at step {int(state.step)} "
+                    f"(loss={float(loss)}, gradient norm={float(norm)}). Use on_nonfinite='skip' to skip such "
+                    "steps, or lower the learning rate / clip the gradients."
+                )
+            return state.replace(step=state.step + 1), {"loss": loss, **metrics, "skipped": torch.ones(())}
+        params, opt_state = self._update_fn(grads, state.opt_state, state.params, norm)
+        new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
+        if self.on_nonfinite == "skip":
+            metrics = {**metrics, "skipped": torch.zeros(())}
+        return new, {"loss": loss, **metrics}
+
+    def _micro(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
+               device: torch.device) -> tuple[Tensors, torch.Tensor, Metrics]:
+        with _rng_scope(key, device), _explain_traps():
+            grads, (loss, metrics) = self._grads_fn(params, buffers, batch, key, device)
+        return grads, loss, metrics
+
+    def _accumulated(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
+                     device: torch.device) -> tuple[Tensors, torch.Tensor, Metrics]:
+        """Gradients of k micro-batches, weighted by their sizes: for a mean-reduced
+        loss this equals the gradient of the whole batch."""
+        n = _batch_size(batch)
+        if n < self.accumulate:
+            raise ValueError(f"accumulate={self.accumulate} needs batches of at least that many samples, got {n}")
+        chunks = [tree_map(lambda t, i=i: torch.tensor_split(t, self.accumulate)[i], batch)
+                  for i in range(self.accumulate)]
+        total: Tensors = {}
+        loss = torch.zeros(())
+        metrics: Metrics = {}
+        for i, chunk in enumerate(chunks):
+            w = _batch_size(chunk) / n
+            g, l_i, m_i = self._micro(params, buffers, chunk, fr.fold_in(key, i), device)
+            keys = list(g)
+            scaled = torch._foreach_mul([g[k] for k in keys], w)
+            if total:
+                torch._foreach_add_([total[k] for k in keys], scaled)
+            else:
+                total = dict(zip(keys, scaled, strict=True))
+            loss = loss + l_i * w
+            metrics = {k: metrics.get(k, 0) + v * w for k, v in m_i.items()}
+        return total, loss, metrics
+
+
+def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: GradientTransformation, *,
+                    accumulate: int = 1, clip: float | None = None, precision: Precision = "32",
+                    compile: bool | Mapping[str, Any] = False, donate: bool = False,
+                    on_nonfinite: Literal["raise", "skip"] = "raise") -> TrainStep:
+    """Build ``train_step(state, batch) -> (state, metrics)``.
+
+    Args:
+        model: the module, used only as a stateless template.
+        loss_fn: ``loss_fn(model_fn, batch, key)`` returning a scalar loss or
+            ``(loss, metrics_dict)``; ``model_fn(*inputs)`` runs the module with
+            the state's parameters and buffers; ``key`` is this step's key.
+        optimizer: from :mod:`fnlight.optim` (it must be the one the state was created with).
+        accumulate: split each batch into this many micro-batches and average
+            their gradients (weighted by size): for a mean-reduced loss, equal to
+            one step on the whole batch, with less activation memory.
+        clip: clip gradients to this global L2 norm.
+        precision: ``"32"`` or ``"bf16-mixed"`` (autocast; parameters stay float32).
+        compile: run the gradient and update computations through ``torch.compile``
+            (``True``, or a dict of ``torch.compile`` options such as ``{"backend": "aot_eager"}``).
+            A learning-rate schedule is traced from the step counter, so it does
+            not cause recompilation.
+        donate: reuse the input state's memory (parameters, optimizer state and
+            buffers are updated in place). Faster, but the input state must not be
+            used afterwards: like JAX's ``donate_argnums``. Off by default.
+        on_nonfinite: ``"raise"`` a NonFiniteError naming the step, or ``"skip"``
+            the update (only the step counter advances; metrics get ``skipped=1``).
+
+    When ``torch.distributed`` is initialized with more than one rank, the
+    gradients are averaged across ranks in one flat buffer before the update.
+    The finite check reads the loss on the host once per step.
+
+    Example:
+        >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), clip=1.0, accumulate=2)
+    """
+    return TrainStep(model, loss_fn, optimizer, accumulate, clip, precision, compile, donate, on_nonfinite)
+
+
+@dataclass(frozen=True, eq=False)
+class EvalStep:
+    """``eval_step(state, batch) -> metrics``; see :func:`make_eval_step`."""
+
+    model: torch.nn.Module
+    metrics_fn: Callable[[Callable[..., Any], Any], Mapping[str, Any]]
+    precision: Precision = "32"
+
+    def __post_init__(self) -> None:
+        _check_model(self.model)
+
+    def __call__(self, state: TrainState, batch: Any) -> Metrics:
+        _set_mode(self.model, False)
+
+        def model_fn(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, (state.params, state.buffers), args, kwargs)
+
+        with torch.no_grad(), _explain_traps(), _autocast(self.precision, state.step.device):
+            out = self.metrics_fn(model_fn, batch)
+        if not isinstance(out, Mapping):
+            raise TypeError(f"metrics_fn must return a dict of scalar metrics, got {type(out).__name__}")
+        return {k: torch.as_tensor(v).detach().float().reshape(()) for k, v in out.items()}
+
+
+def make_eval_step(model: torch.nn.Module, metrics_fn: Callable[[Callable[..., Any], Any], Mapping[str, Any]],
+                   *, precision: Precision = "32") -> EvalStep:
+    """Build ``eval_step(state, batch) -> metrics``: no gradients, eval-mode dropout
+    and BatchNorm (running statistics are read, never updated).
+
+    ``metrics_fn(model_fn, batch)`` returns a dict of per-batch means; the
+    Trainer averages them over batches weighted by batch size.
+
+    Example:
+        >>> def metrics_fn(model_fn, batch):
+        ...     x, y = batch
+        ...     logits = model_fn(x)
+        ...     return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+        >>> eval_step = make_eval_step(model, metrics_fn)
+    """
+    return EvalStep(model, metrics_fn, precision)

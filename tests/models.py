@@ -1,0 +1,43 @@
+"""Small models, data and losses shared by the training tests."""
+
+import torch
+import torch.nn.functional as F
+
+import fnlight
+import fnlight.data as fd
+
+
+def mlp(seed=0, dropout=0.0, bn=False, din=6, dout=3):
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(din, 16)]
+    if bn:
+        layers.append(torch.nn.BatchNorm1d(16))
+    layers += [torch.nn.ReLU(), torch.nn.Dropout(dropout), torch.nn.Linear(16, dout)]
+    return torch.nn.Sequential(*layers)
+
+
+def data(n=64, din=6, dout=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, din, generator=g)
+    y = (x[:, :dout].argmax(-1) + (x[:, -1] > 1).long()) % dout
+    return x, y
+
+
+def loss_fn(model_fn, batch, key):
+    x, y = batch
+    logits = model_fn(x)
+    return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def metrics_fn(model_fn, batch):
+    x, y = batch
+    logits = model_fn(x)
+    return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def datamodule(n=64, batch=16, seed=0):
+    x, y = data(n)
+    p = (fd.from_tensors(x, y) >> fd.split({"train": 0.75, "val": 0.25}, stratify_by=1)
+         >> fd.shuffle() >> fd.batch(batch))
+    return fnlight.DataModule(p, seed=seed, stages={"fit": "train", "validate": "val", "test": "val",
+                                                    "predict": "val"})

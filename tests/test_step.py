@@ -1,0 +1,250 @@
+"""Laws of the functional train and eval steps."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fnlight
+import fnlight.optim as fo
+from fnlight.train.step import NonFiniteError, TorchFuncTrapError
+from fnlight.tree import tree_equal, tree_map
+
+from .models import data, loss_fn, metrics_fn, mlp
+
+
+def clone(tree):
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def run(step, state, batches):
+    for b in batches:
+        state, _ = step(state, b)
+    return state
+
+
+def batches(n=4, size=16):
+    x, y = data(n * size)
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, n * size, size)]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(dropout=0.5), dict(bn=True), dict(bn=True, dropout=0.3)])
+def test_step_is_pure(kw):
+    model = mlp(**kw)
+    opt = fo.adamw(1e-2)
+    step = fnlight.make_train_step(model, loss_fn, opt)
+    state = run(step, fnlight.TrainState.create(model, opt, seed=1), batches(2))
+    batch = batches(1)[0]
+    before = clone((state, batch))
+    new1, m1 = step(state, batch)
+    assert tree_equal((state, batch), before)  # the input state and batch are untouched
+    new2, m2 = step(state, batch)
+    assert tree_equal((new1, m1), (new2, m2))  # same inputs, same outputs (dropout included)
+    assert int(new1.step) == int(state.step) + 1 and not tree_equal(new1.params, state.params)
+
+
+def test_step_does_not_touch_the_global_rng():
+    model = mlp(dropout=0.5)
+    step = fnlight.make_train_step(model, loss_fn, fo.sgd(0.1))
+    state = fnlight.TrainState.create(model, fo.sgd(0.1))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    step(state, batches(1)[0])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_dropout_masks_follow_key_and_step():
+    model = mlp(dropout=0.5)
+    step = fnlight.make_train_step(model, lambda mf, b, k: mf(b[0]).square().mean(), fo.sgd(0.1))
+    s0 = fnlight.TrainState.create(model, fo.sgd(0.1), seed=0)
+    b = batches(1)[0]
+    a, _ = step(s0, b)
+    assert not tree_equal(a.params, step(s0.replace(key=fnlight.random.key(1)), b)[0].params)
+    assert not tree_equal(a.params, step(s0.replace(step=torch.tensor(5)), b)[0].params)
+    assert tree_equal(a.params, step(s0, b)[0].params)
+
+
+def test_batchnorm_statistics_come_back_as_new_buffers():
+    model = mlp(bn=True)
+    opt = fo.sgd(0.0)
+    state = fnlight.TrainState.create(model, opt)
+    x, y = batches(1)[0]
+    new, _ = fnlight.make_train_step(model, loss_fn, opt)(state, (x, y))
+    reference = copy.deepcopy(model).train()
+    reference(x)
+    assert torch.allclose(new.buffers["1.running_mean"], reference[1].running_mean)
+    assert torch.allclose(new.buffers["1.running_var"], reference[1].running_var)
+    assert int(new.buffers["1.num_batches_tracked"]) == 1
+    assert torch.equal(state.buffers["1.running_mean"], torch.zeros(16))
+
+
+def test_eval_step_uses_eval_mode_and_reads_running_stats():
+    model = mlp(bn=True, dropout=0.9)
+    opt = fo.adam(1e-2)
+    step = fnlight.make_train_step(model, loss_fn, opt)
+    state = run(step, fnlight.TrainState.create(model, opt), batches(3))
+    eval_step = fnlight.make_eval_step(model, metrics_fn)
+    x, y = batches(1)[0]
+    got = eval_step(state, (x, y))
+    plain = state.write_to(mlp(bn=True, dropout=0.9)).eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(plain(x), y)
+    assert torch.allclose(got["loss"], expected)
+    assert tree_equal(eval_step(state, (x, y)), got)  # no dropout, no statistics update
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_accumulation_equals_one_step_on_the_whole_batch(k):
+    model = mlp(bn=False)
+    opt = fo.adam(1e-2)
+    state = fnlight.TrainState.create(model, opt)
+    x, y = data(48)
+    whole = run(fnlight.make_train_step(model, loss_fn, opt), state, [(x, y)] * 3)
+    micro = run(fnlight.make_train_step(model, loss_fn, opt, accumulate=k), state, [(x, y)] * 3)
+    for name in whole.params:
+        torch.testing.assert_close(micro.params[name], whole.params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_unequal_micro_batches_are_weighted_by_size():
+    model = mlp()
+    opt = fo.sgd(0.1)
+    state = fnlight.TrainState.create(model, opt)
+    x, y = data(10)
+    whole, m1 = fnlight.make_train_step(model, loss_fn, opt)(state, (x, y))
+    micro, m2 = fnlight.make_train_step(model, loss_fn, opt, accumulate=3)(state, (x, y))  # 4, 3, 3
+    for name in whole.params:
+        torch.testing.assert_close(micro.params[name], whole.params[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m2["loss"], m1["loss"])
+
+
+def test_donation_reuses_memory_and_gives_the_same_result():
+    model = mlp(bn=True, dropout=0.2)
+    opt = fo.adamw(1e-2)
+    state = fnlight.TrainState.create(model, opt)
+    pure = run(fnlight.make_train_step(model, loss_fn, opt), state, batches(4))
+    donated_in = clone(state)
+    ptr = donated_in.params["0.weight"].data_ptr()
+    donated = run(fnlight.make_train_step(model, loss_fn, opt, donate=True), donated_in, batches(4))
+    assert tree_equal(pure, donated)
+    assert donated.params["0.weight"].data_ptr() == ptr  # updated in place
+    assert not tree_equal(donated_in.params, state.params)  # the donated input was consumed
+
+
+def test_clip_matches_clip_grad_norm():
+    model = mlp()
+    state = fnlight.TrainState.create(model, fo.sgd(1.0))
+    x, y = batches(1)[0]
+    new, _ = fnlight.make_train_step(model, loss_fn, fo.sgd(1.0), clip=0.01)(state, (x, y))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
+    torch.optim.SGD(ref.parameters(), lr=1.0).step()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(new.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_plain_autograd_and_torch_adam():
+    model = mlp()
+    ref = copy.deepcopy(model)
+    opt = fo.adam(1e-2)
+    state = fnlight.TrainState.create(model, opt)
+    step = fnlight.make_train_step(model, loss_fn, opt)
+    topt = torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=True)
+    for b in batches(5):
+        state, _ = step(state, b)
+        topt.zero_grad()
+        F.cross_entropy(ref(b[0]), b[1]).backward()
+        topt.step()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-6, atol=1e-6)
+
+
+def nan_loss(model_fn, batch, key):
+    x, y = batch
+    return F.cross_entropy(model_fn(x), y) * torch.where(x[0, 0] > 100, float("nan"), 1.0)
+
+
+def test_non_finite_raise_names_the_step():
+    model = mlp()
+    step = fnlight.make_train_step(model, nan_loss, fo.sgd(0.1))
+    state = run(step, fnlight.TrainState.create(model, fo.sgd(0.1)), batches(2))
+    x, y = batches(1)[0]
+    x = x.clone()
+    x[0, 0] = 1000
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 2"):
+        step(state, (x, y))
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_non_finite_skip_keeps_the_state_but_counts_the_step(donate):
+    model = mlp(bn=True)
+    opt = fo.adam(1e-2)
+    step = fnlight.make_train_step(model, nan_loss, opt, on_nonfinite="skip", donate=donate)
+    state = run(fnlight.make_train_step(model, nan_loss, opt), fnlight.TrainState.create(model, opt), batches(2))
+    before = clone(state)
+    x, y = batches(1)[0]
+    x = x.clone()
+    x[0, 0] = 1000
+    new, metrics = step(state, (x, y))
+    assert float(metrics["skipped"]) == 1.0 and int(new.step) == int(before.step) + 1
+    assert tree_equal((new.params, new.buffers, new.opt_state, new.key),
+                      (before.params, before.buffers, before.opt_state, before.key))
+    _, ok = step(new, batches(1)[0])
+    assert float(ok["skipped"]) == 0.0
+
+
+def test_bf16_mixed_keeps_float32_master_weights():
+    model = mlp()
+    opt = fo.adam(1e-2)
+    state = fnlight.TrainState.create(model, opt)
+    b16 = run(fnlight.make_train_step(model, loss_fn, opt, precision="bf16-mixed"), state, batches(3))
+    f32 = run(fnlight.make_train_step(model, loss_fn, opt), state, batches(3))
+    assert all(p.dtype == torch.float32 for p in b16.params.values())
+    assert not tree_equal(b16.params, f32.params)
+    for k in f32.params:
+        torch.testing.assert_close(b16.params[k], f32.params[k], rtol=0.1, atol=0.02)
+
+
+def test_known_torch_func_traps_are_explained(tmp_path):
+    model = mlp(bn=True)
+
+    def vmapped_loss(model_fn, batch, key):
+        x, y = batch
+        return torch.func.vmap(lambda xi: model_fn(xi).sum())(x.reshape(4, 4, -1)).sum()
+
+    with pytest.raises(TorchFuncTrapError, match="BatchNorm cannot update its running statistics under"):
+        fnlight.make_train_step(model, vmapped_loss, fo.sgd(0.1))(fnlight.TrainState.create(model, fo.sgd(0.1)),
+                                                                   batches(1)[0])
+
+    lin = mlp()
+
+    def checkpointed(model_fn, batch, key):
+        x, _ = batch
+        return torch.utils.checkpoint.checkpoint(model_fn, x, use_reentrant=True).sum()
+
+    with pytest.raises(TorchFuncTrapError, match="activation checkpointing"):
+        fnlight.make_train_step(lin, checkpointed, fo.sgd(0.1))(fnlight.TrainState.create(lin, fo.sgd(0.1)),
+                                                                 batches(1)[0])
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(mlp())
+        with pytest.raises(TypeError, match=r"Pass the plain module \(ddp.module\)"):
+            fnlight.make_train_step(ddp, loss_fn, fo.sgd(0.1))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_argument_checks():
+    with pytest.raises(ValueError, match="precision"):
+        fnlight.make_train_step(mlp(), loss_fn, fo.sgd(0.1), precision="16")
+    with pytest.raises(ValueError, match="accumulate"):
+        fnlight.make_train_step(mlp(), loss_fn, fo.sgd(0.1), accumulate=0)
+    with pytest.raises(TypeError, match="scalar loss"):
+        m = mlp()
+        fnlight.make_train_step(m, lambda mf, b, k: mf(b[0]), fo.sgd(0.1))(fnlight.TrainState.create(m, fo.sgd(0.1)),
+                                                                           batches(1)[0])
