@@ -71,7 +71,7 @@ def fit(seed: int, batch_size: int, max_epochs: int) -> None:
     dm = digits_datamodule(seed, batch_size)
     t0 = time.perf_counter()
     dm.prepare()
-    click.echo(f"pipeline (fingerprint {dm.pipeline.fingerprint[:16]}):\n{_tree(dm.pipeline.describe())}")
+    click.echo(f"pipeline (fingerprint {dm.fingerprint[:16]}):\n{_tree(dm.pipeline.describe())}")
     samples = 0
     with dm:
         for epoch in range(max_epochs):
@@ -98,10 +98,10 @@ def data_describe(as_json: bool) -> None:
     dm = digits_datamodule()
     if as_json:
         click.echo(json.dumps({"description": dm.pipeline.describe(),
-                               "fingerprint": dm.pipeline.fingerprint}, indent=2))
+                               "fingerprint": dm.fingerprint}, indent=2))
         return
     click.echo(_tree(dm.pipeline.describe()))
-    click.echo(f"fingerprint: {dm.pipeline.fingerprint}")
+    click.echo(f"seed: {dm.seed}\nfingerprint: {dm.fingerprint}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,3 +19,21 @@ def _isolated_home(tmp_path, monkeypatch):
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaks():
+    """After the whole run: no prefetch thread and no worker process is left behind."""
+    yield
+    import multiprocessing
+    import threading
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        threads = [t for t in threading.enumerate() if t.name == "fnlight-prefetch"]
+        children = multiprocessing.active_children()
+        if not threads and not children:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"leaked after the test run: threads {threads}, processes {children}")

@@ -15,7 +15,7 @@ def test_fit_runs_the_digits_pipeline_as_a_subprocess():
     assert out.returncode == 0, out.stderr
     assert "epoch 1 train:  23 batches, 1438 samples" in out.stdout
     assert "test:   3 batches,  179 samples" in out.stdout
-    assert digits_datamodule().pipeline.fingerprint[:16] in out.stdout
+    assert digits_datamodule().fingerprint[:16] in out.stdout
 
 
 def test_data_describe_and_bad_options():

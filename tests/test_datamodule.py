@@ -208,3 +208,79 @@ def test_to_device_cuda_with_workers(dm):
 def test_prepare_without_side_effects_is_a_no_op(dm):
     dm.prepare()  # digits are bundled: nothing to download
     assert len(dm.describe()["pipeline"]["stages"]) == 6
+
+
+class Unpicklable(Exception):
+    def __init__(self):
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(x):
+    if float(x.sum()) > 60:
+        raise Unpicklable()
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_an_unpicklable_worker_error_is_reported_not_hung():
+    p = fd.from_tensors(torch.arange(200.0)[:, None]) >> fd.transform(raise_unpicklable) >> fd.batch(50)
+    it = fnlight.DataModule(p, workers=1).batches("train")
+    next(it)
+    with pytest.raises(fd.WorkerError, match="(?s)could not be sent.*Unpicklable"):
+        next(it)
+    assert not multiprocessing.active_children()
+
+
+def slow(x):
+    time.sleep(0.3)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_close_from_another_thread_ends_a_waiting_consumer():
+    dm = fnlight.DataModule(fd.from_tensors(torch.zeros(40, 1)) >> fd.transform(slow, batched=True) >> fd.batch(4),
+                            prefetch=1)
+    it = dm.batches("train")
+    timer = threading.Timer(0.1, dm.close)
+    timer.start()
+    got = list(it)  # ends (early) instead of waiting forever
+    timer.join()
+    assert len(got) < 10 and not _threads()
+
+
+def test_the_plan_follows_the_rank_known_at_use(monkeypatch):
+    p = fd.from_tensors(torch.arange(8)) >> fd.shard() >> fd.batch(8)
+    dm = fnlight.DataModule(p)
+    assert dm.index_batches("train")[0].tolist() == list(range(8))
+    from fnlight.data import datamodule
+
+    monkeypatch.setattr(datamodule.distributed, "rank", lambda: 1)
+    monkeypatch.setattr(datamodule.distributed, "world_size", lambda: 2)
+    assert dm.index_batches("train")[0].tolist() == [1, 3, 5, 7]  # distributed started after first use
+
+
+def noise(x, key):
+    return x + fnlight.random.uniform(key, x.shape)
+
+
+def test_random_transforms_after_to_device_get_keys_there():
+    p = fd.from_tensors(torch.zeros(8, 3)) >> fd.batch(4) >> fd.to_device("meta") >> fd.transform(noise)
+    b = next(iter(fnlight.DataModule(p, prefetch=0).batches("train")))
+    assert b.device.type == "meta" and b.shape == (4, 3)
+
+
+W = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
+
+
+def project(x):
+    return W @ x
+
+
+def test_vectorize_false_makes_values_independent_of_the_batch():
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
+    ds = fnlight.DataModule(fd.from_tensors(x) >> fd.transform(project, vectorize=False) >> fd.batch(64)).dataset(
+        "train")
+    idx = torch.arange(64)
+    assert tree_equal(ds.gather(idx), torch.stack([ds.item(i) for i in range(64)]))
+    assert tree_equal(ds.gather(idx[:7]), ds.gather(idx)[:7])

@@ -46,7 +46,7 @@ def test_describe_is_json_and_names_every_hyperparameter():
     text = json.dumps(desc)
     assert [s["stage"] for s in desc["stages"]] == ["from_tensors", "split", "transform", "transform",
                                                     "shuffle", "batch"]
-    assert desc["stages"][1]["parts"] == {"train": 0.75, "val": 0.25}
+    assert desc["stages"][1]["parts"] == [["train", 0.75], ["val", 0.25]]
     assert desc["stages"][2]["fn"]["function"] == "tests.pipelines.noisy"
     assert "source_sha256" in desc["stages"][2]["fn"]
     assert desc["stages"][5]["size"] == 8
@@ -152,3 +152,59 @@ def test_order_constraints_give_clear_errors():
 def test_batch_size_must_be_positive(size):
     with pytest.raises(ValueError, match="positive int"):
         fd.batch(size)
+
+
+def test_part_order_is_part_of_the_fingerprint():
+    src = fd.from_tensors(torch.arange(10))
+    a = src >> fd.split({"train": 0.8, "val": 0.2})
+    b = src >> fd.split({"val": 0.2, "train": 0.8})
+    assert a.fingerprint != b.fingerprint
+
+
+def test_two_lambdas_on_one_line_are_told_apart():
+    fns = [lambda x: x + 1, lambda x: x * 100]  # noqa: E731 (the point of the test)
+    src = fd.from_tensors(torch.ones(4))
+    assert (src >> fd.transform(fns[0])).fingerprint != (src >> fd.transform(fns[1])).fingerprint
+
+
+def test_a_recursive_function_is_described():
+    def walk(x, depth=2):
+        return x if depth == 0 else walk(x, depth - 1)
+
+    assert len((fd.from_tensors(torch.ones(4)) >> fd.transform(walk)).fingerprint) == 64
+
+
+MODULE = """
+import torch
+SCALE = {scale}
+
+def helper(x):
+    return x * {factor}
+
+def scale(x):
+    return helper(x) * SCALE
+"""
+
+
+def test_globals_and_helpers_of_the_module_are_part_of_the_fingerprint(tmp_path):
+    def fingerprint(scale, factor):
+        (tmp_path / "userfns.py").write_text(MODULE.format(scale=scale, factor=factor))
+        code = ("import sys, torch, fnlight.data as fd; sys.path.insert(0, sys.argv[1]); import userfns;"
+                "print((fd.from_tensors(torch.ones(3)) >> fd.transform(userfns.scale)).fingerprint)")
+        return subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                              check=True, cwd=ROOT).stdout.strip()
+
+    base = fingerprint(1.0, 2.0)
+    assert fingerprint(1.0, 2.0) == base
+    assert fingerprint(5.0, 2.0) != base  # a module constant the function reads
+    assert fingerprint(1.0, 7.0) != base  # a helper of the same module it calls
+
+
+def test_transform_random_detection_ignores_parameters_with_defaults():
+    def normalize(x, mean=0.5, std=0.25):
+        return (x - mean) / std
+
+    t = fd.transform(normalize)
+    assert not t.random
+    dm = fd.DataModule(fd.from_tensors(torch.ones(3)) >> t >> fd.batch(3))
+    assert torch.equal(next(iter(dm.batches("train"))), torch.full((3,), 2.0))

@@ -405,9 +405,16 @@ def test_from_torch_named_splits():
     splits = src.load(fd.Context())
     assert {k: len(v) for k, v in splits.items()} == {"train": 5, "val": 2}
     desc = src.describe()
-    assert desc["content"] == "not hashed"
+    assert "unstable" in desc and "fingerprint=" in desc["unstable"]  # content cannot be hashed cheaply
     assert desc["datasets"]["val"] == {"type": f"{__name__}._NumpyDataset", "len": 2}
-    assert not fd.FromTorch.content_hashed
+    assert not src.content_hashed
+    with pytest.raises(fd.FingerprintError, match="fingerprint="):
+        _ = (src >> fd.batch(2)).fingerprint
+    named = fd.from_torch(train=_NumpyDataset(5), fingerprint="numpy-v1")
+    assert named.content_hashed and named.describe()["fingerprint"] == "numpy-v1"
+    tds = fd.from_torch(torch.utils.data.TensorDataset(torch.zeros(3, 2)))
+    other = fd.from_torch(torch.utils.data.TensorDataset(torch.ones(3, 2)))
+    assert tds.content_hashed and tds.describe() != other.describe()  # TensorDatasets are hashed
     with pytest.raises(TypeError, match="not both"):
         fd.from_torch(_NumpyDataset(2), val=_NumpyDataset(2))
     with pytest.raises(TypeError, match="needs a dataset"):

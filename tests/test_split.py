@@ -57,12 +57,22 @@ def test_stratified_split_keeps_class_proportions(seed, counts, parts):
         assert "would be empty" in str(e)
         return
     seen = []
+    unstratified = {k: len(p.dataset) for k, p in (fd.from_tensors(x, labels) >> fd.split(parts, seed=seed))
+                    .build(fd.Context()).items()}
     for name, plan in plans.items():
         xs, ys = plan.dataset.gather(torch.arange(len(plan.dataset)))
         seen.append(xs)
         for k, c in enumerate(counts):
             assert abs(int((ys == k).sum()) - parts[name] * c) < 1  # within one sample per class
+        assert abs(len(xs) - unstratified[name]) <= 1  # and the part sizes barely move
     assert torch.equal(torch.sort(torch.cat(seen)).values, x)
+
+
+def test_stratified_part_sizes_equal_the_unstratified_ones():
+    labels = torch.arange(10).repeat_interleave(15)
+    p = fd.from_tensors(torch.arange(150), labels)
+    strat = (p >> fd.split({"train": .8, "val": .1, "test": .1}, stratify_by=1)).build(fd.Context())
+    assert {k: len(v.dataset) for k, v in strat.items()} == {"train": 120, "val": 15, "test": 15}
 
 
 def test_stratify_by_key_or_function():

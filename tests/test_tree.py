@@ -99,3 +99,9 @@ def test_non_contiguous_tensors_hash_like_their_values():
 def test_all_dtypes_hash_and_compare(dtype):
     x = torch.ones(3, dtype=dtype)
     assert tree_equal(x, x.clone()) and tree_hash(x) == tree_hash(x.clone())
+
+
+def test_conjugate_and_negative_views_hash_like_their_values():
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    assert tree_hash(z.conj()) == tree_hash(z.conj().resolve_conj())
+    assert tree_equal(z.conj(), z.conj().resolve_conj())

@@ -16,6 +16,7 @@ import inspect
 import json
 import sys
 import textwrap
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,17 +53,52 @@ def _module_name(obj: Any) -> str | None:
     return module
 
 
-def describe_function(fn: Any) -> dict[str, Any]:
-    """Describe a callable by name, source hash and captured values."""
+def _code_sha256(code: types.CodeType) -> str:
+    """A hash of compiled code (Python-version specific): tells apart lambdas on one line."""
+    parts = [code.co_code, repr(code.co_names), repr(code.co_varnames)]
+    parts += [_code_sha256(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return sha256_text("|".join(p.hex() if isinstance(p, bytes) else p for p in parts))
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _global_names(c)
+    return names
+
+
+def _describe_global(v: Any, home: str | None, seen: frozenset[int]) -> Any:
+    if isinstance(v, types.ModuleType):
+        return {"module": v.__name__}
+    if inspect.isfunction(v):
+        # Helpers of the same module are part of the user's code: describe them fully.
+        # Library functions are identified by name (their version is the library's).
+        if v.__module__ == home:
+            return describe_function(v, seen)
+        return {"function": f"{_module_name(v)}.{v.__qualname__}"}
+    if isinstance(v, type):
+        out: dict[str, Any] = {"class": f"{_module_name(v)}.{v.__qualname__}"}
+        if v.__module__ == home:
+            out["source_sha256"] = _source_hash(v) or "unavailable"
+        return out
+    if callable(v) and not dataclasses.is_dataclass(v) and not hasattr(v, "describe"):
+        return {"function": f"{_module_name(v)}.{getattr(v, '__qualname__', type(v).__qualname__)}"}
+    return describe_value(v)
+
+
+def describe_function(fn: Any, _seen: frozenset[int] = frozenset()) -> dict[str, Any]:
+    """Describe a callable by name, the hash of its source, the values it closes
+    over, and the module globals it reads (constants, and helper functions of the
+    same module, recursively): changing any of them changes the description."""
     if isinstance(fn, functools.partial):
         return {
-            "partial": describe_function(fn.func),
+            "partial": describe_function(fn.func, _seen),
             "args": [describe_value(a) for a in fn.args],
             "keywords": {k: describe_value(v) for k, v in sorted(fn.keywords.items())},
         }
     if dataclasses.is_dataclass(fn) and not isinstance(fn, type):
-        d = describe_value(fn)
-        return d
+        return describe_value(fn)
     name = f"{_module_name(fn)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
     if inspect.ismethod(fn):
         return {"method": name, "self": describe_value(fn.__self__), "function": describe_function(fn.__func__)}
@@ -75,22 +111,35 @@ def describe_function(fn: Any) -> dict[str, Any]:
                     "has no stable description; use a function or a frozen dataclass with __call__"}
         return {"function": name}
     out: dict[str, Any] = {"function": name}
-    src = _source_hash(fn)
-    if src is None:
+    if id(fn) in _seen:  # recursion: the outer description already covers it
+        return out
+    seen = _seen | {id(fn)}
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
         out[UNSTABLE] = (f"the source of {fn.__qualname__} is not available (defined in an "
                          "interactive session or exec?); define it in a module file")
         return out
-    out["source_sha256"] = src
+    out["source_sha256"] = sha256_text(source)
+    if fn.__name__ == "<lambda>" and source.count("lambda") > 1:
+        out["code_sha256"] = _code_sha256(fn.__code__)  # getsource gives whole lines
     if fn.__closure__:
         cells = {}
         for var, cell in zip(fn.__code__.co_freevars, fn.__closure__, strict=True):
             try:
-                cells[var] = describe_value(cell.cell_contents)
+                value = cell.cell_contents
             except ValueError:  # an empty cell
-                cells[var] = None
+                value = None
+            cells[var] = describe_function(value, seen) if inspect.isfunction(value) else describe_value(value)
         out["closure"] = cells
     if fn.__defaults__:
         out["defaults"] = [describe_value(v) for v in fn.__defaults__]
+    if fn.__kwdefaults__:
+        out["kwdefaults"] = {k: describe_value(v) for k, v in sorted(fn.__kwdefaults__.items())}
+    names = sorted(n for n in _global_names(fn.__code__) if n in fn.__globals__)
+    if names:
+        home = fn.__module__
+        out["globals"] = {n: _describe_global(fn.__globals__[n], home, seen) for n in names}
     return out
 
 

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -68,7 +69,7 @@ class DataModule:
     workers: int = 0
     rank: int | None = None
     world_size: int | None = None
-    _memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _memo: dict[Context, Plans] = field(default_factory=dict, init=False, repr=False)
     _lock: Any = field(default_factory=threading.Lock, init=False, repr=False)
     _live: Any = field(default_factory=weakref.WeakSet, init=False, repr=False)
 
@@ -79,12 +80,16 @@ class DataModule:
             raise TypeError(f"DataModule needs a Pipeline, got {type(self.pipeline).__name__}")
         if (self.prefetch or 0) < 0 or self.workers < 0:
             raise ValueError("prefetch and workers must be >= 0")
-        object.__setattr__(self, "stages", dict(self.stages))
+        object.__setattr__(self, "stages", MappingProxyType(dict(self.stages)))
 
     @classmethod
     def from_datasets(cls, train: Any = None, val: Any = None, test: Any = None, predict: Any = None,
-                      batch_size: int = 1, shuffle: bool = True, **kwargs: Any) -> DataModule:
+                      batch_size: int = 1, shuffle: bool = True, num_workers: int = 0,
+                      fingerprint: str | None = None, **kwargs: Any) -> DataModule:
         """A DataModule over map-style torch datasets (Lightning's ``from_datasets``).
+
+        ``fingerprint`` names the datasets' content (see :func:`~fnlight.data.from_torch`);
+        ``num_workers`` is ``workers`` under Lightning's name.
 
         Example:
             >>> import torch
@@ -93,7 +98,8 @@ class DataModule:
         """
         named = {k: v for k, v in dict(train=train, val=val, test=test, predict=predict).items()
                  if v is not None}
-        pipeline = from_torch(**named) >> batch_stage(batch_size)
+        kwargs.setdefault("workers", num_workers)
+        pipeline = from_torch(fingerprint=fingerprint, **named) >> batch_stage(batch_size)
         if shuffle and "train" in named:
             pipeline = Pipeline(pipeline.stages[:1] + (shuffle_stage(),) + pipeline.stages[1:])
         return cls(pipeline, **kwargs)
@@ -131,11 +137,16 @@ class DataModule:
             self.pipeline.prepare(ctx)
 
     def setup(self) -> Plans:
-        """Build (once) and return the plan of every split."""
+        """Build (once per context) and return the plan of every split.
+
+        The memo is keyed by the context, so a DataModule used before
+        ``torch.distributed`` is initialized is rebuilt for the right rank after.
+        """
+        ctx = self.context
         with self._lock:
-            if "plans" not in self._memo:
-                self._memo["plans"] = self.pipeline.build(self.context)
-            return self._memo["plans"]
+            if ctx not in self._memo:
+                self._memo[ctx] = self.pipeline.build(ctx)
+            return self._memo[ctx]
 
     @property
     def split_names(self) -> list[str]:

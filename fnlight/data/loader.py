@@ -15,6 +15,7 @@ import queue
 import threading
 import traceback
 from collections.abc import Iterator
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
@@ -34,10 +35,19 @@ class _Failure:
         self.exc = exc
         self.tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Failure._rebuild, (self.exc, self.tb))
+
+    @staticmethod
+    def _rebuild(exc: BaseException, tb: str) -> _Failure:
+        f = _Failure.__new__(_Failure)
+        f.exc, f.tb = exc, tb
+        return f
+
 
 def _raise(f: _Failure, where: str) -> None:
     exc = f.exc
-    if exc.__traceback__ is None and hasattr(exc, "add_note"):  # it crossed a process boundary
+    if exc.__traceback__ is None and f.tb and hasattr(exc, "add_note"):  # it crossed a process boundary
         exc.add_note(f"(raised in {where}; its traceback:)\n{f.tb}")
     raise exc
 
@@ -60,6 +70,20 @@ def _produce(plan: SplitPlan, epoch: int, batches: list[torch.Tensor], out: queu
             return
 
 
+def _send(results: Any, pos: int, value: Any) -> None:
+    """Pickle here, not in the queue's feeder thread, where a failure would be
+    printed and the item dropped (and the consumer would wait for it forever)."""
+    try:
+        data = bytes(ForkingPickler.dumps((pos, value)))
+    except Exception as e:
+        what = f"; the worker raised:\n{value.tb}" if isinstance(value, _Failure) else ""
+        failure = _Failure(WorkerError(f"batch {pos} could not be sent from the worker "
+                                       f"({type(e).__name__}: {e}){what}"))
+        failure.tb = ""
+        data = bytes(ForkingPickler.dumps((pos, failure)))
+    results.put(data)
+
+
 def _work(plan: SplitPlan, epoch: int, tasks: Any, results: Any, parent: int) -> None:
     """A worker process: compute the host part of the batches it is given."""
     torch.set_num_threads(1)  # the parent and the other workers share the cores
@@ -74,12 +98,10 @@ def _work(plan: SplitPlan, epoch: int, tasks: Any, results: Any, parent: int) ->
             return
         pos, idx = task
         try:
-            results.put((pos, plan.host_batch(idx, epoch)))
+            value: Any = plan.host_batch(idx, epoch)
         except BaseException as e:
-            try:
-                results.put((pos, _Failure(e)))
-            except Exception:  # the exception itself does not pickle
-                results.put((pos, _Failure(WorkerError(f"{type(e).__name__}: {e}"))))
+            value = _Failure(e)
+        _send(results, pos, value)
 
 
 class BatchIterator(Iterator[Any]):
@@ -128,7 +150,7 @@ class BatchIterator(Iterator[Any]):
     def _from_workers(self, pos: int) -> Any:
         while pos not in self._buffer:
             try:
-                got, value = self._results.get(timeout=_POLL_S)
+                got, value = ForkingPickler.loads(self._results.get(timeout=_POLL_S))
             except queue.Empty:
                 dead = [p for p in self._procs if not p.is_alive()]
                 if dead:
@@ -162,7 +184,7 @@ class BatchIterator(Iterator[Any]):
                 self._fill()
                 return item
             if self._thread is not None:
-                item = self._queue.get()
+                item = self._get_prefetched()
                 if isinstance(item, _Failure):
                     _raise(item, f"prefetch thread, batch {pos}")
             else:
@@ -172,6 +194,15 @@ class BatchIterator(Iterator[Any]):
             raise
         self._next += 1
         return item
+
+    def _get_prefetched(self) -> Any:
+        # Poll, so that close() from another thread ends a wait for a batch never coming.
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._closed:
+                    raise StopIteration from None
 
     def close(self) -> None:
         """Stop the prefetch thread or worker processes (idempotent)."""

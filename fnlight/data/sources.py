@@ -13,7 +13,10 @@ import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from ..tree import tree_hash
+from ._describe import UNSTABLE
 from .dataset import Dataset, Splits, TensorDataset, TorchDataset
 from .stage import Context, Plans, Stage, Where, splits_to_plans
 
@@ -72,36 +75,54 @@ def from_tensors(*tensors: Any, **named: Any) -> FromTensors:
 @dataclass(frozen=True, eq=False)
 class FromTorch(Source):
     name: ClassVar[str] = "from_torch"
-    content_hashed: ClassVar[bool] = False
     datasets: tuple[tuple[str, Any], ...]
+    fingerprint: str | None = None
+
+    @property
+    def content_hashed(self) -> bool:  # type: ignore[override]
+        return self.fingerprint is not None or all(_is_tensor_dataset(ds) for _, ds in self.datasets)
 
     def load(self, ctx: Context) -> Splits:
         return Splits({name: TorchDataset(ds) for name, ds in self.datasets})
 
     def describe(self) -> dict[str, Any]:
-        # A torch dataset's content cannot be hashed cheaply; describe what is
-        # stable (type and length) and say so, so a disk cache refuses it.
-        return {
-            "stage": self.name,
-            "datasets": {
-                name: {"type": f"{type(ds).__module__}.{type(ds).__qualname__}", "len": len(ds)}
-                for name, ds in self.datasets
-            },
-            "content": "not hashed",
-        }
+        datasets = {}
+        for name, ds in self.datasets:
+            d: dict[str, Any] = {"type": f"{type(ds).__module__}.{type(ds).__qualname__}", "len": len(ds)}
+            if _is_tensor_dataset(ds):  # in-memory tensors: hash them
+                d["sha256"] = tree_hash(tuple(ds.tensors))
+            datasets[name] = d
+        out: dict[str, Any] = {"stage": self.name, "datasets": datasets}
+        if self.fingerprint is not None:
+            out["fingerprint"] = self.fingerprint
+        elif not self.content_hashed:
+            out[UNSTABLE] = ("the content of a torch Dataset cannot be hashed cheaply; pass "
+                             "from_torch(..., fingerprint='<a name for this data version>') "
+                             "(DataModule.from_datasets(..., fingerprint=...)) to identify it")
+        return out
 
 
-def from_torch(dataset: Any = None, /, **splits: Any) -> FromTorch:
+def _is_tensor_dataset(ds: Any) -> bool:
+    return isinstance(ds, torch.utils.data.TensorDataset)
+
+
+def from_torch(dataset: Any = None, /, *, fingerprint: str | None = None, **splits: Any) -> FromTorch:
     """A source wrapping map-style ``torch.utils.data.Dataset`` objects.
 
     ``from_torch(ds)`` gives one dataset (the split ``"train"``);
     ``from_torch(train=a, val=b, test=c)`` gives named splits. Samples are read
     one at a time and stacked, so prefer ``from_tensors`` for in-memory data.
 
+    A ``TensorDataset`` is identified by a hash of its tensors. Any other
+    dataset's content cannot be hashed cheaply: give ``fingerprint=`` a name for
+    the data's version (it goes into the pipeline's fingerprint); without it the
+    pipeline has no fingerprint (and cannot be cached on disk or checkpointed).
+
     Example:
         >>> import torch
         >>> tds = torch.utils.data.TensorDataset(torch.zeros(4, 2))
         >>> src = from_torch(train=tds)
+        >>> src2 = from_torch(train=my_image_folder, fingerprint="imagenette-v2")
     """
     if dataset is not None:
         if splits:
@@ -109,8 +130,6 @@ def from_torch(dataset: Any = None, /, **splits: Any) -> FromTorch:
         splits = {"train": dataset}
     if not splits:
         raise TypeError("from_torch needs a dataset.")
-    for name, ds in splits.items():
+    for ds in splits.values():
         TorchDataset(ds)  # validate
-        if name is None:
-            raise TypeError("split names must be strings")
-    return FromTorch(tuple(splits.items()))
+    return FromTorch(tuple(splits.items()), fingerprint)

@@ -31,6 +31,30 @@ def _largest_remainder(fractions: list[float], n: int) -> list[int]:
     return counts
 
 
+def _stratified_counts(fractions: list[float], class_sizes: list[int], n: int) -> list[list[int]]:
+    """Per class and part, the floor or ceiling of ``fraction * class_size``, with part
+    totals equal to the unstratified split's whenever such a table exists.
+
+    Each class hands its leftover samples (after the floors) to the parts that
+    still miss the most, one per part: the greedy construction of Gale and Ryser,
+    which finds a 0-1 table with given row and column sums when one exists.
+    """
+    totals = _largest_remainder(fractions, n)
+    table = [[math.floor(f * size) for f in fractions] for size in class_sizes]
+    deficit = [t - sum(row[p] for row in table) for p, t in enumerate(totals)]
+    order = sorted(range(len(class_sizes)), key=lambda c: -(class_sizes[c] - sum(table[c])))
+    for c in order:
+        leftover = class_sizes[c] - sum(table[c])
+        frac = [f * class_sizes[c] - table[c][p] for p, f in enumerate(fractions)]
+        # only parts with a fractional share may round up (then |count - share| < 1 stays true)
+        candidates = [p for p in range(len(fractions)) if frac[p] > 0]
+        parts = sorted(candidates, key=lambda p: (-deficit[p], -frac[p], p))[:leftover]
+        for p in parts:
+            table[c][p] += 1
+            deficit[p] -= 1
+    return table
+
+
 def _labels(ds: Dataset, by: Any) -> torch.Tensor:
     everything = ds.gather(torch.arange(len(ds)))
     labels = by(everything) if callable(by) else everything[by]
@@ -54,7 +78,7 @@ class Split(Stage):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out["parts"] = dict(self.parts)  # a mapping reads better than pairs
+        out["parts"] = [[k, v] for k, v in self.parts]  # ordered: the order decides who gets which samples
         return out
 
     def assign(self, n: int, labels: torch.Tensor | None) -> list[torch.Tensor]:
@@ -78,10 +102,10 @@ class Split(Stage):
                 c.append(part)
         else:
             permuted = labels[perm]
-            for cls in torch.unique(permuted):
-                members = perm[permuted == cls]
-                counts = _largest_remainder(fractions, members.numel())
-                for c, part in zip(chunks, members.split(counts), strict=True):
+            members = [perm[permuted == cls] for cls in torch.unique(permuted)]
+            table = _stratified_counts(fractions, [m.numel() for m in members], n)
+            for m, counts in zip(members, table, strict=True):
+                for c, part in zip(chunks, m.split(counts), strict=True):
                     c.append(part)
         out = [torch.sort(torch.cat(c)).values for c in chunks]
         for name, idx in zip(names, out, strict=True):

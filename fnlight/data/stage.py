@@ -154,6 +154,12 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     is_source: ClassVar[bool] = False
+
+    @property
+    def key_name(self) -> str:
+        """The name whose occurrences number this stage's random keys."""
+        return self.name
+
     prepares_by_building: ClassVar[bool] = False  # True for stages with side effects at build
 
     def describe(self) -> dict[str, Any]:
@@ -274,8 +280,8 @@ class Pipeline:
         for pos, stage in enumerate(self.stages):
             if pos and stage.is_source:
                 raise ValueError(f"{stage.name}() is a source and can only be the first stage.")
-            where = Where(pos, stage.name, seen.get(stage.name, 0), self.prefix(pos))
-            seen[stage.name] = where.occurrence + 1
+            where = Where(pos, stage.key_name, seen.get(stage.key_name, 0), self.prefix(pos))
+            seen[stage.key_name] = where.occurrence + 1
             plans = stage.build(plans, ctx, where)
         return plans
 

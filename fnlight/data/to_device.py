@@ -40,6 +40,10 @@ class ToDevice(Stage):
 
     def build(self, plans: Plans, ctx: Context, where: Where) -> Plans:
         device = torch.device(self.device) if self.device is not None else (ctx.device or default_device())
+        if device.type == "cuda" and device.index is None:
+            # Resolve now, in the caller's thread: a prefetch thread's current device is cuda:0,
+            # which would send every rank's batches to the first GPU.
+            device = torch.device("cuda", torch.cuda.current_device())
 
         def move(x: Any, idx: torch.Tensor, epoch: int) -> Any:
             return device_put(x, device, self.non_blocking)

@@ -3,9 +3,11 @@
 A per-sample function ``fn(sample)``, or ``fn(sample, key)`` for a random one,
 runs vectorized on whole batches with ``torch.func.vmap`` when it can (and in
 a loop when vmap cannot trace it); ``batched=True`` functions take whole
-batches (and a batch of keys) themselves. Either way the result equals
-per-sample application, bit for bit, because the key of sample ``i`` in epoch
-``e`` is ``fold_in(fold_in(stage_key, e), i)`` whatever the batch.
+batches (and a batch of keys) themselves. The randomness of sample ``i`` in
+epoch ``e`` is ``fold_in(fold_in(stage_key, e), i)`` whatever the batch, so
+batched and per-sample application draw the same numbers; for elementwise
+functions the results are bitwise equal (matmuls and reductions may differ in
+the last bits between batched and per-sample kernels: see ``vectorize``).
 
 Placed before ``batch()``, a transform maps the dataset; placed after it, it
 maps each collated batch (and after ``to_device()`` it runs on the device).
@@ -37,12 +39,16 @@ class TransformError(ValueError):
 
 
 def _takes_key(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` requires a second positional argument (the key).
+
+    Parameters with defaults do not count: ``normalize(x, mean=0.5)`` is not random.
+    """
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 2
 
 
 def _is_global_rng_error(e: Exception) -> bool:
@@ -54,14 +60,22 @@ def _is_global_rng_error(e: Exception) -> bool:
 KEY_TABLE_MAX = 1 << 22
 
 
+def _on_device_of(keys: torch.Tensor, batch: Any) -> torch.Tensor:
+    """Keys where the batch is (after to_device); the hashing gives the same values anywhere."""
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor):
+            return keys.to(leaf.device, non_blocking=True)
+    return keys
+
+
 class _Mapper:
     """Applies one transform to batches and to single samples, identically."""
 
-    def __init__(self, fn: Callable[..., Any], random: bool, batched: bool, key: torch.Tensor | None,
-                 n: int, label: str):
+    def __init__(self, fn: Callable[..., Any], random: bool, batched: bool, vectorize: bool,
+                 key: torch.Tensor | None, n: int, label: str):
         self.fn, self.random, self.batched, self.key, self.n, self.label = fn, random, batched, key, n, label
         self._vfn = torch.func.vmap(fn, randomness="error")
-        self._vmap_ok: bool | None = None  # decided on the first batch
+        self._vmap_ok: bool | None = None if vectorize else False  # else decided on the first batch
         # (epoch, epoch key, keys of every sample or None); replaced whole, so threads may share it
         self._epoch: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
 
@@ -77,7 +91,7 @@ class _Mapper:
         return fr.fold_in(cached[1], idx)
 
     def on_batch(self, batch: Any, idx: torch.Tensor, epoch: int) -> Any:
-        args = (batch, self.keys(idx, epoch)) if self.random else (batch,)
+        args = (batch, _on_device_of(self.keys(idx, epoch), batch)) if self.random else (batch,)
         if self.batched:
             return self._check_batched(self.fn(*args), len(idx))
         if self._vmap_ok is not False:
@@ -124,13 +138,20 @@ class Transform(Stage):
     on: str | tuple[str, ...] | None = None
     batched: bool = False
     random: bool = False
+    vectorize: bool = True
+
+    @property
+    def key_name(self) -> str:
+        # Only random transforms count for keys: inserting a deterministic transform
+        # must not change the randomness of the others.
+        return "random_transform" if self.random else "transform"
 
     def build(self, plans: Plans, ctx: Context, where: Where) -> Plans:
         label = f"transform({getattr(self.fn, '__qualname__', repr(self.fn))})"
 
         def update(plan: SplitPlan) -> SplitPlan:
             key = ctx.stage_key(where, plan.name) if self.random else None
-            m = _Mapper(self.fn, self.random, self.batched, key, len(plan.dataset), label)
+            m = _Mapper(self.fn, self.random, self.batched, self.vectorize, key, len(plan.dataset), label)
             if plan.batch is not None:
                 return plan.add_post(m.on_batch)
             rnd = plan.random_stage or (label if self.random else None)
@@ -140,7 +161,7 @@ class Transform(Stage):
 
 
 def transform(fn: Callable[..., Any], on: str | tuple[str, ...] | None = None, batched: bool = False,
-              random: bool | None = None) -> Transform:
+              random: bool | None = None, vectorize: bool = True) -> Transform:
     """Apply ``fn`` to every sample (or batch) of the named splits.
 
     Args:
@@ -148,8 +169,13 @@ def transform(fn: Callable[..., Any], on: str | tuple[str, ...] | None = None, b
             transforms (draw with ``fnlight.random``, never torch's global RNG).
         on: a split name or tuple of names (default: every split).
         batched: ``fn`` takes whole batches (and a 1-D tensor of keys).
-        random: whether ``fn`` takes a key; by default, whether it accepts two
+        random: whether ``fn`` takes a key; by default, whether it requires two
             positional arguments.
+        vectorize: run a per-sample ``fn`` with ``torch.func.vmap`` on whole
+            batches (default). Elementwise functions give bitwise the same values
+            either way; functions with matmuls or reductions may differ in the last
+            bits between batched and per-sample kernels. ``vectorize=False`` always
+            applies ``fn`` sample by sample, so values never depend on the batch.
 
     Example:
         >>> def normalize(x): return (x - 0.5) / 0.25
@@ -157,4 +183,4 @@ def transform(fn: Callable[..., Any], on: str | tuple[str, ...] | None = None, b
     """
     if not callable(fn):
         raise TypeError(f"transform() needs a function, got {type(fn).__name__}.")
-    return Transform(fn, normalize_on(on), batched, _takes_key(fn) if random is None else random)
+    return Transform(fn, normalize_on(on), batched, _takes_key(fn) if random is None else random, vectorize)
