@@ -5,9 +5,9 @@ import fnlight
 import fnlight.data as fd
 from fnlight.tree import tree_equal
 
-from . import pipelines  # the call counter lives in another module: a global dict read here
-
-#                          would be part of the function's description, and it changes
+# The call counter lives in another module: a global dict read here would be part of the
+# function's description, and it changes with every call.
+from . import pipelines
 
 
 def expensive(batch):
