@@ -16,30 +16,8 @@ import click
 import torch
 
 from . import __version__
-from . import data as fd
-from .data.datamodule import DataModule
-
-
-def _scale(sample: Any) -> Any:
-    """Digits pixels are 0..16: scale them to [0, 1]."""
-    x, y = sample
-    return x / 16.0, y
-
-
-def digits_datamodule(seed: int = 0, batch_size: int = 64) -> DataModule:
-    """The bundled digits experiment's data: a stratified 80/10/10 split, scaled, shuffled.
-
-    Example:
-        >>> dm = digits_datamodule(seed=0)
-        >>> dm.num_batches("train")
-        23
-    """
-    pipeline = (fd.digits()
-                >> fd.split({"train": 0.8, "val": 0.1, "test": 0.1}, seed=0, stratify_by=1)
-                >> fd.transform(_scale)
-                >> fd.shuffle(on="train")
-                >> fd.batch(batch_size))
-    return DataModule(pipeline, seed=seed)
+from .experiment import digits, digits_datamodule
+from .train import ConsoleLogger, CSVLogger, JSONLLogger, Trainer
 
 
 def _tree(desc: dict[str, Any]) -> str:
@@ -57,33 +35,31 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--seed", default=0, show_default=True, help="Seed of shuffles and random transforms.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-epochs", default=1, show_default=True, type=click.IntRange(min=1))
-def fit(seed: int, batch_size: int, max_epochs: int) -> None:
-    """Run the bundled digits experiment.
-
-    The functional trainer is not built yet: for now this runs the
-    experiment's data pipeline end to end (every split, every epoch) and
-    reports what it produced.
-    """
-    click.echo("fnlight fit: the trainer is not available yet; running the digits data pipeline.")
-    dm = digits_datamodule(seed, batch_size)
+@click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the experiment's).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the weights, shuffles and dropout.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available).")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Where logs go (default: runs/version_<n>).")
+@click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile.")
+@click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default="32", show_default=True)
+def fit(max_epochs: int | None, max_steps: int | None, seed: int, device: str | None, run_dir: str | None,
+        compile_: bool, precision: str) -> None:
+    """Train the bundled digits experiment and report its test metrics."""
+    try:
+        torch.device(device) if device is not None else None
+    except RuntimeError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    exp = digits(seed=seed, **({"max_epochs": max_epochs} if max_epochs else {}))
+    trainer = Trainer(max_epochs=exp.max_epochs, max_steps=max_steps, run_dir=run_dir, device=device,
+                      loggers=(CSVLogger(), JSONLLogger(), ConsoleLogger()))
+    click.echo(f"fit: digits MLP, {exp.init_state().num_params:,} parameters, "
+               f"data fingerprint {exp.datamodule.fingerprint[:16]}, device {trainer.torch_device}")
     t0 = time.perf_counter()
-    dm.prepare()
-    click.echo(f"pipeline (fingerprint {dm.fingerprint[:16]}):\n{_tree(dm.pipeline.describe())}")
-    samples = 0
-    with dm:
-        for epoch in range(max_epochs):
-            for split in dm.split_names:
-                counts = torch.zeros(10, dtype=torch.int64)
-                for _, y in dm.batches(split, epoch):
-                    counts += torch.bincount(y, minlength=10)
-                samples += int(counts.sum())
-                click.echo(f"epoch {epoch} {split:>5}: {dm.num_batches(split):3d} batches, "
-                           f"{int(counts.sum()):4d} samples, per class {counts.tolist()}")
-    dt = time.perf_counter() - t0
-    click.echo(f"{samples} samples in {dt:.2f} s ({samples / dt:,.0f} samples/s)")
+    result, test = exp.run(trainer, compile=compile_, precision=precision)
+    wall = time.perf_counter() - t0
+    click.echo(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
+    click.echo(f"{int(result.state.step)} steps in {wall:.1f} s; run directory: {result.run_dir}")
 
 
 @main.group()

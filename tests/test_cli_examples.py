@@ -1,5 +1,7 @@
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -9,21 +11,35 @@ from fnlight.cli import digits_datamodule, main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_fit_runs_the_digits_pipeline_as_a_subprocess():
-    out = subprocess.run([sys.executable, "-m", "fnlight.cli", "fit", "--max-epochs", "2"], cwd=ROOT,
+def test_main_job_trains_digits_to_95_percent_in_under_a_minute(tmp_path):
+    fnlight_cli = Path(sys.executable).parent / "fnlight"
+    t0 = time.perf_counter()
+    out = subprocess.run([str(fnlight_cli), "fit", "--run-dir", str(tmp_path / "run")], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
+    wall = time.perf_counter() - t0
     assert out.returncode == 0, out.stderr
-    assert "epoch 1 train:  23 batches, 1438 samples" in out.stdout
-    assert "test:   3 batches,  179 samples" in out.stdout
+    acc = float(re.search(r"test accuracy (\d\.\d+)", out.stdout).group(1))
+    assert acc >= 0.95 and wall < 60, (acc, wall)
+    assert f"run directory: {tmp_path / 'run'}" in out.stdout
     assert digits_datamodule().fingerprint[:16] in out.stdout
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 41 and rows[0].startswith("step,epoch,train/loss")
 
 
 def test_data_describe_and_bad_options():
     runner = CliRunner()
     res = runner.invoke(main, ["data", "describe"])
     assert res.exit_code == 0 and "split(parts=" in res.output and "fingerprint: " in res.output
-    res = runner.invoke(main, ["fit", "--batch-size", "0"])
-    assert res.exit_code == 2 and "--batch-size" in res.output
+    res = runner.invoke(main, ["fit", "--max-epochs", "0"])
+    assert res.exit_code == 2 and "--max-epochs" in res.output
+    res = runner.invoke(main, ["fit", "--device", "gpu7"])
+    assert res.exit_code == 2 and "--device" in res.output
+
+
+def test_fit_options(tmp_path):
+    res = CliRunner().invoke(main, ["fit", "--max-steps", "30", "--seed", "3", "--run-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "30 steps in" in res.output
 
 
 def test_data_pipeline_example_runs():
