@@ -1,0 +1,72 @@
+"""The train step averages gradients across real gloo ranks (2 ranks x b == 1 rank x 2b)."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fnlight
+import fnlight.optim as fo
+
+from .models import data, loss_fn, mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import sys, torch
+import fnlight, fnlight.optim as fo
+from fnlight import distributed
+from tests.models import data, loss_fn, mlp
+
+distributed.init(backend="gloo", timeout_s=60)
+rank, world = distributed.rank(), distributed.world_size()
+model = mlp(bn=False)
+opt = fo.adam(1e-2)
+state = fnlight.TrainState.create(model, opt)
+step = fnlight.make_train_step(model, loss_fn, opt)
+x, y = data(64)
+for i in range(4):
+    b = slice(16 * i, 16 * (i + 1))
+    xs, ys = x[b].chunk(world)[rank], y[b].chunk(world)[rank]   # each rank: its half of the batch
+    state, _ = step(state, (xs, ys))
+from safetensors.torch import save_file
+save_file(state.params, sys.argv[1] + f"/rank{rank}.safetensors")
+torch.distributed.destroy_process_group()
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_with_half_batches_match_one_rank(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(SCRIPT)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+                                   "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "PATH": "/usr/bin:/bin",
+                                   "PYTHONPATH": str(ROOT)})
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    from safetensors.torch import load_file
+
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert fnlight.tree.tree_equal(r0, r1)  # every rank holds bitwise the same parameters
+    model = mlp(bn=False)
+    opt = fo.adam(1e-2)
+    state = fnlight.TrainState.create(model, opt)
+    step = fnlight.make_train_step(model, loss_fn, opt)
+    x, y = data(64)
+    for i in range(4):
+        state, _ = step(state, (x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]))
+    for k, v in state.params.items():
+        torch.testing.assert_close(r0[k], v, rtol=1e-5, atol=1e-6)
