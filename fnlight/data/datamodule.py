@@ -54,7 +54,8 @@ class DataModule:
             cores and slows a pipeline down (measured: about 2x on 2 cores).
         workers: worker processes for CPU-heavy Python transforms (0: none);
             results are identical for any number of workers.
-        rank, world_size: for ``shard()`` (default: from ``torch.distributed``).
+        rank: this process's rank for ``shard()`` (default: from ``torch.distributed``).
+        world_size: the number of ranks for ``shard()`` (default: from ``torch.distributed``).
 
     The configuration is immutable; building the splits is done once, lazily,
     and memoized. ``close()`` (or ``with dm:``) stops every live iteration.

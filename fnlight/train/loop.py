@@ -116,11 +116,14 @@ class Trainer:
     """A frozen training configuration.
 
     Args:
-        max_epochs, max_steps: stop after whichever comes first (None: no limit).
+        max_epochs: stop after this many epochs (None: no limit).
+        max_steps: stop after this many steps (None: no limit); whichever limit comes first.
         val_every_n_epochs: validate after every n-th epoch (when given an eval step).
         val_every_n_steps: also validate every n steps (logged as step rows).
-        limit_train_batches, limit_val_batches, limit_test_batches,
-            limit_predict_batches: an int (batches) or a float (fraction) per epoch.
+        limit_train_batches: an int (batches) or a float (fraction of an epoch).
+        limit_val_batches: the same for validation.
+        limit_test_batches: the same for testing.
+        limit_predict_batches: the same for prediction.
         callbacks: :class:`~fnlight.train.callbacks.Callback` objects.
         loggers: default CSV + JSONL in the run directory.
         run_dir: where logs (and checkpoints) go; default ``runs/version_<n>``.
