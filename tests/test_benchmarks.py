@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,3 +17,14 @@ def test_data_throughput_json():
     rates = json.loads(out.stdout)
     assert {"dataloader_w0", "dataloader_w2", "handwritten_vectorized", "fnlight"} <= set(rates)
     assert all(v > 0 for v in rates.values())
+
+
+def test_step_throughput_json():
+    pytest.importorskip("lightning")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--quick", "--json",
+                          "--workload", "small"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rates = json.loads(out.stdout.strip().splitlines()[-1])
+    keys = {"torch_foreach", "torch_fused", "lightning", "fnlight_eager", "fnlight_compile", "fnlight_donate"}
+    assert set(rates["small"]) == keys
+    assert all(v > 0 for k, v in rates["small"].items() if k != "fnlight_compile")  # --quick skips compiling

@@ -16,7 +16,7 @@ Parity notes:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -323,8 +323,24 @@ def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool =
     return GradientTransformation(init, update, step, schedule)
 
 
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _can_fuse(tensors: list[torch.Tensor]) -> bool:
+    return (not torch.compiler.is_compiling()  # inductor fuses the foreach version itself
+            and all(t.device.type in ("cpu", "cuda") and t.dtype in _FUSED_DTYPES for t in tensors))
+
+
+def _groups(keys: list[str], params: Params, decay: set[str]) -> dict[tuple[Any, ...], list[str]]:
+    """Keys grouped by (device, dtype, decayed?): a fused kernel call takes one of each."""
+    out: dict[tuple[Any, ...], list[str]] = {}
+    for k in keys:
+        out.setdefault((params[k].device, params[k].dtype, k in decay), []).append(k)
+    return out
+
+
 def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, weight_decay: float,
-          decoupled: bool, amsgrad: bool, mask: Mask | None) -> GradientTransformation:
+          decoupled: bool, amsgrad: bool, mask: Mask | None, fused: bool | None) -> GradientTransformation:
     schedule = as_schedule(learning_rate)
 
     def init(params: Params) -> AdamState:
@@ -370,8 +386,7 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, wei
             out.update(as_dict(decay, torch._foreach_add(values(out, decay), decayed)))
         return out, new_state
 
-    def step(grads: Updates, state: OptState, params: Params, *, inplace: bool = False
-             ) -> tuple[Params, OptState]:
+    def foreach_step(grads: Updates, state: AdamState, params: Params, inplace: bool) -> tuple[Params, OptState]:
         keys, mu, denom, step_size, lr, decay, new_state = moments(grads, state, params, inplace)
         p = dict(params)
         if decay and decoupled:  # AdamW: param *= 1 - lr * wd, before the Adam update
@@ -380,26 +395,63 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, wei
         d = direction(mu, denom, step_size)
         return as_dict(keys, foreach("add", values(p, keys), d, inplace=inplace)), new_state
 
+    def fused_step(grads: Updates, state: AdamState, params: Params, inplace: bool) -> tuple[Params, OptState]:
+        """torch's fused Adam/AdamW kernel: one pass over each tensor (as Adam(fused=True))."""
+        keys = list(grads)
+
+        def own(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # the kernel writes in place
+            return tree if inplace else {k: tree[k].clone() for k in keys}
+
+        p, mu, nu = own(params), own(state.mu), own(state.nu)
+        nu_max = own(state.nu_max) if amsgrad else None
+        count = _count_up(state.count, inplace)
+        steps = count.to(torch.float32)
+        lr: float | torch.Tensor = float(learning_rate) if not callable(learning_rate) else \
+            schedule(state.count).to(torch.float32)
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        decay = set(_decay_keys(params, weight_decay, mask))
+        for (_, _, decayed), ks in _groups(keys, params, decay).items():
+            kernel(values(p, ks), values(grads, ks), values(mu, ks), values(nu, ks),
+                   values(nu_max, ks) if nu_max is not None else [], [steps] * len(ks),
+                   lr=lr, beta1=b1, beta2=b2, weight_decay=weight_decay if decayed else 0.0, eps=eps,
+                   amsgrad=amsgrad, maximize=False)
+        out = p if inplace else {**params, **p}
+        return out, AdamState(count, mu if inplace else {**state.mu, **mu}, nu if inplace else {**state.nu, **nu},
+                              nu_max if nu_max is None or inplace else {**state.nu_max, **nu_max})
+
+    def step(grads: Updates, state: OptState, params: Params, *, inplace: bool = False
+             ) -> tuple[Params, OptState]:
+        use_fused = fused if fused is not None else _can_fuse(list(params.values()))
+        return (fused_step if use_fused else foreach_step)(grads, state, params, inplace)
+
     return GradientTransformation(init, update, step, schedule)
 
 
 def adam(learning_rate: float | Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         weight_decay: float = 0.0, amsgrad: bool = False, mask: Mask | None = None) -> GradientTransformation:
+         weight_decay: float = 0.0, amsgrad: bool = False, mask: Mask | None = None,
+         fused: bool | None = None) -> GradientTransformation:
     """Adam with torch.optim.Adam's arithmetic (``weight_decay`` is L2 added to the gradient).
+
+    ``fused``: the ``step`` runs torch's fused kernel (bitwise as ``Adam(fused=True)``,
+    one pass per tensor) or, with ``fused=False``, the foreach ops (bitwise as
+    ``Adam(foreach=True)``). By default it is fused, except inside ``torch.compile``,
+    which fuses the foreach version itself. ``update`` always follows the foreach arithmetic.
 
     Example:
         >>> opt = adam(warmup_cosine(1e-3, 100, 10_000))
     """
-    return _adam(learning_rate, b1, b2, eps, weight_decay, False, amsgrad, mask)
+    return _adam(learning_rate, b1, b2, eps, weight_decay, False, amsgrad, mask, fused)
 
 
 def adamw(learning_rate: float | Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 1e-2, amsgrad: bool = False, mask: Mask | None = None) -> GradientTransformation:
+          weight_decay: float = 1e-2, amsgrad: bool = False, mask: Mask | None = None,
+          fused: bool | None = None) -> GradientTransformation:
     """AdamW (decoupled weight decay) with torch.optim.AdamW's arithmetic.
 
-    ``mask`` limits the decay, e.g. ``mask=default_decay_mask`` spares biases and norms.
+    ``mask`` limits the decay, e.g. ``mask=default_decay_mask`` spares biases and
+    norms. ``fused`` as in :func:`adam`.
 
     Example:
         >>> opt = adamw(1e-3, weight_decay=0.05, mask=default_decay_mask)
     """
-    return _adam(learning_rate, b1, b2, eps, weight_decay, True, amsgrad, mask)
+    return _adam(learning_rate, b1, b2, eps, weight_decay, True, amsgrad, mask, fused)

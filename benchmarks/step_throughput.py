@@ -1,0 +1,311 @@
+"""Training-step throughput: fnlight's ``make_train_step`` vs a plain PyTorch loop vs Lightning.
+
+What it measures: steps/s of Adam (lr 1e-3) on cross-entropy for two MLPs on
+the CPU, all variants on the same model (same initial weights) and the same data:
+
+* ``small``: MLP 784-256-256-10 (ReLU), batch 128;
+* ``large``: MLP 784-2048-2048-10 (ReLU), batch 512.
+
+The data is a pool of 8 random batches (``x`` normal, ``y`` uniform class
+labels; fixed ``torch.Generator`` seed), cycled in the same order by every variant.
+
+Variants:
+
+* ``torch_foreach`` / ``torch_fused``: ``opt.zero_grad(set_to_none=True);
+  loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()`` with
+  ``torch.optim.Adam(foreach=True)`` / ``Adam(fused=True)``;
+* ``lightning``: a ``LightningModule`` with the same model, ``training_step``
+  returning the loss and ``configure_optimizers`` returning
+  ``Adam(lr=1e-3, foreach=True)``, run by ``lightning.Trainer(max_steps=...,
+  accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+  enable_progress_bar=False, enable_model_summary=False)`` over a
+  ``DataLoader(batch_size=None)`` of the pool (one epoch per fit, so no epoch
+  boundary inside the timing). Steady state: each round is one fit of
+  ``LIGHTNING_WARM + steps`` steps, and a Callback timestamps
+  ``on_train_batch_end`` of step ``LIGHTNING_WARM`` and of the last step, so
+  Lightning's per-fit setup and teardown are excluded (its per-step hooks,
+  closure and data fetching are included);
+* ``fnlight_eager``: ``make_train_step(model, loss_fn, fo.adam(1e-3))``, pure
+  (out of place), threading ``state, metrics = step(state, batch)``;
+* ``fnlight_compile``: the same with ``compile=True`` (inductor);
+* ``fnlight_donate``: the same, eager, with ``donate=True`` (in-place updates).
+
+Each variant is warmed up first (a few steps; the cold inductor compile of
+``fnlight_compile`` takes ~10-15 s per workload; Lightning gets one warm-up
+fit), then the variants are timed in ``--repeats`` interleaved rounds
+(round-robin, the starting variant rotated each round), a fixed number of
+steps each (small: 400, large: 10; >= ~0.5 s per timing on a 2-core machine).
+Every timed block ends by reading its final loss with ``float()``, so all of
+its work is done. Reported: median steps/s and min-max.
+
+Targets (from the issue), on the CPU: small: fnlight_eager >= 0.9x torch_foreach,
+fnlight_compile >= 1.1x torch_fused, fnlight_eager >= 1.0x and fnlight_compile
+>= 1.4x lightning; large: fnlight_eager >= 0.85x and fnlight_donate >= 0.95x the
+best plain loop (``best_plain`` = the faster of the torch_foreach / torch_fused medians).
+
+Run:
+    .venv/bin/python benchmarks/step_throughput.py              # table, 5 rounds
+    .venv/bin/python benchmarks/step_throughput.py --repeats 9
+    .venv/bin/python benchmarks/step_throughput.py --quick      # smoke test: 1 round, few steps, no compile
+    .venv/bin/python benchmarks/step_throughput.py --json       # one JSON object of median steps/s
+
+Timings use torch's default settings (its intra-op thread count included). On a
+small shared machine out-of-place updates and OpenMP threads make single timings
+noisy; the min-max columns show it, and ``OMP_NUM_THREADS=1`` is a useful control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import itertools
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import fnlight
+import fnlight.optim as fo
+
+LR, POOL, WARMUP, LIGHTNING_WARM = 1e-3, 8, 3, 3
+VARIANTS = ("torch_foreach", "torch_fused", "lightning", "fnlight_eager", "fnlight_compile", "fnlight_donate")
+#: (workload, ours, baseline, target); baseline "best_plain" is the faster plain loop
+TARGETS = (
+    ("small", "fnlight_eager", "torch_foreach", 0.9),
+    ("small", "fnlight_compile", "torch_fused", 1.1),
+    ("small", "fnlight_eager", "lightning", 1.0),
+    ("small", "fnlight_compile", "lightning", 1.4),
+    ("large", "fnlight_eager", "best_plain", 0.85),
+    ("large", "fnlight_donate", "best_plain", 0.95),
+)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+#: runs n training steps; returns (seconds for them, final loss)
+Runner = Callable[[int], tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    sizes: tuple[int, ...]
+    batch: int
+    steps: int  # per timed block
+
+
+WORKLOADS = (Workload("small", (784, 256, 256, 10), 128, 400), Workload("large", (784, 2048, 2048, 10), 512, 10))
+
+
+def mlp(sizes: tuple[int, ...]) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def batches(w: Workload) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(w.batch, w.sizes[0], generator=g), torch.randint(0, w.sizes[-1], (w.batch,), generator=g))
+            for _ in range(POOL)]
+
+
+def loss_fn(model_fn: Callable[..., Any], batch: Batch, key: torch.Tensor) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model_fn(x), y)
+
+
+def torch_loop(model: torch.nn.Module, pool: list[Batch], fused: bool) -> Runner:
+    opt = torch.optim.Adam(model.parameters(), lr=LR, foreach=not fused, fused=fused)
+    data = itertools.cycle(pool)
+
+    def run(n: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, y = next(data)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        final = float(loss.detach())
+        return time.perf_counter() - t0, final
+
+    return run
+
+
+def fnlight_loop(model: torch.nn.Module, pool: list[Batch], **options: Any) -> Runner:
+    opt = fo.adam(LR)
+    step = fnlight.make_train_step(model, loss_fn, opt, **options)
+    state = fnlight.TrainState.create(model, opt)
+    data = itertools.cycle(pool)
+
+    def run(n: int) -> tuple[float, float]:
+        nonlocal state
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state, metrics = step(state, next(data))
+        final = float(metrics["loss"])
+        return time.perf_counter() - t0, final
+
+    return run
+
+
+class LitMLP(lightning.LightningModule):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=LR, foreach=True)
+
+
+class Cycle(Dataset[Batch]):
+    def __init__(self, pool: list[Batch], length: int):
+        self.pool, self.length = pool, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.pool[i % len(self.pool)]
+
+
+class StepClock(lightning.Callback):
+    """Timestamps the end of step ``start`` and of step ``end`` (1-based); reads the last loss."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end, self.t0, self.t1, self.loss = start, end, 0.0, 0.0, float("nan")
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 == self.start:
+            self.t0 = time.perf_counter()
+        elif batch_idx + 1 == self.end:
+            self.loss = float(outputs["loss"] if isinstance(outputs, Mapping) else outputs)
+            self.t1 = time.perf_counter()
+
+
+def lightning_loop(model: torch.nn.Module, pool: list[Batch]) -> Runner:
+    module = LitMLP(model)
+
+    def run(n: int) -> tuple[float, float]:
+        total = LIGHTNING_WARM + n
+        clock = StepClock(LIGHTNING_WARM, total)
+        trainer = lightning.Trainer(max_steps=total, accelerator="cpu", devices=1, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, callbacks=[clock])
+        trainer.fit(module, DataLoader(Cycle(pool, total), batch_size=None))
+        assert trainer.global_step == total, f"lightning ran {trainer.global_step} steps, expected {total}"
+        return clock.t1 - clock.t0, clock.loss
+
+    return run
+
+
+def measure(w: Workload, steps: int, repeats: int, compile: bool, log: bool) -> dict[str, list[float]]:
+    """steps/s of every timed block, per variant."""
+    torch._dynamo.reset()  # no compiled code (nor dynamic-shape decisions) carried over from the other workload
+    torch.manual_seed(0)
+    template, pool = mlp(w.sizes), batches(w)
+    factories: dict[str, Callable[[torch.nn.Module], Runner]] = {
+        "torch_foreach": lambda m: torch_loop(m, pool, fused=False),
+        "torch_fused": lambda m: torch_loop(m, pool, fused=True),
+        "lightning": lambda m: lightning_loop(m, pool),
+        "fnlight_eager": lambda m: fnlight_loop(m, pool),
+        "fnlight_compile": lambda m: fnlight_loop(m, pool, compile=True),
+        "fnlight_donate": lambda m: fnlight_loop(m, pool, donate=True),
+    }
+    if not compile:
+        del factories["fnlight_compile"]
+    runners = {name: make(copy.deepcopy(template)) for name, make in factories.items()}
+    for name, run in runners.items():
+        t0 = time.perf_counter()
+        run(1 if name == "lightning" else WARMUP)
+        if log:
+            print(f"{w.name}: warmed up {name} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    names = list(runners)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()
+            dt, loss = runners[name](steps)
+            assert loss == loss, f"{name}: loss is NaN"
+            rates[name].append(steps / dt)
+        if log:
+            print(f"{w.name}: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return rates
+
+
+def report(results: dict[str, dict[str, list[float]]], steps: dict[str, int], repeats: int, wall: float,
+           load: float) -> None:
+    print(f"\nsteps/s, median of {repeats} interleaved round(s); Adam lr {LR:g}, cross-entropy, random data; "
+          f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), lightning {lightning.__version__}; "
+          f"load average at start {load:.2f} (other work on the machine makes timings noisy).")
+    med = {wl: {k: statistics.median(v) for k, v in rates.items()} for wl, rates in results.items()}
+    for w in WORKLOADS:
+        if w.name not in results:
+            continue
+        print(f"\n{w.name}: MLP {'-'.join(map(str, w.sizes))}, batch {w.batch}, {steps[w.name]} steps per timing")
+        print(f"{'variant':<18}{'median steps/s':>16}{'min':>10}{'max':>10}{'ms/step':>10}{'vs foreach':>12}")
+        for k, v in results[w.name].items():
+            x = med[w.name][k]
+            print(f"{k:<18}{x:>16,.1f}{min(v):>10,.1f}{max(v):>10,.1f}{1e3 / x:>10.2f}"
+                  f"{x / med[w.name]['torch_foreach']:>11.2f}x")
+    print(f"\n{'ratio (median steps/s)':<50}{'value':>8}{'target':>9}")
+    for wl, ours, base, target in TARGETS:
+        m = med.get(wl, {})
+        plain = max(m.get("torch_foreach", 0.0), m.get("torch_fused", 0.0))
+        b = plain if base == "best_plain" else m.get(base)
+        label = f"{wl}: {ours} / {base}"
+        if ours not in m or not b:
+            print(f"{label:<50}{'skipped':>8}")
+            continue
+        ratio = m[ours] / b
+        print(f"{label:<50}{ratio:>7.2f}x{'>= ' + f'{target:g}x':>9}  {'ok' if ratio >= target else 'MISSED'}")
+    print(f"\ntotal wall time: {wall:.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fnlight training-step throughput benchmark")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5)")
+    parser.add_argument("--workload", choices=[w.name for w in WORKLOADS], action="append",
+                        help="run only this workload (repeatable; default all)")
+    parser.add_argument("--quick", action="store_true", help="1 round, few steps, no compile: a smoke test")
+    parser.add_argument("--no-compile", action="store_true", help="skip fnlight_compile")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of median steps/s")
+    args = parser.parse_args()
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+    warnings.filterwarnings("ignore", ".*(does not have many workers|LeafSpec).*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    load, t0 = os.getloadavg()[0], time.perf_counter()
+    results: dict[str, dict[str, list[float]]] = {}
+    steps: dict[str, int] = {}
+    for w in WORKLOADS:
+        if args.workload and w.name not in args.workload:
+            continue
+        steps[w.name] = max(2, w.steps // 10) if args.quick else w.steps
+        results[w.name] = measure(w, steps[w.name], repeats, not (args.quick or args.no_compile), not args.json)
+    if args.json:
+        print(json.dumps({wl: {k: round(statistics.median(r[k]), 2) if k in r else None for k in VARIANTS}
+                          for wl, r in results.items()}))
+    else:
+        report(results, steps, repeats, time.perf_counter() - t0, load)
+
+
+if __name__ == "__main__":
+    main()
