@@ -194,13 +194,18 @@ class TrainStep:
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
         grads = grad_and_value(self._loss, has_aux=True)
-        update = self._update
+        update, whole = self._update, None
         if self.compile:
             # Compile around the torch.func transform, never inside it (as torch's docs require).
             options = dict(self.compile) if isinstance(self.compile, Mapping) else {}
             grads, update = torch.compile(grads, **options), torch.compile(update, **options)
+            if self.accumulate == 1 and self.on_nonfinite == "raise":
+                # One graph for gradients, finite flag and update: one guard check and no Python
+                # in between. The update is computed before the flag is read, which "raise" allows.
+                whole = torch.compile(self._whole, **options)
         object.__setattr__(self, "_grads_fn", grads)
         object.__setattr__(self, "_update_fn", update)
+        object.__setattr__(self, "_whole_fn", whole)
 
     def donating(self) -> TrainStep:
         """The same step with ``donate=True`` (what the Trainer drives internally)."""
@@ -223,6 +228,17 @@ class TrainStep:
             grads = dict(zip(keys, torch._foreach_mul([grads[k] for k in keys], factor), strict=True))
         return optim_step(self.optimizer, grads, opt_state, params, inplace=self.donate)
 
+    def _whole(self, params: Tensors, buffers: Tensors, opt_state: Any, batch: Any, key: torch.Tensor,
+               device: torch.device) -> tuple[Tensors, Any, torch.Tensor, Metrics, torch.Tensor]:
+        grads, (loss, metrics) = grad_and_value(self._loss, has_aux=True)(params, buffers, batch, key, device)
+        g = list(grads.values())
+        finite = torch.isfinite(loss)
+        if g:
+            finite = finite & torch.stack([torch.isfinite(t).all() for t in g]).all()
+        norm = global_norm(g) if g and self.clip is not None else torch.zeros(())
+        params, opt_state = self._update(grads, opt_state, params, norm)
+        return params, opt_state, loss, metrics, finite
+
     # -- the step -------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         _set_mode(self.model, True)
@@ -231,6 +247,15 @@ class TrainStep:
         # BatchNorm updates its statistics in place: it gets copies (small), which become the
         # new buffers; so even a donated state is intact when a non-finite step is skipped.
         buffers = {k: v.clone() for k, v in state.buffers.items()}
+        if self._whole_fn is not None and distributed.world_size() == 1:
+            with _rng_scope(step_key, device), _explain_traps():
+                params, opt_state, loss, metrics, finite = self._whole_fn(
+                    state.params, buffers, state.opt_state, batch, step_key, device)
+            if not bool(finite):
+                raise NonFiniteError(f"non-finite loss or gradients at step {int(state.step)} (loss={float(loss)}). "
+                                     "Lower the learning rate or clip the gradients.")
+            new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
+            return new, {"loss": loss, **metrics}
         if self.accumulate == 1:
             grads, loss, metrics = self._micro(state.params, buffers, batch, step_key, device)
         else:
