@@ -186,3 +186,26 @@ def test_training_learns():
     assert res.history[-1]["train/loss"] < 0.5 * res.history[0]["train/loss"]
     x, y = data(8)
     assert F.cross_entropy(torch.func.functional_call(mlp(), (res.state.params, res.state.buffers), (x,)), y) < 2
+
+
+def test_tensorboard_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    _, state, step, _ = setup()
+    fnlight.Trainer(max_epochs=1, run_dir=tmp_path, log_every_n_steps=1,
+                    loggers=(fnlight.train.TensorBoardLogger(),)).fit(state, step, datamodule())
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_logger_without_tensorboard_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard":
+            raise ImportError("no tensorboard")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ImportError, match=r"fnlight\[tensorboard\]"):
+        fnlight.train.TensorBoardLogger().open(tmp_path)

@@ -338,6 +338,9 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
             used afterwards: like JAX's ``donate_argnums``. Off by default.
         on_nonfinite: ``"raise"`` a NonFiniteError naming the step, or ``"skip"``
             the update (only the step counter advances; metrics get ``skipped=1``).
+            With ``compile=True`` and ``"raise"``, gradients and update are one graph
+            and the check comes after it: a donated state is then already updated
+            when the error is raised.
 
     When ``torch.distributed`` is initialized with more than one rank, the
     gradients are averaged across ranks in one flat buffer before the update.
