@@ -22,7 +22,7 @@ from .tree import tree_flatten, tree_unflatten
 
 T = TypeVar("T")
 
-__all__ = ["all_reduce_mean", "barrier", "init", "is_initialized", "local_rank", "rank", "world_size"]
+__all__ = ["all_reduce_mean", "all_true", "barrier", "init", "is_initialized", "local_rank", "rank", "world_size"]
 
 
 def is_initialized() -> bool:
@@ -90,3 +90,17 @@ def all_reduce_mean(tree: T) -> T:
         for i, part in zip(idx, flat.split([leaves[i].numel() for i in idx]), strict=True):
             out[i] = part.view_as(leaves[i])
     return tree_unflatten(spec, out)
+
+
+def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when ``flag`` is true on every rank (``flag`` itself without a process group).
+
+    Example:
+        >>> all_true(True)
+        True
+    """
+    if world_size() == 1:
+        return flag
+    t = torch.tensor(1.0 if flag else 0.0, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t)

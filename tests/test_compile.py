@@ -69,3 +69,18 @@ def test_compiled_donating_step_matches_the_pure_one():
         a, _ = pure(a, batch)
         b, _ = donating(b, batch)
     assert tree_equal(a.params, b.params)
+
+
+def test_compiled_skip_and_raise():
+    model = mlp()
+    opt = fo.adam(1e-2)
+    state = fnlight.TrainState.create(model, opt)
+    x, y = batches(1)[0]
+    bad = (torch.full_like(x, float("nan")), y)
+    skip = fnlight.make_train_step(model, loss_fn, opt, compile={"backend": "aot_eager"}, on_nonfinite="skip")
+    new, m = skip(state, bad)
+    assert float(m["skipped"]) == 1 and tree_equal(new.params, state.params) and int(new.step) == 1
+    raising = fnlight.make_train_step(model, loss_fn, opt, compile={"backend": "aot_eager"})
+    with pytest.raises(fnlight.train.NonFiniteError, match="at step 0.*on_nonfinite='skip'"):
+        raising(state, bad)
+    assert tree_equal(state.params, fnlight.TrainState.create(model, opt).params)  # the pure input is intact

@@ -208,3 +208,26 @@ def test_schedule_inside_the_optimizer(steps, lr):
 
 def test_learning_rate_is_exposed():
     assert float(fo.adam(fo.step_decay(1.0, 2, 0.5)).learning_rate(4)) == 0.25
+
+
+SCHEDULED = [
+    fo.sgd(fo.linear_warmup(0.1, 5), momentum=0.9, dampening=0.1),
+    fo.sgd(fo.warmup_cosine(0.1, 3, 20), momentum=0.9, nesterov=True, weight_decay=1e-2),
+    fo.adam(fo.warmup_cosine(1e-2, 3, 20), weight_decay=1e-2),
+    fo.adam(fo.linear_warmup(1e-2, 5), fused=False),
+    fo.adamw(fo.step_decay(1e-2, 4, 0.5), amsgrad=True, mask=fo.default_decay_mask),
+    fo.adamw(fo.step_decay(1e-2, 4, 0.5), fused=False),
+    fo.chain(fo.scale_by_adam(), fo.scale_by_learning_rate(fo.linear_warmup(1e-2, 5))),
+]
+
+
+@pytest.mark.parametrize("opt", SCHEDULED, ids=range(len(SCHEDULED)))
+@pytest.mark.parametrize("fused", [True, False])
+def test_donation_reads_the_schedule_at_the_same_step(opt, fused):
+    # in-place updates advance the step counter in place: the rate must be read before
+    assert tree_equal(run_fnlight(opt, 20, inplace=True, fused=fused), run_fnlight(opt, 20, fused=fused))
+
+
+def test_chain_knows_its_learning_rate():
+    sched = fo.linear_warmup(1.0, 4)
+    assert fo.chain(fo.scale_by_adam(), fo.scale_by_learning_rate(sched)).learning_rate is sched

@@ -9,7 +9,7 @@ Example:
     >>> params = fo.apply_updates(params, updates)
 """
 
-from ._base import GradientTransformation, apply_updates, chain, step
+from ._base import GradientTransformation, apply_updates, chain, step, update_count
 from ._schedules import Schedule, constant, cosine_decay, linear_warmup, step_decay, warmup_cosine
 from ._transforms import (
     AdamState,
@@ -56,6 +56,7 @@ __all__ = [
     "step",
     "step_decay",
     "trace",
+    "update_count",
     "warmup_cosine",
 ]
 assert sorted(__all__) == __all__

@@ -96,8 +96,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return _run(transforms, updates, state, params, inplace)
 
     last = transforms[-1] if transforms else None
+    # the chain's learning rate: the last element that has a schedule
+    rate = next((t.learning_rate for t in reversed(transforms) if t.learning_rate is not None), None)
     if last is None or last.step is None:
-        return GradientTransformation(init, update, None, last.learning_rate if last is not None else None)
+        return GradientTransformation(init, update, None, rate)
     last_step = last.step
 
     def fused(grads: Updates, state: tuple[OptState, ...], params: Params, *,
@@ -106,7 +108,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         params, tail = last_step(grads, state[-1], params, inplace=inplace)
         return params, (*head, tail)
 
-    return GradientTransformation(init, update, fused, last.learning_rate)
+    return GradientTransformation(init, update, fused, rate)
 
 
 def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) -> Params:
@@ -150,3 +152,15 @@ def counter() -> torch.Tensor:
     # An int64 0-d tensor: torch.compile keeps in-place updates of it (it loses them
     # for 0-d float64 CPU inputs), and float32 counters drift.
     return torch.zeros((), dtype=torch.int64)
+
+
+def update_count(state: OptState) -> torch.Tensor | None:
+    """The number of updates an optimizer state has made (its first ``count`` field)."""
+    if hasattr(state, "count") and isinstance(state.count, torch.Tensor):
+        return state.count
+    if isinstance(state, tuple):
+        for s in state:
+            c = update_count(s)
+            if c is not None:
+                return c
+    return None

@@ -85,6 +85,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
     def init(params: Params) -> CountState:
         return CountState(counter())
 
+
     def update(updates: Updates, state: OptState, params: Params | None = None, *,
                inplace: bool = False) -> tuple[Updates, OptState]:
         keys = list(updates)
@@ -92,7 +93,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
         out = foreach("mul", values(updates, keys), -lr, inplace=inplace)
         return as_dict(keys, out), CountState(_count_up(state.count, inplace))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, None, schedule)
 
 
 def default_decay_mask(params: Params) -> dict[str, bool]:
@@ -313,11 +314,12 @@ def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool =
 
     def step(grads: Updates, state: OptState, params: Params, *, inplace: bool = False
              ) -> tuple[Params, OptState]:
+        lr = schedule(state.count).to(torch.float32)  # before direction() counts up (in place when donating)
         keys, d, new_state = direction(grads, state, params, inplace)
         p = values(params, keys)
         if not callable(learning_rate):  # a constant: torch's add(alpha=-lr), one rounding
             return as_dict(keys, foreach("add", p, d, alpha=-float(learning_rate), inplace=inplace)), new_state
-        d = foreach("mul", d, -schedule(state.count).to(torch.float32), inplace=inplace)  # d is a temporary
+        d = foreach("mul", d, -lr, inplace=inplace)  # d is a temporary
         return as_dict(keys, foreach("add", p, d, inplace=inplace)), new_state
 
     return GradientTransformation(init, update, step, schedule)
@@ -351,6 +353,7 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, wei
         """torch's foreach Adam up to the parameter update: new state, denominators, step size."""
         keys = list(grads)
         g = values(grads, keys)
+        lr = schedule(state.count)  # before counting up, which is in place when donating
         count = _count_up(state.count, inplace)
         decay = _decay_keys(params, weight_decay, mask)
         if decay and not decoupled:  # Adam's L2: added to the gradient
@@ -361,7 +364,6 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, wei
         nu = foreach("addcmul", nu, g, g, 1.0 - b2, inplace=inplace)
         nu_max = foreach("maximum", values(state.nu_max, keys), nu, inplace=inplace) if amsgrad else None
         t = count.to(torch.float64)
-        lr = schedule(state.count)
         step_size = (-(lr / (1.0 - b1**t))).to(torch.float32)
         denom = list(torch._foreach_sqrt(nu_max if amsgrad else nu))
         torch._foreach_div_(denom, torch.sqrt(1.0 - b2**t).to(torch.float32))
@@ -404,10 +406,10 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, wei
 
         p, mu, nu = own(params), own(state.mu), own(state.nu)
         nu_max = own(state.nu_max) if amsgrad else None
+        lr: float | torch.Tensor = float(learning_rate) if not callable(learning_rate) else \
+            schedule(state.count).to(torch.float32)  # before counting up, which is in place when donating
         count = _count_up(state.count, inplace)
         steps = count.to(torch.float32)
-        lr: float | torch.Tensor = float(learning_rate) if not callable(learning_rate) else \
-            schedule(state.count).to(torch.float32)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         decay = set(_decay_keys(params, weight_decay, mask))
         for (_, _, decayed), ks in _groups(keys, params, decay).items():

@@ -1,6 +1,9 @@
 """Callbacks: pure observers of ``(state, metrics)`` that may ask the loop to stop or save.
 
-A callback never mutates the state or the trainer. What it remembers (a
+A callback never mutates the state or the trainer. The state it is shown is
+valid during the call only: the loop reuses the memory of states it has passed
+on (donation), so a callback that keeps one must clone it
+(``fnlight.tree.tree_map(torch.clone, state)``). What it remembers (a
 patience counter, the best value) is its own state, a small value that the
 loop threads through its hooks (and that a checkpoint can save):
 
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
+
+from ..optim import update_count
 
 
 class Signal(NamedTuple):
@@ -59,7 +64,8 @@ class Callback:
 
 @dataclass(frozen=True)
 class EarlyStopping(Callback):
-    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
+    epochs (epochs without validation are not counted), or when it is not finite.
 
     Example:
         >>> EarlyStopping("val/acc", mode="max", patience=5, min_delta=1e-3)
@@ -69,6 +75,7 @@ class EarlyStopping(Callback):
     mode: Literal["min", "max"] = "min"
     patience: int = 3
     min_delta: float = 0.0
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("min", "max"):
@@ -81,8 +88,13 @@ class EarlyStopping(Callback):
 
     def on_epoch(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
         if self.monitor not in metrics:
+            prefix = self.monitor.split("/")[0] + "/" if "/" in self.monitor else None
+            if prefix is not None and not any(k.startswith(prefix) for k in metrics):
+                return cb_state, NOTHING  # no validation this epoch (val_every_n_epochs > 1)
             raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the epoch metrics are {sorted(metrics)}")
         value = float(metrics[self.monitor])
+        if self.check_finite and not math.isfinite(value):
+            return {**cb_state, "stopped_epoch": ctx.epoch}, Signal(stop=True)
         better = value < cb_state["best"] - self.min_delta if self.mode == "min" else \
             value > cb_state["best"] + self.min_delta
         if better:
@@ -95,8 +107,12 @@ class EarlyStopping(Callback):
 
 @dataclass(frozen=True)
 class LearningRateMonitor(Callback):
-    """Log the learning rate at every step (``lr``), from ``schedule`` or else the
-    train step's optimizer. Example: ``LearningRateMonitor()``."""
+    """Log ``lr``, the learning rate of the update just applied, at the loop's logging
+    steps, from ``schedule`` or else the train step's optimizer. It is read from the
+    optimizer's own update count, which a skipped (non-finite) step does not advance.
+
+    Example: ``LearningRateMonitor()``.
+    """
 
     schedule: Callable[[Any], Any] | None = None
 
@@ -104,7 +120,9 @@ class LearningRateMonitor(Callback):
         schedule = self.schedule or getattr(getattr(ctx.train_step, "optimizer", None), "learning_rate", None)
         if schedule is None:
             raise ValueError("LearningRateMonitor needs a schedule: the train step's optimizer has none")
-        return cb_state, Signal(log={"lr": float(schedule(state.step - 1))})  # the rate the last update used
+        count = update_count(state.opt_state)
+        used = (count if count is not None else state.step) - 1
+        return cb_state, Signal(log={"lr": float(schedule(torch.clamp(used, min=0)))})
 
 
 def _as_signal(out: Any) -> Signal:

@@ -70,7 +70,7 @@ class JSONLLogger(Logger):
 
     def open(self, run_dir: Path) -> JSONLLogger:
         out = JSONLLogger()
-        out._f = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed by close())
+        out._f = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115 (closed by close()); a fresh log per fit
         return out
 
     def log(self, row: dict[str, Any]) -> None:

@@ -74,8 +74,10 @@ def _limit(limit: int | float | None, total: int) -> int:
 
 
 def _next_version(root: Path) -> Path:
+    """``root/version_<n>`` with n one more than the largest existing (as Lightning)."""
     root.mkdir(parents=True, exist_ok=True)
-    n = 0
+    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    n = max(taken, default=-1) + 1
     while True:
         path = root / f"version_{n}"
         try:
@@ -99,16 +101,19 @@ def _deterministic(on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    had_cublas = "CUBLAS_WORKSPACE_CONFIG" in os.environ
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(saved[0])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+        if not had_cublas:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 @dataclass(frozen=True)
@@ -206,14 +211,19 @@ class Trainer:
         state = device_put(_clone(state) if step_fn is not train_step else state, self.torch_device)
         cb_states = [cb.init() for cb in self.callbacks]
         split, history = dm.split_for("fit"), []
-        global_step, epoch, stop = int(state.step), 0, False
+        global_step, epoch = int(state.step), 0
         max_epochs = self.max_epochs if self.max_epochs is not None else math.inf
+        max_steps = self.max_steps if self.max_steps is not None else math.inf
+        stop = global_step >= max_steps
         try:
             with _deterministic(self.deterministic):
                 while epoch < max_epochs and not stop:
                     ctx = FitContext(self, train_step, dm, run_dir, epoch)
                     totals, t0 = _WeightedMean(), time.perf_counter()
                     batches, n = self._batches(dm, split, epoch, self.limit_train_batches)
+                    if n == 0 and self.max_epochs is None:
+                        raise ValueError(f"the {split!r} split yields no training batches (after limit_train_batches),"
+                                         " so max_steps can never be reached")
                     with batches, self._progress(n, f"epoch {epoch}") as bar:
                         for _, batch in zip(range(n), batches, strict=False):
                             state, metrics = step_fn(state, device_put(batch, self.torch_device))
@@ -221,7 +231,7 @@ class Trainer:
                             totals.add(metrics, _batch_size(batch))
                             extra = self._signal(cb_states, "on_step", state, metrics, ctx)
                             stop = stop or extra.stop
-                            if global_step % self.log_every_n_steps == 0 or extra.log:
+                            if global_step % self.log_every_n_steps == 0:
                                 row = {k: to_float(v) for k, v in metrics.items()} | dict(extra.log)
                                 self._log(loggers, "step", global_step, epoch, row)
                                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", refresh=False)
@@ -230,7 +240,7 @@ class Trainer:
                                 val = self._evaluate(state, eval_step, dm, "validate", self.limit_val_batches)
                                 self._log(loggers, "step", global_step, epoch, {f"val/{k}": v for k, v in val.items()})
                             bar.update()
-                            if stop or (self.max_steps is not None and global_step >= self.max_steps):
+                            if stop or global_step >= max_steps:
                                 stop = True
                                 break
                     row = {f"train/{k}": v for k, v in totals.result().items()}
@@ -306,4 +316,4 @@ class Trainer:
                 bar.update()
         if not outs:
             return []
-        return tree_map(lambda *xs: torch.cat(xs), *outs)
+        return tree_map(lambda *xs: torch.cat(xs) if xs[0].dim() else torch.stack(xs), *outs)

@@ -247,13 +247,15 @@ class TrainStep:
         # BatchNorm updates its statistics in place: it gets copies (small), which become the
         # new buffers; so even a donated state is intact when a non-finite step is skipped.
         buffers = {k: v.clone() for k, v in state.buffers.items()}
-        if self._whole_fn is not None and distributed.world_size() == 1:
+        if self._whole_fn is not None and distributed.world_size() == 1:  # (ranks must all-reduce in between)
             with _rng_scope(step_key, device), _explain_traps():
                 params, opt_state, loss, metrics, finite = self._whole_fn(
                     state.params, buffers, state.opt_state, batch, step_key, device)
             if not bool(finite):
-                raise NonFiniteError(f"non-finite loss or gradients at step {int(state.step)} (loss={float(loss)}). "
-                                     "Lower the learning rate or clip the gradients.")
+                raise NonFiniteError(
+                    f"non-finite {'loss' if not torch.isfinite(loss) else 'gradients'} at step {int(state.step)} "
+                    f"(loss={float(loss)}). Use on_nonfinite='skip' to skip such steps, or lower the learning "
+                    "rate / clip the gradients.")
             new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
             return new, {"loss": loss, **metrics}
         if self.accumulate == 1:
@@ -266,6 +268,8 @@ class TrainStep:
         norm = global_norm(list(grads.values())) if grads and self.clip is not None else torch.zeros(())
         finite = bool(torch.isfinite(loss) & torch.isfinite(norm)) if self.clip is not None else \
             _all_finite(loss, list(grads.values()))
+        if distributed.world_size() > 1:  # every rank must take the same decision, or the replicas diverge
+            finite = distributed.all_true(finite, device)
         if not finite:
             if self.on_nonfinite == "raise":
                 raise NonFiniteError(
@@ -326,7 +330,9 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
         optimizer: from :mod:`fnlight.optim` (it must be the one the state was created with).
         accumulate: split each batch into this many micro-batches and average
             their gradients (weighted by size): for a mean-reduced loss, equal to
-            one step on the whole batch, with less activation memory.
+            one step on the whole batch, with less activation memory. (BatchNorm
+            sees each micro-batch: its statistics are per micro-batch and its
+            running averages are updated k times.)
         clip: clip gradients to this global L2 norm.
         precision: ``"32"`` or ``"bf16-mixed"`` (autocast; parameters stay float32).
         compile: run the gradient and update computations through ``torch.compile``
