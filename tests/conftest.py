@@ -37,3 +37,12 @@ def _no_leaks():
             return
         time.sleep(0.1)
     raise AssertionError(f"leaked after the test run: threads {threads}, processes {children}")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for torch.distributed rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ with a barrier, and shard() taking its rank from the process group."""
 import hashlib
 import http.server
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = "".join(f"{i},{i * 2},{i % 2}\n" for i in range(40)).encode()
@@ -55,12 +56,6 @@ class Slow(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

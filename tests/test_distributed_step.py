@@ -1,6 +1,5 @@
 """The train step averages gradients across real gloo ranks (2 ranks x b == 1 rank x 2b)."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 import fnlight
 import fnlight.optim as fo
 
+from .conftest import free_port
 from .models import data, loss_fn, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +36,6 @@ from safetensors.torch import save_file
 save_file(state.params, sys.argv[1] + f"/rank{rank}.safetensors")
 torch.distributed.destroy_process_group()
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -143,6 +143,27 @@ def add_decayed_weights(weight_decay: float, mask: Mask | None = None) -> Gradie
     return GradientTransformation(init, update)
 
 
+def _momentum(g: list[torch.Tensor], buf: list[torch.Tensor], count: torch.Tensor, momentum: float, nesterov: bool,
+              dampening: float, inplace: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """torch.optim.SGD's momentum: the new direction and buffer."""
+    buf = foreach("mul", buf, momentum, inplace=inplace)
+    if dampening == 0:  # the zero-initialized buffer makes the first step buf = g, as torch
+        buf = foreach("add", buf, g, inplace=inplace)
+    else:  # torch starts the buffer with the undamped gradient
+        damped = foreach("add", buf, g, alpha=1.0 - dampening, inplace=False)
+        new = [torch.where(count == 0, gi, di) for gi, di in zip(g, damped, strict=True)]
+        if inplace:
+            torch._foreach_copy_(buf, new)
+        else:
+            buf = new
+    if nesterov:
+        return foreach("add", g, buf, alpha=momentum, inplace=inplace), buf
+    if inplace:  # the direction must not alias the buffer: later ops scale it in place
+        torch._foreach_copy_(g, buf)
+        return g, buf
+    return list(buf), buf
+
+
 def trace(momentum: float, nesterov: bool = False, dampening: float = 0.0) -> GradientTransformation:
     """Momentum, as torch's SGD: ``buf = momentum * buf + (1 - dampening) * g``
     (``buf = g`` on the first step), then ``g + momentum * buf`` if ``nesterov`` else ``buf``.
@@ -156,25 +177,8 @@ def trace(momentum: float, nesterov: bool = False, dampening: float = 0.0) -> Gr
     def update(updates: Updates, state: OptState, params: Params | None = None, *,
                inplace: bool = False) -> tuple[Updates, OptState]:
         keys = list(updates)
-        g, buf = values(updates, keys), values(state.trace, keys)
-        buf = foreach("mul", buf, momentum, inplace=inplace)
-        if dampening == 0:
-            buf = foreach("add", buf, g, inplace=inplace)
-        else:  # torch starts the buffer with the undamped gradient
-            first = state.count == 0
-            damped = foreach("add", buf, g, alpha=1.0 - dampening, inplace=False)
-            new = [torch.where(first, gi, di) for gi, di in zip(g, damped, strict=True)]
-            if inplace:
-                torch._foreach_copy_(buf, new)
-            else:
-                buf = new
-        if nesterov:
-            out = foreach("add", g, buf, alpha=momentum, inplace=inplace)
-        elif inplace:  # the updates must not alias the buffer: later transforms scale them in place
-            torch._foreach_copy_(g, buf)
-            out = g
-        else:
-            out = list(buf)
+        out, buf = _momentum(values(updates, keys), values(state.trace, keys), state.count, momentum, nesterov,
+                             dampening, inplace)
         return as_dict(keys, out), TraceState(_count_up(state.count, inplace), as_dict(keys, buf))
 
     return GradientTransformation(init, update)
@@ -285,22 +289,7 @@ def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool =
             g = values({**as_dict(keys, g), **as_dict(decay, gd)}, keys)
         buf_dict = state.momentum
         if momentum:
-            buf = foreach("mul", values(state.momentum, keys), momentum, inplace=inplace)
-            if dampening == 0:  # the zero-initialized buffer makes the first step buf = g, as torch
-                buf = foreach("add", buf, g, inplace=inplace)
-            else:  # torch starts the buffer with the undamped gradient
-                damped = foreach("add", buf, g, alpha=1.0 - dampening, inplace=False)
-                new = [torch.where(state.count == 0, gi, di) for gi, di in zip(g, damped, strict=True)]
-                if inplace:
-                    torch._foreach_copy_(buf, new)
-                else:
-                    buf = new
-            if nesterov:
-                g = foreach("add", g, buf, alpha=momentum, inplace=inplace)
-            elif inplace:  # the direction must not alias the buffer, which later ops would scale
-                torch._foreach_copy_(g, buf)
-            else:
-                g = list(buf)
+            g, buf = _momentum(g, values(state.momentum, keys), state.count, momentum, nesterov, dampening, inplace)
             buf_dict = as_dict(keys, buf)
         return keys, g, SgdState(_count_up(state.count, inplace), buf_dict)
 
