@@ -113,28 +113,15 @@ def dataloader(data: torch.Tensor, workers: int) -> EpochFn:
     return run
 
 
-def handwritten(data: torch.Tensor) -> EpochFn:
-    def run(epoch: int, max_batches: int | None) -> int:
-        g = torch.Generator().manual_seed(epoch)
-        seen = 0
-        for idx in torch.randperm(len(data), generator=g).split(BATCH)[:max_batches]:
-            x = normalize(data[idx])
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            seen += x.shape[0]
-        return seen
-
-    return run
-
-
-def handwritten_index_select(data: torch.Tensor) -> EpochFn:
-    """The hand-written loop with fnlight's gather (index_select instead of data[idx])."""
+def handwritten(data: torch.Tensor, index_select: bool = False) -> EpochFn:
+    """The practical limit: whole-batch ops; ``index_select`` gathers as fnlight does
+    (instead of ``data[idx]``)."""
 
     def run(epoch: int, max_batches: int | None) -> int:
         g = torch.Generator().manual_seed(epoch)
         seen = 0
         for idx in torch.randperm(len(data), generator=g).split(BATCH)[:max_batches]:
-            x = normalize(torch.index_select(data, 0, idx))
+            x = normalize(torch.index_select(data, 0, idx) if index_select else data[idx])
             flip = torch.rand(len(idx), generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             seen += x.shape[0]
@@ -169,7 +156,7 @@ def measure(samples: int, repeats: int, log: bool) -> dict[str, list[float]]:
         "dataloader_w0": dataloader(data, 0),
         "dataloader_w2": dataloader(data, 2),
         "handwritten_vectorized": handwritten(data),
-        "handwritten_index_select": handwritten_index_select(data),
+        "handwritten_index_select": handwritten(data, index_select=True),
         "fnlight": fnlight_dm(data, batched=True, prefetch=None),
         "fnlight_per_sample": fnlight_dm(data, batched=False, prefetch=None),
         "fnlight_prefetch": fnlight_dm(data, batched=True, prefetch=2),
