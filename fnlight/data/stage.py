@@ -65,7 +65,6 @@ class Context:
 class Where:
     """A stage's place in the pipeline being built."""
 
-    index: int  # position in the pipeline
     stage: str  # the stage's name
     occurrence: int  # how many earlier stages have the same name
     prefix: Pipeline  # the stages before it
@@ -280,7 +279,7 @@ class Pipeline:
         for pos, stage in enumerate(self.stages):
             if pos and stage.is_source:
                 raise ValueError(f"{stage.name}() is a source and can only be the first stage.")
-            where = Where(pos, stage.key_name, seen.get(stage.key_name, 0), self.prefix(pos))
+            where = Where(stage.key_name, seen.get(stage.key_name, 0), self.prefix(pos))
             seen[stage.key_name] = where.occurrence + 1
             plans = stage.build(plans, ctx, where)
         return plans
