@@ -26,8 +26,10 @@ from .train import (
     LearningRateMonitor,
     Trainer,
     TrainState,
+    load_checkpoint,
     make_eval_step,
     make_train_step,
+    save_checkpoint,
 )
 from .tree import device_put
 
@@ -45,9 +47,11 @@ __all__ = [
     "__version__",
     "device_put",
     "distributed",
+    "load_checkpoint",
     "make_eval_step",
     "make_train_step",
     "optim",
     "random",
+    "save_checkpoint",
     "tree",
 ]

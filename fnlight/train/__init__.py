@@ -1,6 +1,7 @@
 """fnlight.train: TrainState, pure steps, the Trainer, callbacks and loggers."""
 
 from .callbacks import Callback, EarlyStopping, FitContext, LambdaCallback, LearningRateMonitor, Signal
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from .loop import FitResult, Trainer
 from .state import TrainState
@@ -9,6 +10,7 @@ from .step import EvalStep, NonFiniteError, TorchFuncTrapError, TrainStep, make_
 __all__ = [
     "CSVLogger",
     "Callback",
+    "CheckpointError",
     "ConsoleLogger",
     "EarlyStopping",
     "EvalStep",
@@ -25,7 +27,9 @@ __all__ = [
     "TrainState",
     "TrainStep",
     "Trainer",
+    "load_checkpoint",
     "make_eval_step",
     "make_train_step",
+    "save_checkpoint",
 ]
 assert sorted(__all__) == __all__

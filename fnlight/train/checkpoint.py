@@ -1,0 +1,282 @@
+"""Checkpoints: a directory with the state's tensors in safetensors and a JSON file.
+
+Layout of ``<path>/``:
+
+- ``tensors.safetensors``: every tensor of the state, named by its tree path
+  (``params/0.weight``, ``opt_state/0/mu/0.weight``, ...);
+- ``checkpoint.json``: the state's structure (node types and field names, so
+  it is rebuilt without unpickling anything), step, key, the caller's ``meta``
+  (epoch, position, callback states, pipeline fingerprint and description...),
+  fnlight and torch versions, and the sha256 of the tensor file.
+
+Writing is atomic: both files go into a temp directory next to the target,
+are fsynced with the directory, and the directory is renamed into place; a
+reader sees the old checkpoint or the new one, never a half-written one.
+Loading never unpickles: a directory holding any other file is refused, and a
+tensor file whose sha256 differs from the recorded one is an error.
+
+Example:
+    >>> fnlight.save_checkpoint("runs/a/step_100", state, meta={"epoch": 3})
+    >>> state2, meta = fnlight.load_checkpoint("runs/a/step_100", like=state)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..optim import _transforms
+from .state import TrainState
+
+FORMAT = "fnlight-checkpoint"
+VERSION = 1
+TENSORS, META = "tensors.safetensors", "checkpoint.json"
+
+#: Named tuples a checkpoint may contain (optimizer states); looked up by name, never imported from the file.
+NAMED_TUPLES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (_transforms.AdamState, _transforms.SgdState, _transforms.TraceState, _transforms.CountState,
+                _transforms.EmptyState)
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupted, unsafe, or does not match what it should."""
+
+
+def register_named_tuple(cls: type) -> type:
+    """Allow a custom optimizer-state NamedTuple in checkpoints. Example: ``register_named_tuple(MyState)``."""
+    NAMED_TUPLES[cls.__name__] = cls
+    return cls
+
+
+# -- structure <-> JSON ---------------------------------------------------------
+
+def _encode(node: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, torch.Tensor):
+        tensors[path] = node
+        return {"tensor": path}
+    if isinstance(node, TrainState):
+        return {"TrainState": {f: _encode(getattr(node, f), f"{path}{f}/", tensors)
+                               for f in ("params", "buffers", "opt_state", "step", "key")}}
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        name = type(node).__name__
+        if NAMED_TUPLES.get(name) is not type(node):
+            raise CheckpointError(f"cannot save a {name}: register it with "
+                                  "fnlight.train.checkpoint.register_named_tuple")
+        return {"namedtuple": name, "fields": {f: _encode(getattr(node, f), f"{path}{f}/", tensors)
+                                              for f in node._fields}}
+    if isinstance(node, dict):
+        return {"dict": {str(k): _encode(v, f"{path}{k}/", tensors) for k, v in node.items()}}
+    if isinstance(node, (tuple, list)):
+        return {type(node).__name__: [_encode(v, f"{path}{i}/", tensors) for i, v in enumerate(node)]}
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return {"value": node}
+    raise CheckpointError(f"cannot save a {type(node).__name__} at {path or '<root>'}: a state holds tensors, "
+                          "containers of them, and plain numbers or strings")
+
+
+def _decode(spec: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if "namedtuple" in spec:
+        kind, body = "namedtuple", spec
+    else:
+        (kind, body), = spec.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "value":
+        return body
+    if kind == "TrainState":
+        return TrainState(**{f: _decode(v, tensors) for f, v in body.items()})
+    if kind == "namedtuple":
+        cls = NAMED_TUPLES.get(body["namedtuple"])
+        if cls is None:
+            raise CheckpointError(f"the checkpoint holds an unknown {body['namedtuple']}; register it with "
+                                  "fnlight.train.checkpoint.register_named_tuple")
+        return cls(**{f: _decode(v, tensors) for f, v in body["fields"].items()})
+    if kind == "dict":
+        return {k: _decode(v, tensors) for k, v in body.items()}
+    if kind in ("tuple", "list"):
+        items = [_decode(v, tensors) for v in body]
+        return tuple(items) if kind == "tuple" else items
+    raise CheckpointError(f"unknown node {kind!r} in the checkpoint's structure")
+
+
+# -- saving -------------------------------------------------------------------
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``state`` (a TrainState or any tree of tensors) and JSON-able ``meta`` to the directory ``path``.
+
+    Atomic: a reader sees the previous checkpoint at ``path`` (if any) or this one, never a part.
+
+    Example:
+        >>> save_checkpoint("runs/a/step_100", state, meta={"epoch": 3, "position": 12})
+    """
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, "", tensors)
+    doc: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "structure": structure,
+        "meta": json.loads(json.dumps(meta or {})),  # JSON-able now, not at load time
+        "versions": {"fnlight": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+    if isinstance(state, TrainState):
+        doc["step"], doc["key"] = int(state.step), int(state.key)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+        _fsync(tmp / TENSORS)
+        doc["tensors_sha256"] = _sha256(tmp / TENSORS)
+        with open(tmp / META, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+        old = None
+        if path.exists():  # move the old one aside: the rename below cannot replace a directory
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# -- loading -------------------------------------------------------------------
+
+def _differences(got: Any, like: Any, path: str = "") -> list[str]:
+    """Every structural, shape and dtype difference between two trees."""
+    out: list[str] = []
+    if isinstance(like, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return [f"{path or '<root>'}: expected a tensor, found {type(got).__name__}"]
+        if got.shape != like.shape:
+            out.append(f"{path}: shape {tuple(got.shape)} in the checkpoint, {tuple(like.shape)} expected")
+        if got.dtype != like.dtype:
+            out.append(f"{path}: dtype {got.dtype} in the checkpoint, {like.dtype} expected")
+        return out
+    if type(got) is not type(like):
+        return [f"{path or '<root>'}: {type(got).__name__} in the checkpoint, {type(like).__name__} expected"]
+    if isinstance(like, TrainState):
+        for f in ("params", "buffers", "opt_state", "step", "key"):
+            out += _differences(getattr(got, f), getattr(like, f), f"{path}{f}/")
+    elif isinstance(like, dict):
+        missing, extra = sorted(set(like) - set(got)), sorted(set(got) - set(like))
+        if missing:
+            out.append(f"{path or '<root>'}: missing {missing}")
+        if extra:
+            out.append(f"{path or '<root>'}: unexpected {extra}")
+        for k in like:
+            if k in got:
+                out += _differences(got[k], like[k], f"{path}{k}/")
+    elif isinstance(like, (tuple, list)):
+        if len(got) != len(like):
+            out.append(f"{path or '<root>'}: {len(got)} items in the checkpoint, {len(like)} expected")
+        for i, (a, b) in enumerate(zip(got, like, strict=False)):
+            out += _differences(a, b, f"{path}{i}/")
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.device | str | None = None, *,
+                    pipeline_fingerprint: str | None = None,
+                    allow_pipeline_change: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(state, meta)``.
+
+    Args:
+        path: the checkpoint directory.
+        like: a state to compare with: every difference of structure, shape or
+            dtype is reported in one error.
+        device: where to put the tensors (default: the CPU).
+        pipeline_fingerprint: the fingerprint of the data the run uses now;
+            a checkpoint made with other data is an error, because silently
+            resuming on different data is how leaks happen...
+        allow_pipeline_change: ...unless this is True.
+
+    Nothing in the directory is unpickled; any file besides the two of the
+    format is refused before anything is read.
+
+    Example:
+        >>> state, meta = load_checkpoint("runs/a/step_100", like=state, pipeline_fingerprint=dm.fingerprint)
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        # An overwrite killed between its two renames leaves the previous (complete) checkpoint aside.
+        previous = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        if not previous:
+            raise CheckpointError(f"{path} is not a checkpoint directory")
+        warnings.warn(f"{path} was being replaced when its writer stopped; loading the previous checkpoint "
+                      f"{previous[-1]}", stacklevel=2)
+        path = previous[-1]
+    others = sorted(p.name for p in path.iterdir() if p.name not in (TENSORS, META))
+    if others:
+        raise CheckpointError(f"refusing to load {path}: it holds files a fnlight checkpoint never has ({others}); "
+                              "fnlight checkpoints contain no pickles, and nothing here was read")
+    try:
+        doc = json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / META} is missing or not JSON ({e})") from None
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise CheckpointError(f"{path} is not a fnlight checkpoint of version {VERSION} "
+                              f"(format {doc.get('format')!r}, version {doc.get('version')!r})")
+    if not (path / TENSORS).exists():
+        raise CheckpointError(f"{path / TENSORS} is missing")
+    actual = _sha256(path / TENSORS)
+    if actual != doc.get("tensors_sha256"):
+        raise CheckpointError(f"{path / TENSORS} is corrupted: its sha256 is {actual}, the checkpoint recorded "
+                              f"{doc.get('tensors_sha256')}")
+    meta = doc["meta"]
+    saved_fp = meta.get("pipeline", {}).get("fingerprint") if isinstance(meta.get("pipeline"), dict) else None
+    if pipeline_fingerprint is not None and saved_fp is not None and saved_fp != pipeline_fingerprint \
+            and not allow_pipeline_change:
+        raise CheckpointError(
+            f"the checkpoint was made with data pipeline {saved_fp[:16]}..., but this run's is "
+            f"{pipeline_fingerprint[:16]}...: resuming on different data would mix them. Pass "
+            "allow_pipeline_change=True if that is what you want."
+        )
+    tensors = load_file(str(path / TENSORS), device=str(torch.device(device)) if device is not None else "cpu")
+    state = _decode(doc["structure"], tensors)
+    if like is not None:
+        problems = _differences(state, like)
+        if problems:
+            raise CheckpointError(f"the checkpoint at {path} does not match the expected state:\n  "
+                                  + "\n  ".join(problems))
+    with contextlib.suppress(KeyError):
+        meta = {**meta, "step": doc["step"]}
+    return state, meta

@@ -1,0 +1,159 @@
+"""save_checkpoint / load_checkpoint: safetensors + JSON, atomic, verified, never unpickled."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fnlight
+import fnlight.optim as fo
+from fnlight.train.checkpoint import CheckpointError
+from fnlight.tree import tree_equal
+
+from .models import data, loss_fn, mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trained(opt=None, steps=3, **model_kw):
+    model = mlp(bn=True, dropout=0.2, **model_kw)
+    opt = opt or fo.chain(fo.clip_by_global_norm(1.0), fo.adamw(fo.warmup_cosine(1e-2, 2, 10), amsgrad=True))
+    step = fnlight.make_train_step(model, loss_fn, opt)
+    state = fnlight.TrainState.create(model, opt, seed=4)
+    x, y = data(16 * steps)
+    for i in range(steps):
+        state, _ = step(state, (x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]))
+    return model, opt, step, state
+
+
+@pytest.mark.parametrize("opt", [None, fo.sgd(0.1, momentum=0.9, nesterov=True), fo.adam(1e-3, fused=False)],
+                         ids=["adamw-chain", "sgd", "adam"])
+def test_roundtrip_is_bitwise(tmp_path, opt):
+    _, _, _, state = trained(opt)
+    fnlight.save_checkpoint(tmp_path / "ck", state, meta={"epoch": 2, "position": 5, "callbacks": [{"wait": 1}]})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["checkpoint.json", "tensors.safetensors"]
+    loaded, meta = fnlight.load_checkpoint(tmp_path / "ck", like=state)
+    assert tree_equal(loaded, state)
+    assert meta["epoch"] == 2 and meta["callbacks"] == [{"wait": 1}] and meta["step"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directories left
+
+
+def test_resuming_from_a_checkpoint_continues_bitwise(tmp_path):
+    model, opt, step, _ = trained(steps=0)
+    x, y = data(96)
+    batches = [(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]) for i in range(6)]
+    state = fnlight.TrainState.create(model, opt, seed=4)
+    straight = state
+    for b in batches:
+        straight, _ = step(straight, b)
+    for b in batches[:3]:
+        state, _ = step(state, b)
+    fnlight.save_checkpoint(tmp_path / "mid", state)
+    state, _ = fnlight.load_checkpoint(tmp_path / "mid", like=state)
+    for b in batches[3:]:
+        state, _ = step(state, b)
+    assert tree_equal(state, straight)
+
+
+def test_overwriting_is_atomic_and_keeps_one_checkpoint(tmp_path):
+    _, _, step, state = trained()
+    fnlight.save_checkpoint(tmp_path / "last", state)
+    newer, _ = step(state, (data(16)[0], data(16)[1]))
+    fnlight.save_checkpoint(tmp_path / "last", newer)
+    assert tree_equal(fnlight.load_checkpoint(tmp_path / "last")[0], newer)
+    assert [p.name for p in tmp_path.iterdir()] == ["last"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.mkdir, (str(Path(os.environ["EVIL_MARKER"])),))
+
+
+def test_a_checkpoint_with_a_pickle_is_refused_and_nothing_runs(tmp_path, monkeypatch):
+    _, _, _, state = trained()
+    fnlight.save_checkpoint(tmp_path / "ck", state)
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    (tmp_path / "ck" / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match=r"refusing to load .*optimizer\.pt.*no pickles"):
+        fnlight.load_checkpoint(tmp_path / "ck")
+    assert not marker.exists()
+    pickle.loads((tmp_path / "ck" / "optimizer.pt").read_bytes())  # the payload is real: it does run when unpickled
+    assert marker.exists()
+
+
+def test_a_corrupted_tensor_file_fails_its_checksum(tmp_path):
+    _, _, _, state = trained()
+    fnlight.save_checkpoint(tmp_path / "ck", state)
+    f = tmp_path / "ck" / "tensors.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-3] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupted: its sha256 is"):
+        fnlight.load_checkpoint(tmp_path / "ck")
+
+
+def test_like_reports_every_difference(tmp_path):
+    _, _, _, state = trained()
+    fnlight.save_checkpoint(tmp_path / "ck", state)
+    model7 = mlp(bn=True, din=7)  # first layer 16x7 instead of 16x6
+    other = fnlight.TrainState.create(model7, fo.chain(fo.clip_by_global_norm(1.0), fo.adamw(1e-2, amsgrad=True)))
+    other = other.replace(params={**other.params, "extra": torch.zeros(1)},
+                          buffers={k: v.double() if v.is_floating_point() else v for k, v in other.buffers.items()})
+    with pytest.raises(CheckpointError) as e:
+        fnlight.load_checkpoint(tmp_path / "ck", like=other)
+    msg = str(e.value)
+    assert "params/0.weight/: shape (16, 6) in the checkpoint, (16, 7) expected" in msg
+    assert "missing ['extra']" in msg and "dtype torch.float32 in the checkpoint, torch.float64 expected" in msg
+
+
+def test_a_different_pipeline_is_an_error_unless_allowed(tmp_path):
+    _, _, _, state = trained()
+    fnlight.save_checkpoint(tmp_path / "ck", state, meta={"pipeline": {"fingerprint": "a" * 64}})
+    with pytest.raises(CheckpointError, match="different data"):
+        fnlight.load_checkpoint(tmp_path / "ck", pipeline_fingerprint="b" * 64)
+    fnlight.load_checkpoint(tmp_path / "ck", pipeline_fingerprint="b" * 64, allow_pipeline_change=True)
+    fnlight.load_checkpoint(tmp_path / "ck", pipeline_fingerprint="a" * 64)
+
+
+def test_unsaveable_values_and_missing_directories_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot save a object"):
+        fnlight.save_checkpoint(tmp_path / "x", {"w": torch.zeros(1), "thing": object()})
+    assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        fnlight.load_checkpoint(tmp_path / "nope")
+
+
+WRITER = r"""
+import sys, torch, fnlight
+path = sys.argv[1]
+big = {"w": torch.zeros(2_000_000)}
+i = 0
+while True:
+    i += 1
+    big["w"].fill_(i)
+    fnlight.save_checkpoint(path, big, meta={"i": i})
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_writes_never_leaves_a_half_written_checkpoint(tmp_path):
+    killed_mid_write = []
+    for attempt in range(6):
+        target = tmp_path / f"ck{attempt}"
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline()  # at least one checkpoint is complete
+        time.sleep(0.05 + 0.1 * attempt)  # then kill it at some point of a later write
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        state, meta = fnlight.load_checkpoint(target)  # old or new, always whole
+        assert torch.equal(state["w"], torch.full((2_000_000,), float(meta["i"])))
+        killed_mid_write.append(any(p.name.startswith(f".ck{attempt}.tmp-") for p in tmp_path.iterdir()))
+    assert any(killed_mid_write)  # the kill did land inside a write at least once
