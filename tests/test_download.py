@@ -331,7 +331,7 @@ _LAUNCHER = textwrap.dedent(
 def test_concurrent_processes_download_once(server, tmp_path):
     body = os.urandom(1 << 16)
     sha = hashlib.sha256(body).hexdigest()
-    url = server.route("/big.bin", Reply(body=body, delay_s=0.3, chunks=16))
+    url = server.route("/big.bin", Reply(body=body, delay_s=0.8, chunks=16))  # long enough to overlap under load
     root = tmp_path / "root"
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, url, sha, str(root)],
                           capture_output=True, text=True, timeout=60)
