@@ -145,6 +145,12 @@ def _by_device_dtype(tensors: list[torch.Tensor]) -> dict[tuple[Any, Any], list[
     return out
 
 
+def _nonfinite(loss: torch.Tensor, state: TrainState) -> NonFiniteError:
+    what = "loss" if not torch.isfinite(loss) else "gradients"
+    return NonFiniteError(f"non-finite {what} at step {int(state.step)} (loss={float(loss)}). Use "
+                          "on_nonfinite='skip' to skip such steps, or lower the learning rate / clip the gradients.")
+
+
 def _batch_size(batch: Any) -> int:
     for leaf in tree_leaves(batch):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
@@ -252,10 +258,7 @@ class TrainStep:
                 params, opt_state, loss, metrics, finite = self._whole_fn(
                     state.params, buffers, state.opt_state, batch, step_key, device)
             if not bool(finite):
-                raise NonFiniteError(
-                    f"non-finite {'loss' if not torch.isfinite(loss) else 'gradients'} at step {int(state.step)} "
-                    f"(loss={float(loss)}). Use on_nonfinite='skip' to skip such steps, or lower the learning "
-                    "rate / clip the gradients.")
+                raise _nonfinite(loss, state)
             new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
             return new, {"loss": loss, **metrics}
         if self.accumulate == 1:
@@ -272,11 +275,7 @@ class TrainStep:
             finite = distributed.all_true(finite, device)
         if not finite:
             if self.on_nonfinite == "raise":
-                raise NonFiniteError(
-                    f"non-finite {'loss' if not torch.isfinite(loss) else 'gradients'} at step {int(state.step)} "
-                    f"(loss={float(loss)}). Use on_nonfinite='skip' to skip such steps, or lower the "
-                    "learning rate / clip the gradients."
-                )
+                raise _nonfinite(loss, state)
             return state.replace(step=state.step + 1), {"loss": loss, **metrics, "skipped": torch.ones(())}
         params, opt_state = self._update_fn(grads, state.opt_state, state.params, norm)
         new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
