@@ -54,6 +54,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted, unsafe, or does not match what it should."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """The checkpoint's files are missing, unreadable or fail their checksum."""
+
+
 def register_named_tuple(cls: type) -> type:
     """Allow a custom optimizer-state NamedTuple in checkpoints. Example: ``register_named_tuple(MyState)``."""
     NAMED_TUPLES[cls.__name__] = cls
@@ -251,15 +255,15 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
     try:
         doc = json.loads((path / META).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / META} is missing or not JSON ({e})") from None
+        raise CorruptCheckpointError(f"{path / META} is missing or not JSON ({e})") from None
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise CheckpointError(f"{path} is not a fnlight checkpoint of version {VERSION} "
                               f"(format {doc.get('format')!r}, version {doc.get('version')!r})")
     if not (path / TENSORS).exists():
-        raise CheckpointError(f"{path / TENSORS} is missing")
+        raise CorruptCheckpointError(f"{path / TENSORS} is missing")
     actual = _sha256(path / TENSORS)
     if actual != doc.get("tensors_sha256"):
-        raise CheckpointError(f"{path / TENSORS} is corrupted: its sha256 is {actual}, the checkpoint recorded "
+        raise CorruptCheckpointError(f"{path / TENSORS} is corrupted: its sha256 is {actual}, the checkpoint recorded "
                               f"{doc.get('tensors_sha256')}")
     meta = doc["meta"]
     saved_fp = meta.get("pipeline", {}).get("fingerprint") if isinstance(meta.get("pipeline"), dict) else None

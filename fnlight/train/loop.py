@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch
 from ..data.datamodule import DataModule
 from ..tree import device_put, tree_map
 from .callbacks import Callback, FitContext, Signal, to_float
+from .checkpoint import CorruptCheckpointError, load_checkpoint, save_checkpoint
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
 from .step import TrainStep, _batch_size
@@ -59,6 +62,34 @@ class _WeightedMean:
 
     def result(self) -> Metrics:
         return {k: float(v) / self.count for k, v in self.sums.items()} if self.count else {}
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able and exact (float64 sums), for a checkpoint taken mid-epoch."""
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "count": self.count}
+
+    @classmethod
+    def restore(cls, snap: Mapping[str, Any] | None) -> _WeightedMean:
+        out = cls()
+        if snap:
+            out.sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in snap["sums"].items()}
+            out.count = snap["count"]
+        return out
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """``step_<n>`` directories, oldest first."""
+    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _resume_point(ckpt_dir: Path, like: TrainState, fingerprint: str) -> tuple[TrainState, dict[str, Any]] | None:
+    """The newest checkpoint that loads; a corrupted one is skipped with a warning naming it."""
+    for path in reversed(_checkpoints(ckpt_dir)):
+        try:
+            return load_checkpoint(path, like=like, pipeline_fingerprint=fingerprint)
+        except CorruptCheckpointError as e:
+            warnings.warn(f"skipping corrupted checkpoint {path}: {e}", stacklevel=3)
+    return None
 
 
 def _limit(limit: int | float | None, total: int) -> int:
@@ -140,6 +171,14 @@ class Trainer:
             metrics on the host).
         donate: let the loop reuse the memory of states it has passed on (it
             copies the state it was given once, so the caller's state is untouched).
+        ckpt_dir: where checkpoints go (``step_<n>`` directories); None: none.
+        ckpt_every_n_steps: save every n steps (mid-epoch included).
+        ckpt_every_n_epochs: save after every n-th epoch (default 1 when only
+            ``ckpt_dir`` is given).
+        keep_last: keep only the newest k checkpoints.
+        resume: start from the newest valid checkpoint in ``ckpt_dir`` (its
+            state, epoch, position in the epoch, callback states and history), so
+            an interrupted run ends bitwise where an uninterrupted one would.
     """
 
     max_epochs: int | None = 1
@@ -159,13 +198,20 @@ class Trainer:
     deterministic: bool = False
     log_every_n_steps: int = 50
     donate: bool = True
+    ckpt_dir: str | os.PathLike | None = None
+    ckpt_every_n_steps: int | None = None
+    ckpt_every_n_epochs: int | None = None
+    keep_last: int | None = None
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if self.max_epochs is None and self.max_steps is None:
             raise ValueError("give max_epochs or max_steps (or both); otherwise training never ends")
-        for name in ("max_epochs", "max_steps", "val_every_n_epochs", "val_every_n_steps", "log_every_n_steps"):
+        for name in ("max_epochs", "max_steps", "val_every_n_epochs", "val_every_n_steps", "log_every_n_steps",
+                     "ckpt_every_n_steps", "ckpt_every_n_epochs", "keep_last"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < (0 if name.startswith("max") else 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                                  or v < (0 if name.startswith("max") else 1)):
                 raise ValueError(f"{name} must be a {'non-negative' if name.startswith('max') else 'positive'} "
                                  f"int, got {v!r}")
         object.__setattr__(self, "callbacks", tuple(self.callbacks))
@@ -208,10 +254,32 @@ class Trainer:
         loggers = [lg.open(run_dir) for lg in (self.loggers if self.loggers is not None
                                                else (CSVLogger(), JSONLLogger()))]
         step_fn = train_step.donating() if self.donate and isinstance(train_step, TrainStep) else train_step
-        state = device_put(_clone(state) if step_fn is not train_step else state, self.torch_device)
         cb_states = [cb.init() for cb in self.callbacks]
         split, history = dm.split_for("fit"), []
-        global_step, epoch = int(state.step), 0
+        epoch, position, partial = 0, 0, None
+        ckpt_dir = Path(self.ckpt_dir) if self.ckpt_dir is not None else None
+        every_epochs = self.ckpt_every_n_epochs or (1 if ckpt_dir and not self.ckpt_every_n_steps else None)
+        fingerprint = dm.fingerprint if ckpt_dir is not None else None  # a checkpoint records its data
+        found = _resume_point(ckpt_dir, state, fingerprint) if ckpt_dir is not None and self.resume else None
+        if found is not None:
+            state, meta = found  # fresh tensors: nobody else holds them
+            epoch, position, partial = meta["epoch"], meta["position"], meta["totals"]
+            saved = meta["callbacks"]  # by callback identity, so adding or removing callbacks is fine
+            cb_states = [saved.get(k, s) for k, s in zip(self._callback_ids(), cb_states, strict=True)]
+            history = list(meta["history"])
+        elif step_fn is not train_step:
+            state = _clone(state)  # the loop donates only states it made itself
+        state = device_put(state, self.torch_device)
+        global_step = int(state.step)
+
+        def save(epoch: int, position: int, totals: _WeightedMean) -> None:
+            meta = {"epoch": epoch, "position": position, "callbacks": dict(zip(self._callback_ids(), cb_states,
+                                                                                strict=True)), "history": history,
+                    "totals": totals.snapshot(), "pipeline": {"fingerprint": fingerprint, "description": dm.describe()}}
+            save_checkpoint(ckpt_dir / f"step_{global_step:09d}", state, meta=meta)
+            for old in _checkpoints(ckpt_dir)[:-self.keep_last] if self.keep_last else []:
+                shutil.rmtree(old, ignore_errors=True)
+
         max_epochs = self.max_epochs if self.max_epochs is not None else math.inf
         max_steps = self.max_steps if self.max_steps is not None else math.inf
         stop = global_step >= max_steps
@@ -219,13 +287,14 @@ class Trainer:
             with _deterministic(self.deterministic):
                 while epoch < max_epochs and not stop:
                     ctx = FitContext(self, train_step, dm, run_dir, epoch)
-                    totals, t0 = _WeightedMean(), time.perf_counter()
-                    batches, n = self._batches(dm, split, epoch, self.limit_train_batches)
+                    totals, t0 = _WeightedMean.restore(partial if position else None), time.perf_counter()
+                    n = _limit(self.limit_train_batches, dm.num_batches(split))
                     if n == 0 and self.max_epochs is None:
                         raise ValueError(f"the {split!r} split yields no training batches (after limit_train_batches),"
                                          " so max_steps can never be reached")
-                    with batches, self._progress(n, f"epoch {epoch}") as bar:
-                        for _, batch in zip(range(n), batches, strict=False):
+                    batches = dm.batches(split, epoch, start=min(position, n))
+                    with batches, self._progress(n - min(position, n), f"epoch {epoch}") as bar:
+                        for i, batch in zip(range(min(position, n), n), batches, strict=False):
                             state, metrics = step_fn(state, device_put(batch, self.torch_device))
                             global_step += 1
                             totals.add(metrics, _batch_size(batch))
@@ -239,10 +308,14 @@ class Trainer:
                                     and global_step % self.val_every_n_steps == 0):
                                 val = self._evaluate(state, eval_step, dm, "validate", self.limit_val_batches)
                                 self._log(loggers, "step", global_step, epoch, {f"val/{k}": v for k, v in val.items()})
+                            if ckpt_dir is not None and (extra.save or (
+                                    self.ckpt_every_n_steps and global_step % self.ckpt_every_n_steps == 0)):
+                                save(epoch, i + 1, totals)
                             bar.update()
                             if stop or global_step >= max_steps:
                                 stop = True
                                 break
+                    position = 0
                     row = {f"train/{k}": v for k, v in totals.result().items()}
                     row["time_s"] = time.perf_counter() - t0
                     if eval_step is not None and (epoch + 1) % self.val_every_n_epochs == 0:
@@ -254,10 +327,22 @@ class Trainer:
                     history.append({"epoch": epoch, "step": global_step, **row})
                     self._log(loggers, "epoch", global_step, epoch, row)
                     epoch += 1
+                    if ckpt_dir is not None and (extra.save or (every_epochs and epoch % every_epochs == 0)):
+                        save(epoch, 0, _WeightedMean())
         finally:
             for lg in loggers:
                 lg.close()
         return FitResult(state, history, run_dir, tuple(cb_states))
+
+    def _callback_ids(self) -> list[str]:
+        """``<type>#<n>``: the n-th callback of that type (what checkpoints key callback states by)."""
+        seen: dict[str, int] = {}
+        ids = []
+        for cb in self.callbacks:
+            name = type(cb).__qualname__
+            ids.append(f"{name}#{seen.get(name, 0)}")
+            seen[name] = seen.get(name, 0) + 1
+        return ids
 
     def _signal(self, cb_states: list[Any], hook: str, state: TrainState, metrics: Mapping[str, Any],
                 ctx: FitContext) -> Signal:
