@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from filelock import FileLock
 
+from .._io import fsync
 from ..tree import tree_map
 from .dataset import Dataset, TensorDataset
 from .stage import Context, Plans, SplitPlan, Stage, Where, normalize_on, plans_for
@@ -76,14 +77,9 @@ def _write_atomic(path: Path, data: Any) -> None:
     try:
         save_file({str(i): t.contiguous() for i, t in enumerate(leaves)}, str(tmp),
                   metadata={"fnlight_tree": json.dumps(spec)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync(tmp)
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

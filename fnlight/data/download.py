@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from filelock import FileLock
 
+from .._io import fsync, sha256_file
 from .dataset import Dataset, Splits
 from .readers import Reader, read_csv
 from .sources import Source
@@ -62,20 +63,8 @@ def file_sha256(path: Path) -> str:
     st = path.stat()
     memo = (str(path), st.st_size, st.st_mtime_ns)
     if memo not in _verified:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(_CHUNK):
-                h.update(block)
-        _verified[memo] = h.hexdigest()
+        _verified[memo] = sha256_file(path)
     return _verified[memo]
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _progress(total: int | None, desc: str) -> Any:
@@ -152,7 +141,7 @@ class Download(Source):
                     f"got {digest}. Nothing was kept; check the URL or the expected digest."
                 )
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync(path.parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

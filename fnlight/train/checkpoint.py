@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .._io import fsync, sha256_file
 from ..optim import _transforms
 from .state import TrainState
 
@@ -117,22 +117,6 @@ def _decode(spec: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # -- saving -------------------------------------------------------------------
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | None = None) -> Path:
     """Write ``state`` (a TrainState or any tree of tensors) and JSON-able ``meta`` to the directory ``path``.
 
@@ -160,19 +144,19 @@ def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any]
     tmp.mkdir()
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-        _fsync(tmp / TENSORS)
-        doc["tensors_sha256"] = _sha256(tmp / TENSORS)
+        fsync(tmp / TENSORS)
+        doc["tensors_sha256"] = sha256_file(tmp / TENSORS)
         with open(tmp / META, "w") as f:
             json.dump(doc, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync(tmp)
         old = None
         if path.exists():  # move the old one aside: the rename below cannot replace a directory
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
             os.rename(path, old)
         os.rename(tmp, path)
-        _fsync(path.parent)
+        fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -261,7 +245,7 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
                               f"(format {doc.get('format')!r}, version {doc.get('version')!r})")
     if not (path / TENSORS).exists():
         raise CorruptCheckpointError(f"{path / TENSORS} is missing")
-    actual = _sha256(path / TENSORS)
+    actual = sha256_file(path / TENSORS)
     if actual != doc.get("tensors_sha256"):
         raise CorruptCheckpointError(f"{path / TENSORS} is corrupted: its sha256 is {actual}, the checkpoint recorded "
                               f"{doc.get('tensors_sha256')}")
