@@ -93,3 +93,33 @@ def test_resume_false_starts_over(tmp_path):
     with pytest.raises(ValueError, match="ckpt_every_n_steps"):
         fnlight.Trainer(ckpt_dir=tmp_path, ckpt_every_n_steps=0)
     assert torch.equal(state.step, torch.tensor(0))
+
+
+@pytest.mark.parametrize("stop_at", [3, 7, 10])
+def test_logs_continue_across_a_resume_without_duplicates_or_gaps(tmp_path, stop_at):
+    dm, state, step, eval_step = setup()
+
+    def run(tmp, **kw):
+        return fnlight.Trainer(max_epochs=3, run_dir=tmp / "run", ckpt_dir=tmp / "ck", log_every_n_steps=2,
+                               **kw).fit(state, step, dm, eval_step)
+
+    run(tmp_path / "full", ckpt_every_n_steps=3)
+    run(tmp_path / "cut", ckpt_every_n_steps=3, max_steps=stop_at)  # logs rows past its last checkpoint, then stops
+    run(tmp_path / "cut", ckpt_every_n_steps=3)
+
+    def rows(tmp, name):
+        text = (tmp / "run" / name).read_text().splitlines()
+        return [",".join(c for c in line.split(",")) for line in text]
+
+    def strip_time(lines, name):
+        import json
+
+        if name.endswith(".jsonl"):
+            return [{k: v for k, v in json.loads(x).items() if k != "time_s"} for x in lines]
+        header = lines[0].split(",")
+        drop = header.index("time_s") if "time_s" in header else None
+        return [[c for i, c in enumerate(x.split(",")) if i != drop] for x in lines]
+
+    for name in ("metrics.jsonl", "metrics.csv", "steps.csv"):
+        full, cut = rows(tmp_path / "full", name), rows(tmp_path / "cut", name)
+        assert strip_time(cut, name) == strip_time(full, name), name

@@ -18,11 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+Rows = dict[str, int]  # rows already logged per kind ("epoch", "step"): what a resumed run keeps
+
 
 class Logger:
-    """Base class. ``open(run_dir)`` returns a ready logger (loggers are configs until then)."""
+    """Base class. ``open(run_dir, keep)`` returns a ready logger (loggers are configs
+    until then); ``keep`` (on resume) is how many rows of each kind the run had logged
+    when its checkpoint was taken: later rows are dropped, so none is duplicated."""
 
-    def open(self, run_dir: Path) -> Logger:
+    def open(self, run_dir: Path, keep: Rows | None = None) -> Logger:
         return self
 
     def log(self, row: dict[str, Any]) -> None:
@@ -40,10 +44,28 @@ class CSVLogger(Logger):
         self._rows: dict[str, list[dict[str, Any]]] = {"epoch": [], "step": []}
         self._columns: dict[str, list[str]] = {"epoch": [], "step": []}
 
-    def open(self, run_dir: Path) -> CSVLogger:
+    def open(self, run_dir: Path, keep: Rows | None = None) -> CSVLogger:
         out = CSVLogger()
         out.dir = run_dir
+        for kind, name in (("epoch", "metrics.csv"), ("step", "steps.csv")):
+            path = run_dir / name
+            if keep and keep.get(kind) and path.exists():
+                with open(path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    out._columns[kind] = list(reader.fieldnames or [])
+                    rows = [{k: _number(v) for k, v in r.items() if v != ""} for r in reader][:keep[kind]]
+                out._rows[kind] = [{"kind": kind, **r} for r in rows]
+                out._rewrite(kind)
+            elif path.exists():
+                path.unlink()  # a fresh run in a reused directory
         return out
+
+    def _rewrite(self, kind: str) -> None:
+        path = self.dir / ("metrics.csv" if kind == "epoch" else "steps.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, self._columns[kind], extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self._rows[kind])
 
     def log(self, row: dict[str, Any]) -> None:
         kind = row["kind"]
@@ -53,10 +75,7 @@ class CSVLogger(Logger):
         new = [k for k in row if k not in cols and k != "kind"]
         if new or len(rows) == 1:
             cols += new
-            with open(path, "w", newline="") as f:
-                w = csv.DictWriter(f, cols, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
+            self._rewrite(kind)
         else:
             with open(path, "a", newline="") as f:
                 csv.DictWriter(f, cols, extrasaction="ignore").writerow(row)
@@ -68,9 +87,19 @@ class JSONLLogger(Logger):
     def __init__(self) -> None:
         self._f: TextIO | None = None
 
-    def open(self, run_dir: Path) -> JSONLLogger:
+    def open(self, run_dir: Path, keep: Rows | None = None) -> JSONLLogger:
+        path = run_dir / "metrics.jsonl"
+        kept: list[str] = []
+        if keep and path.exists():
+            left = dict(keep)
+            for line in path.read_text().splitlines():
+                kind = json.loads(line)["kind"]
+                if left.get(kind, 0) > 0:
+                    left[kind] -= 1
+                    kept.append(line + "\n")
         out = JSONLLogger()
-        out._f = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115 (closed by close()); a fresh log per fit
+        out._f = open(path, "w")  # noqa: SIM115 (closed by close())
+        out._f.writelines(kept)
         return out
 
     def log(self, row: dict[str, Any]) -> None:
@@ -80,6 +109,14 @@ class JSONLLogger(Logger):
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+
+
+def _number(v: str) -> Any:
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
 
 
 class ConsoleLogger(Logger):
@@ -101,7 +138,7 @@ class TensorBoardLogger(Logger):
     def __init__(self) -> None:
         self._writer: Any = None
 
-    def open(self, run_dir: Path) -> TensorBoardLogger:
+    def open(self, run_dir: Path, keep: Rows | None = None) -> TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:

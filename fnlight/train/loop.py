@@ -251,8 +251,6 @@ class Trainer:
         dm = self._datamodule(datamodule)
         run_dir = Path(self.run_dir) if self.run_dir is not None else _next_version(Path("runs"))
         run_dir.mkdir(parents=True, exist_ok=True)
-        loggers = [lg.open(run_dir) for lg in (self.loggers if self.loggers is not None
-                                               else (CSVLogger(), JSONLLogger()))]
         step_fn = train_step.donating() if self.donate and isinstance(train_step, TrainStep) else train_step
         cb_states = [cb.init() for cb in self.callbacks]
         split, history = dm.split_for("fit"), []
@@ -271,11 +269,15 @@ class Trainer:
             state = _clone(state)  # the loop donates only states it made itself
         state = device_put(state, self.torch_device)
         global_step = int(state.step)
+        logged = dict(found[1]["logged"]) if found is not None else {"epoch": 0, "step": 0}
+        loggers = [lg.open(run_dir, logged if found is not None else None)
+                   for lg in (self.loggers if self.loggers is not None else (CSVLogger(), JSONLLogger()))]
 
         def save(epoch: int, position: int, totals: _WeightedMean) -> None:
             meta = {"epoch": epoch, "position": position, "callbacks": dict(zip(self._callback_ids(), cb_states,
                                                                                 strict=True)), "history": history,
-                    "totals": totals.snapshot(), "pipeline": {"fingerprint": fingerprint, "description": dm.describe()}}
+                    "totals": totals.snapshot(), "logged": logged,
+                    "pipeline": {"fingerprint": fingerprint, "description": dm.describe()}}
             save_checkpoint(ckpt_dir / f"step_{global_step:09d}", state, meta=meta)
             for old in _checkpoints(ckpt_dir)[:-self.keep_last] if self.keep_last else []:
                 shutil.rmtree(old, ignore_errors=True)
@@ -302,12 +304,13 @@ class Trainer:
                             stop = stop or extra.stop
                             if global_step % self.log_every_n_steps == 0:
                                 row = {k: to_float(v) for k, v in metrics.items()} | dict(extra.log)
-                                self._log(loggers, "step", global_step, epoch, row)
+                                self._log(loggers, logged, "step", global_step, epoch, row)
                                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", refresh=False)
                             if (eval_step is not None and self.val_every_n_steps
                                     and global_step % self.val_every_n_steps == 0):
                                 val = self._evaluate(state, eval_step, dm, "validate", self.limit_val_batches)
-                                self._log(loggers, "step", global_step, epoch, {f"val/{k}": v for k, v in val.items()})
+                                self._log(loggers, logged, "step", global_step, epoch,
+                                          {f"val/{k}": v for k, v in val.items()})
                             if ckpt_dir is not None and (extra.save or (
                                     self.ckpt_every_n_steps and global_step % self.ckpt_every_n_steps == 0)):
                                 save(epoch, i + 1, totals)
@@ -325,7 +328,7 @@ class Trainer:
                     stop = stop or extra.stop
                     row |= dict(extra.log)
                     history.append({"epoch": epoch, "step": global_step, **row})
-                    self._log(loggers, "epoch", global_step, epoch, row)
+                    self._log(loggers, logged, "epoch", global_step, epoch, row)
                     epoch += 1
                     if ckpt_dir is not None and (extra.save or (every_epochs and epoch % every_epochs == 0)):
                         save(epoch, 0, _WeightedMean())
@@ -354,7 +357,9 @@ class Trainer:
         return Signal(stop, save, log)
 
     @staticmethod
-    def _log(loggers: list[Logger], kind: str, step: int, epoch: int, values: Mapping[str, float]) -> None:
+    def _log(loggers: list[Logger], logged: dict[str, int], kind: str, step: int, epoch: int,
+             values: Mapping[str, float]) -> None:
+        logged[kind] += 1
         row = {"kind": kind, "step": step, "epoch": epoch, **values}
         for lg in loggers:
             lg.log(row)
