@@ -123,3 +123,47 @@ def test_logs_continue_across_a_resume_without_duplicates_or_gaps(tmp_path, stop
     for name in ("metrics.jsonl", "metrics.csv", "steps.csv"):
         full, cut = rows(tmp_path / "full", name), rows(tmp_path / "cut", name)
         assert strip_time(cut, name) == strip_time(full, name), name
+
+
+TRAINER_SCRIPT = r"""
+import sys, time
+import fnlight
+from tests.test_resume import setup
+dm, state, step, eval_step = setup()
+slow = fnlight.LambdaCallback(on_step=lambda s, m: time.sleep(0.05))  # leave time to be killed mid-run
+cbs = (fnlight.EarlyStopping("val/loss", patience=100), slow)
+fnlight.Trainer(max_epochs=4, run_dir=sys.argv[1] + "/run", ckpt_dir=sys.argv[1] + "/ck", ckpt_every_n_steps=1,
+                callbacks=cbs, loggers=()).fit(state, step, dm, eval_step)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_training_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path):
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    dm, state, step, eval_step = setup()
+    full = trainer(tmp_path / "full").fit(state, step, dm, eval_step)
+    rng = random.Random(0)
+    for attempt in range(3):
+        tmp = tmp_path / f"killed{attempt}"
+        proc = subprocess.Popen([sys.executable, "-c", TRAINER_SCRIPT, str(tmp)], cwd=root,
+                                env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not list((tmp / "ck").glob("step_*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.8))  # somewhere in the remaining ~1 s of training
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        saved = sorted(p.name for p in (tmp / "ck").glob("step_*"))
+        assert saved and len(saved) < 20, saved  # killed mid-run, after at least one checkpoint
+        resumed = trainer(tmp, ckpt_every_n_steps=1).fit(state, step, dm, eval_step)
+        assert tree_equal(resumed.state, full.state)
+        assert no_time(resumed.history) == no_time(full.history)
