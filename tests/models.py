@@ -41,3 +41,18 @@ def datamodule(n=64, batch=16, seed=0):
          >> fd.shuffle() >> fd.batch(batch))
     return fnlight.DataModule(p, seed=seed, stages={"fit": "train", "validate": "val", "test": "val",
                                                     "predict": "val"})
+
+
+def train_on_part(rank=0, world=1, steps=4, batch=16):
+    """Adam on an MLP for ``steps`` batches, this rank seeing its ``1/world`` of each batch."""
+    import fnlight.optim as fo
+
+    model = mlp(bn=False)
+    opt = fo.adam(1e-2)
+    state = fnlight.TrainState.create(model, opt)
+    step = fnlight.make_train_step(model, loss_fn, opt)
+    x, y = data(steps * batch)
+    for i in range(steps):
+        b = slice(batch * i, batch * (i + 1))
+        state, _ = step(state, (x[b].chunk(world)[rank], y[b].chunk(world)[rank]))
+    return state

@@ -8,30 +8,20 @@ import pytest
 import torch
 
 import fnlight
-import fnlight.optim as fo
 
 from .conftest import free_port
-from .models import data, loss_fn, mlp
+from .models import train_on_part
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import sys, torch
-import fnlight, fnlight.optim as fo
 from fnlight import distributed
-from tests.models import data, loss_fn, mlp
+from tests.models import train_on_part
 
 distributed.init(backend="gloo", timeout_s=60)
-rank, world = distributed.rank(), distributed.world_size()
-model = mlp(bn=False)
-opt = fo.adam(1e-2)
-state = fnlight.TrainState.create(model, opt)
-step = fnlight.make_train_step(model, loss_fn, opt)
-x, y = data(64)
-for i in range(4):
-    b = slice(16 * i, 16 * (i + 1))
-    xs, ys = x[b].chunk(world)[rank], y[b].chunk(world)[rank]   # each rank: its half of the batch
-    state, _ = step(state, (xs, ys))
+rank = distributed.rank()
+state = train_on_part(rank, distributed.world_size())   # each rank: its half of every batch
 from safetensors.torch import save_file
 save_file(state.params, sys.argv[1] + f"/rank{rank}.safetensors")
 torch.distributed.destroy_process_group()
@@ -55,12 +45,6 @@ def test_two_ranks_with_half_batches_match_one_rank(tmp_path):
 
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert fnlight.tree.tree_equal(r0, r1)  # every rank holds bitwise the same parameters
-    model = mlp(bn=False)
-    opt = fo.adam(1e-2)
-    state = fnlight.TrainState.create(model, opt)
-    step = fnlight.make_train_step(model, loss_fn, opt)
-    x, y = data(64)
-    for i in range(4):
-        state, _ = step(state, (x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]))
+    state = train_on_part()  # one rank, whole batches
     for k, v in state.params.items():
         torch.testing.assert_close(r0[k], v, rtol=1e-5, atol=1e-6)
