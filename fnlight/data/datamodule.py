@@ -70,7 +70,7 @@ class DataModule:
     workers: int = 0
     rank: int | None = None
     world_size: int | None = None
-    _memo: dict[Context, Plans] = field(default_factory=dict, init=False, repr=False)
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)  # plans and batch counts
     _lock: Any = field(default_factory=threading.Lock, init=False, repr=False)
     _live: Any = field(default_factory=weakref.WeakSet, init=False, repr=False)
 
@@ -179,8 +179,14 @@ class DataModule:
         return self.plan(split).index_batches(epoch)
 
     def num_batches(self, split: str) -> int:
-        """The number of batches of ``split`` in an epoch (the same for every epoch)."""
-        return len(self.index_batches(split, 0))
+        """The number of batches of ``split`` in an epoch (the same for every epoch).
+
+        Memoized: the Trainer asks every epoch, and the answer costs an epoch's index plan.
+        """
+        key = (self.context, "num_batches", split)
+        if key not in self._memo:
+            self._memo[key] = len(self.index_batches(split, 0))
+        return self._memo[key]
 
     def batches(self, split: str, epoch: int = 0, start: int = 0) -> BatchIterator:
         """The batches of ``split`` in ``epoch``, from position ``start`` on.
