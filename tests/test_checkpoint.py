@@ -5,6 +5,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 import fnlight
 import fnlight.optim as fo
-from fnlight.train.checkpoint import CheckpointError
+from fnlight.train.checkpoint import AsyncCheckpointer, CheckpointError
 from fnlight.tree import tree_equal
 
 from .models import data, loss_fn, mlp
@@ -132,23 +133,30 @@ def test_unsaveable_values_and_missing_directories_are_clear_errors(tmp_path):
 
 WRITER = r"""
 import sys, torch, fnlight
-path = sys.argv[1]
+from fnlight.train.checkpoint import AsyncCheckpointer
+path, mode = sys.argv[1], sys.argv[2]
 big = {"w": torch.zeros(2_000_000)}
+writer = AsyncCheckpointer()
 i = 0
 while True:
     i += 1
     big["w"].fill_(i)
-    fnlight.save_checkpoint(path, big, meta={"i": i})
-    print(i, flush=True)
+    if mode == "async":  # the loop goes on while the write happens; the print comes once it is on disk
+        writer.save(path, big, meta={"i": i}, then=lambda p, i=i: print(i, flush=True))
+    else:
+        fnlight.save_checkpoint(path, big, meta={"i": i})
+        print(i, flush=True)
 """
 
 
 @pytest.mark.slow
-def test_kill_9_during_writes_never_leaves_a_half_written_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kill_9_during_writes_never_leaves_a_half_written_checkpoint(tmp_path, mode):
     killed_mid_write = []
     for attempt in range(6):
         target = tmp_path / f"ck{attempt}"
-        p = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(target), mode], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
         assert p.stdout.readline()  # at least one checkpoint is complete
         time.sleep(0.05 + 0.1 * attempt)  # then kill it at some point of a later write
         os.kill(p.pid, signal.SIGKILL)
@@ -157,3 +165,28 @@ def test_kill_9_during_writes_never_leaves_a_half_written_checkpoint(tmp_path):
         assert torch.equal(state["w"], torch.full((2_000_000,), float(meta["i"])))
         killed_mid_write.append(any(p.name.startswith(f".ck{attempt}.tmp-") for p in tmp_path.iterdir()))
     assert any(killed_mid_write)  # the kill did land inside a write at least once
+
+
+def test_async_saves_what_the_state_was_when_save_returned(tmp_path):
+    state = {"w": torch.zeros(3_000_000), "step": torch.tensor(1)}
+    with AsyncCheckpointer() as writer:
+        for i in range(3):
+            writer.save(tmp_path / f"ck{i}", state, meta={"i": i})
+            state["w"].fill_(i + 1)  # in place, while the write is (likely) still going on
+            state["step"].add_(1)
+    for i in range(3):
+        got, meta = fnlight.load_checkpoint(tmp_path / f"ck{i}")
+        assert meta["i"] == i and torch.equal(got["w"], torch.full((3_000_000,), float(i)))
+        assert int(got["step"]) == i + 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("fnlight-checkpoint")]  # closed
+
+
+def test_async_write_errors_surface(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    writer = AsyncCheckpointer()
+    writer.save(tmp_path / "file" / "ck", {"w": torch.ones(3)})  # returns: the write fails in the background
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.save(tmp_path / "ok", {"w": torch.ones(3)})  # the writer is still usable
+    writer.close()
+    assert torch.equal(fnlight.load_checkpoint(tmp_path / "ok")[0]["w"], torch.ones(3))

@@ -27,8 +27,11 @@ import json
 import os
 import shutil
 import sys
+import threading
 import uuid
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,11 @@ def register_named_tuple(cls: type) -> type:
     """Allow a custom optimizer-state NamedTuple in checkpoints. Example: ``register_named_tuple(MyState)``."""
     NAMED_TUPLES[cls.__name__] = cls
     return cls
+
+
+def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    """Where the Trainer keeps the checkpoint of ``step``: ``<ckpt_dir>/step_<step:09d>``."""
+    return Path(ckpt_dir) / f"step_{int(step):09d}"
 
 
 # -- structure <-> JSON ---------------------------------------------------------
@@ -117,35 +125,37 @@ def _decode(spec: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # -- saving -------------------------------------------------------------------
 
-def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``state`` (a TrainState or any tree of tensors) and JSON-able ``meta`` to the directory ``path``.
-
-    Atomic: a reader sees the previous checkpoint at ``path`` (if any) or this one, never a part.
-
-    Example:
-        >>> save_checkpoint("runs/a/step_100", state, meta={"epoch": 3, "position": 12})
-    """
-    from safetensors.torch import save_file
-
+def _prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state's tensors by name, and the JSON document (everything but the tensor file's sha256)."""
     from .. import __version__
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    structure = _encode(state, "", tensors)
     doc: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "structure": structure,
-        "meta": json.loads(json.dumps(meta or {})),  # JSON-able now, not at load time
+        "format": FORMAT, "version": VERSION, "structure": _encode(state, "", tensors),
+        "meta": json.loads(json.dumps(meta or {})),  # JSON-able now (and a copy), not at load time
         "versions": {"fnlight": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
     }
     if isinstance(state, TrainState):
         doc["step"], doc["key"] = int(state.step), int(state.key)
+    return tensors, doc
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> Path:
+    """Write host tensors and ``doc`` atomically to ``path`` (temp directory, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
     tmp.mkdir()
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-        fsync(tmp / TENSORS)
-        doc["tensors_sha256"] = sha256_file(tmp / TENSORS)
+        save_file(tensors, str(tmp / TENSORS))
+        # The disk flush and the hash (read back from the page cache) both release the GIL: overlap them.
+        flush = threading.Thread(target=fsync, args=(tmp / TENSORS,), name="fnlight-fsync")
+        flush.start()
+        try:
+            doc = {**doc, "tensors_sha256": sha256_file(tmp / TENSORS)}
+        finally:
+            flush.join()
         with open(tmp / META, "w") as f:
             json.dump(doc, f, indent=1)
             f.flush()
@@ -163,6 +173,96 @@ def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``state`` (a TrainState or any tree of tensors) and JSON-able ``meta`` to the directory ``path``.
+
+    Atomic: a reader sees the previous checkpoint at ``path`` (if any) or this one, never a part.
+    See :class:`AsyncCheckpointer` to write in the background.
+
+    Example:
+        >>> save_checkpoint("runs/a/step_100", state, meta={"epoch": 3, "position": 12})
+    """
+    tensors, doc = _prepare(state, meta)
+    return _write(Path(path), {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, doc)
+
+
+class AsyncCheckpointer:
+    """Saves checkpoints in a background thread: ``save`` blocks only while the
+    state's tensors are copied to host memory, then the file is written (and
+    fsynced, and renamed into place) while training goes on.
+
+    At most one write is in flight: a ``save`` first waits for the previous one.
+    The host copies go into staging buffers reused from one save to the next
+    (pinned memory for CUDA tensors), so after the first save they cost a copy,
+    not an allocation; they hold one copy of the state in host memory. A write
+    that fails raises its error from the next ``save``, ``wait`` or ``close``.
+    Killing the process mid-write leaves the previous checkpoints intact (the
+    write is atomic, as with :func:`save_checkpoint`).
+
+    Example:
+        >>> with AsyncCheckpointer() as ckpt:
+        ...     for step in range(1000):
+        ...         state, _ = train_step(state, next(batches))
+        ...         if step % 100 == 0:
+        ...             ckpt.save(f"runs/a/step_{step}", state)   # returns after the host copy
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fnlight-checkpoint")
+        self._pending: Future[Any] | None = None
+        self._staging: dict[str, torch.Tensor] = {}
+
+    def _stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        staging, on_cuda = {}, False
+        for name, t in tensors.items():
+            buf = self._staging.get(name)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                pin = t.is_cuda and torch.cuda.is_available()
+                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            buf.copy_(t.detach(), non_blocking=t.is_cuda)
+            on_cuda |= t.is_cuda
+            staging[name] = buf
+        if on_cuda:
+            torch.cuda.synchronize()  # the non-blocking copies must land before the writer reads them
+        self._staging = staging
+        return staging
+
+    def save(self, path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | None = None,
+             then: Callable[[Path], Any] | None = None) -> None:
+        """Copy ``state`` to host memory now and write it to ``path`` in the background;
+        ``then(path)`` runs in the background after the write (e.g. pruning old checkpoints)."""
+        self.wait()
+        tensors, doc = _prepare(state, meta)
+        host = self._stage(tensors)
+
+        def job() -> None:
+            _write(Path(path), host, doc)
+            if then is not None:
+                then(Path(path))
+
+        self._pending = self._pool.submit(job)
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the last write and stop the background thread."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._staging = {}
+
+    def __enter__(self) -> AsyncCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -- loading -------------------------------------------------------------------
