@@ -1,17 +1,33 @@
 """fnlight.train: TrainState, pure steps, the Trainer, callbacks and loggers."""
 
-from .callbacks import Callback, EarlyStopping, FitContext, LambdaCallback, LearningRateMonitor, Signal
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .callbacks import (
+    Callback,
+    EarlyStopping,
+    FitContext,
+    LambdaCallback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    Signal,
+)
+from .checkpoint import (
+    AsyncCheckpointer,
+    CheckpointError,
+    CorruptCheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from .loop import FitResult, Trainer
 from .state import TrainState
 from .step import EvalStep, NonFiniteError, TorchFuncTrapError, TrainStep, make_eval_step, make_train_step
 
 __all__ = [
+    "AsyncCheckpointer",
     "CSVLogger",
     "Callback",
     "CheckpointError",
     "ConsoleLogger",
+    "CorruptCheckpointError",
     "EarlyStopping",
     "EvalStep",
     "FitContext",
@@ -20,6 +36,7 @@ __all__ = [
     "LambdaCallback",
     "LearningRateMonitor",
     "Logger",
+    "ModelCheckpoint",
     "NonFiniteError",
     "Signal",
     "TensorBoardLogger",

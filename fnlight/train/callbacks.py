@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from ..optim import update_count
+from .checkpoint import step_dir
 
 
 class Signal(NamedTuple):
@@ -61,6 +62,20 @@ class Callback:
     def on_epoch(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
         return cb_state, NOTHING
 
+    def keep(self, cb_state: Any) -> set[int]:
+        """Steps whose checkpoints must survive the Trainer's ``keep_last`` pruning."""
+        return set()
+
+
+def _monitored(monitor: str, metrics: Mapping[str, Any], who: str) -> float | None:
+    """The monitored value, None when its group was not computed this epoch (no validation)."""
+    if monitor not in metrics:
+        prefix = monitor.split("/")[0] + "/" if "/" in monitor else None
+        if prefix is not None and not any(k.startswith(prefix) for k in metrics):
+            return None  # e.g. no validation this epoch (val_every_n_epochs > 1)
+        raise KeyError(f"{who} monitors {monitor!r}, but the epoch metrics are {sorted(metrics)}")
+    return float(metrics[monitor])
+
 
 @dataclass(frozen=True)
 class EarlyStopping(Callback):
@@ -87,12 +102,9 @@ class EarlyStopping(Callback):
         return {"best": math.inf if self.mode == "min" else -math.inf, "wait": 0, "stopped_epoch": -1}
 
     def on_epoch(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
-        if self.monitor not in metrics:
-            prefix = self.monitor.split("/")[0] + "/" if "/" in self.monitor else None
-            if prefix is not None and not any(k.startswith(prefix) for k in metrics):
-                return cb_state, NOTHING  # no validation this epoch (val_every_n_epochs > 1)
-            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the epoch metrics are {sorted(metrics)}")
-        value = float(metrics[self.monitor])
+        value = _monitored(self.monitor, metrics, "EarlyStopping")
+        if value is None:
+            return cb_state, NOTHING
         if self.check_finite and not math.isfinite(value):
             return {**cb_state, "stopped_epoch": ctx.epoch}, Signal(stop=True)
         better = value < cb_state["best"] - self.min_delta if self.mode == "min" else \
@@ -103,6 +115,68 @@ class EarlyStopping(Callback):
         if wait >= self.patience:
             return {**cb_state, "wait": wait, "stopped_epoch": ctx.epoch}, Signal(stop=True)
         return {**cb_state, "wait": wait}, NOTHING
+
+
+@dataclass(frozen=True)
+class ModelCheckpoint(Callback):
+    """Keep the checkpoints of the ``save_top_k`` best epochs by ``monitor``, as
+    Lightning's ``ModelCheckpoint`` does.
+
+    After every ``every_n_epochs``-th epoch whose ``monitor`` value (finite) beats
+    the worst of the best k so far, it asks the Trainer to save a checkpoint (a
+    full one, resumable like any other) into ``Trainer(ckpt_dir=...)``, and it
+    keeps those k from the Trainer's ``keep_last`` pruning; a checkpoint that
+    drops out of the best k is deleted unless ``keep_last`` keeps it (with
+    ``keep_last=None`` no checkpoint is ever deleted). Ties keep the earlier one.
+    Its state, ``{"best_k": [[value, step], ...]}`` best first, is saved in every
+    checkpoint, so a resumed run keeps ranking where it stopped.
+
+    Example:
+        >>> best = ModelCheckpoint("val/acc", mode="max", save_top_k=3)
+        >>> result = Trainer(max_epochs=20, ckpt_dir="runs/a/ckpt", keep_last=1, callbacks=(best,)).fit(...)
+        >>> state, meta = fnlight.load_checkpoint(best.best_path(result))
+    """
+
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    save_top_k: int = 1
+    every_n_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"ModelCheckpoint mode must be 'min' or 'max', got {self.mode!r}")
+        if self.save_top_k < 1 or self.every_n_epochs < 1:
+            raise ValueError("ModelCheckpoint needs save_top_k >= 1 and every_n_epochs >= 1")
+
+    def init(self) -> dict[str, list[list[float]]]:
+        return {"best_k": []}
+
+    def on_epoch(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
+        if getattr(ctx.trainer, "ckpt_dir", None) is None:
+            raise ValueError("ModelCheckpoint saves into the Trainer's checkpoint directory: "
+                             "give Trainer(ckpt_dir=...)")
+        if (ctx.epoch + 1) % self.every_n_epochs:
+            return cb_state, NOTHING
+        value = _monitored(self.monitor, metrics, "ModelCheckpoint")
+        if value is None or not math.isfinite(value):
+            return cb_state, NOTHING
+        best = [list(e) for e in cb_state["best_k"]]
+        sign = 1.0 if self.mode == "min" else -1.0
+        if len(best) >= self.save_top_k and not sign * value < sign * best[-1][0]:
+            return cb_state, NOTHING
+        best.append([value, int(state.step)])
+        best.sort(key=lambda e: sign * e[0])  # stable: among equal values the earlier stays ahead
+        return {"best_k": best[:self.save_top_k]}, Signal(save=True)
+
+    def keep(self, cb_state: Any) -> set[int]:
+        return {int(step) for _, step in cb_state["best_k"]}
+
+    def best_path(self, result: Any) -> Any:
+        """The directory of the best checkpoint of a finished fit (a ``FitResult``)."""
+        best = result.callback_state(self)["best_k"]
+        if not best:
+            raise ValueError(f"ModelCheckpoint({self.monitor!r}) saw no value of its metric: no best checkpoint")
+        return step_dir(result.ckpt_dir, best[0][1])
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 from ..data.datamodule import DataModule
 from ..tree import device_put, tree_map
 from .callbacks import Callback, FitContext, Signal, to_float
-from .checkpoint import CorruptCheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import AsyncCheckpointer, CorruptCheckpointError, load_checkpoint, save_checkpoint, step_dir
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
 from .step import TrainStep, _batch_size
@@ -45,6 +45,15 @@ class FitResult:
     history: list[Metrics]
     run_dir: Path
     callback_states: tuple[Any, ...] = ()
+    callbacks: tuple[Callback, ...] = ()
+    ckpt_dir: Path | None = None
+
+    def callback_state(self, callback: Callback) -> Any:
+        """The final state of one of the trainer's callbacks (the object itself)."""
+        for cb, cb_state in zip(self.callbacks, self.callback_states, strict=True):
+            if cb is callback:
+                return cb_state
+        raise ValueError(f"{callback!r} is not one of this fit's callbacks")
 
 
 class _WeightedMean:
@@ -174,8 +183,14 @@ class Trainer:
         ckpt_dir: where checkpoints go (``step_<n>`` directories); None: none.
         ckpt_every_n_steps: save every n steps (mid-epoch included).
         ckpt_every_n_epochs: save after every n-th epoch (default 1 when only
-            ``ckpt_dir`` is given).
-        keep_last: keep only the newest k checkpoints.
+            ``ckpt_dir`` is given). Whatever the schedule, the state where
+            training stops (max_epochs, max_steps, mid-epoch included, or a
+            callback) is saved too.
+        keep_last: keep only the newest k checkpoints (and those a callback such
+            as :class:`~fnlight.train.callbacks.ModelCheckpoint` keeps).
+        async_save: write checkpoints in a background thread; the loop blocks
+            only while the state is copied to host memory (see
+            :class:`~fnlight.train.checkpoint.AsyncCheckpointer`).
         resume: start from the newest valid checkpoint in ``ckpt_dir`` (its
             state, epoch, position in the epoch, callback states and history), so
             an interrupted run ends bitwise where an uninterrupted one would.
@@ -202,6 +217,7 @@ class Trainer:
     ckpt_every_n_steps: int | None = None
     ckpt_every_n_epochs: int | None = None
     keep_last: int | None = None
+    async_save: bool = False
     resume: bool = True
 
     def __post_init__(self) -> None:
@@ -273,14 +289,29 @@ class Trainer:
         loggers = [lg.open(run_dir, logged if found is not None else None)
                    for lg in (self.loggers if self.loggers is not None else (CSVLogger(), JSONLLogger()))]
 
+        writer = AsyncCheckpointer() if ckpt_dir is not None and self.async_save else None
+        saved_at = -1
+
         def save(epoch: int, position: int, totals: _WeightedMean) -> None:
+            nonlocal saved_at
             meta = {"epoch": epoch, "position": position, "callbacks": dict(zip(self._callback_ids(), cb_states,
                                                                                 strict=True)), "history": history,
                     "totals": totals.snapshot(), "logged": logged,
                     "pipeline": {"fingerprint": fingerprint, "description": dm.describe()}}
-            save_checkpoint(ckpt_dir / f"step_{global_step:09d}", state, meta=meta)
-            for old in _checkpoints(ckpt_dir)[:-self.keep_last] if self.keep_last else []:
-                shutil.rmtree(old, ignore_errors=True)
+            pinned = {step_dir(ckpt_dir, s) for cb, c in zip(self.callbacks, cb_states, strict=True)
+                      for s in cb.keep(c)}
+
+            def prune(_: Path) -> None:  # after the new checkpoint is in place, never before
+                for old in _checkpoints(ckpt_dir)[:-self.keep_last] if self.keep_last else []:
+                    if old not in pinned:
+                        shutil.rmtree(old, ignore_errors=True)
+
+            path = step_dir(ckpt_dir, global_step)
+            if writer is not None:
+                writer.save(path, state, meta=meta, then=prune)
+            else:
+                prune(save_checkpoint(path, state, meta=meta))
+            saved_at = global_step
 
         max_epochs = self.max_epochs if self.max_epochs is not None else math.inf
         max_steps = self.max_steps if self.max_steps is not None else math.inf
@@ -294,9 +325,10 @@ class Trainer:
                     if n == 0 and self.max_epochs is None:
                         raise ValueError(f"the {split!r} split yields no training batches (after limit_train_batches),"
                                          " so max_steps can never be reached")
-                    batches = dm.batches(split, epoch, start=min(position, n))
-                    with batches, self._progress(n - min(position, n), f"epoch {epoch}") as bar:
-                        for i, batch in zip(range(min(position, n), n), batches, strict=False):
+                    done = min(position, n)  # batches of this epoch trained so far
+                    batches = dm.batches(split, epoch, start=done)
+                    with batches, self._progress(n - done, f"epoch {epoch}") as bar:
+                        for i, batch in zip(range(done, n), batches, strict=False):
                             state, metrics = step_fn(state, device_put(batch, self.torch_device))
                             global_step += 1
                             totals.add(metrics, _batch_size(batch))
@@ -315,9 +347,14 @@ class Trainer:
                                     self.ckpt_every_n_steps and global_step % self.ckpt_every_n_steps == 0)):
                                 save(epoch, i + 1, totals)
                             bar.update()
+                            done = i + 1
                             if stop or global_step >= max_steps:
                                 stop = True
                                 break
+                    if done < n and ckpt_dir is not None and saved_at != global_step:
+                        # Stopped mid-epoch (max_steps or a callback): save where, so that a resume (say with
+                        # a larger max_steps) finishes this epoch instead of skipping the rest of it.
+                        save(epoch, done, totals)
                     position = 0
                     row = {f"train/{k}": v for k, v in totals.result().items()}
                     row["time_s"] = time.perf_counter() - t0
@@ -330,12 +367,18 @@ class Trainer:
                     history.append({"epoch": epoch, "step": global_step, **row})
                     self._log(loggers, logged, "epoch", global_step, epoch, row)
                     epoch += 1
-                    if ckpt_dir is not None and (extra.save or (every_epochs and epoch % every_epochs == 0)):
+                    scheduled = every_epochs is not None and epoch % every_epochs == 0
+                    last = (stop or epoch >= max_epochs) and saved_at != global_step  # the final state is saved too
+                    if ckpt_dir is not None and done == n and (extra.save or scheduled or last):
                         save(epoch, 0, _WeightedMean())
         finally:
-            for lg in loggers:
-                lg.close()
-        return FitResult(state, history, run_dir, tuple(cb_states))
+            try:
+                if writer is not None:
+                    writer.close()  # the last checkpoint is on disk when fit returns
+            finally:
+                for lg in loggers:
+                    lg.close()
+        return FitResult(state, history, run_dir, tuple(cb_states), self.callbacks, ckpt_dir)
 
     def _callback_ids(self) -> list[str]:
         """``<type>#<n>``: the n-th callback of that type (what checkpoints key callback states by)."""
