@@ -1,5 +1,6 @@
 """save_checkpoint / load_checkpoint: safetensors + JSON, atomic, verified, never unpickled."""
 
+import hashlib
 import os
 import pickle
 import signal
@@ -14,7 +15,7 @@ import torch
 
 import fnlight
 import fnlight.optim as fo
-from fnlight.train.checkpoint import AsyncCheckpointer, CheckpointError
+from fnlight.train.checkpoint import AsyncCheckpointer, CheckpointError, CorruptCheckpointError
 from fnlight.tree import tree_equal
 
 from .models import data, loss_fn, mlp
@@ -190,3 +191,65 @@ def test_async_write_errors_surface(tmp_path):
     writer.save(tmp_path / "ok", {"w": torch.ones(3)})  # the writer is still usable
     writer.close()
     assert torch.equal(fnlight.load_checkpoint(tmp_path / "ok")[0]["w"], torch.ones(3))
+
+
+def test_the_tensor_file_is_standard_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from fnlight.train import _safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),
+               "f64": torch.randn(2, 2, generator=g).double(), "i64": torch.tensor(-3), "empty": torch.zeros(0, 4),
+               "bool": torch.tensor([True, False, True]), "u8": torch.arange(5, dtype=torch.uint8),
+               "f16": torch.randn(1, generator=g).half(), "i32": torch.arange(3, dtype=torch.int32)}
+    digest = _safetensors.write(tmp_path / "t.safetensors", tensors)
+    assert digest == hashlib.sha256((tmp_path / "t.safetensors").read_bytes()).hexdigest()
+    theirs = load_file(tmp_path / "t.safetensors")  # the reference reader agrees
+    raw, digest2 = _safetensors.read(tmp_path / "t.safetensors")
+    ours = _safetensors.parse(raw)
+    assert digest2 == digest
+    for got in (theirs, ours):
+        assert set(got) == set(tensors)
+        for k, t in tensors.items():
+            assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+    # and ours reads what the reference writer wrote
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "ref.safetensors")
+    ref = _safetensors.parse(_safetensors.read(tmp_path / "ref.safetensors")[0])
+    assert all(torch.equal(ref[k], t) for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("damage", ["short", "header_len", "not_json", "offsets", "dtype"])
+def test_a_malformed_tensor_file_with_a_matching_checksum_is_refused(tmp_path, damage):
+    """Even when the checksum matches (a crafted checkpoint), bad offsets never become tensors."""
+    import json
+    import struct
+
+    fnlight.save_checkpoint(tmp_path / "ck", {"w": torch.ones(4), "b": torch.zeros(2)})
+    tf, meta = tmp_path / "ck" / "tensors.safetensors", tmp_path / "ck" / "checkpoint.json"
+    raw = tf.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    if damage == "short":
+        raw = raw[:5]
+    elif damage == "header_len":
+        raw = struct.pack("<Q", 10**9) + raw[8:]
+    elif damage == "not_json":
+        raw = raw[:8] + b"{" * n + raw[8 + n:]
+    else:
+        first = next(iter(header.values()))
+        if damage == "offsets":
+            first["data_offsets"] = [0, 10**6]
+        else:
+            first["dtype"] = "PICKLE"
+        head = json.dumps(header).encode()
+        head += b" " * (-len(head) % 8)
+        raw = struct.pack("<Q", len(head)) + head + raw[8 + n:]
+    tf.write_bytes(raw)
+    doc = json.loads(meta.read_text())
+    doc["tensors_sha256"] = hashlib.sha256(raw).hexdigest()
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpointError, match="not a valid safetensors file"):
+        fnlight.load_checkpoint(tmp_path / "ck")

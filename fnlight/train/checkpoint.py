@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import uuid
 import warnings
 from collections.abc import Callable
@@ -37,8 +36,9 @@ from typing import Any
 
 import torch
 
-from .._io import fsync, sha256_file
+from .._io import fsync
 from ..optim import _transforms
+from . import _safetensors
 from .state import TrainState
 
 FORMAT = "fnlight-checkpoint"
@@ -142,20 +142,11 @@ def _prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.T
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> Path:
     """Write host tensors and ``doc`` atomically to ``path`` (temp directory, fsync, rename)."""
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / TENSORS))
-        # The disk flush and the hash (read back from the page cache) both release the GIL: overlap them.
-        flush = threading.Thread(target=fsync, args=(tmp / TENSORS,), name="fnlight-fsync")
-        flush.start()
-        try:
-            doc = {**doc, "tensors_sha256": sha256_file(tmp / TENSORS)}
-        finally:
-            flush.join()
+        doc = {**doc, "tensors_sha256": _safetensors.write(tmp / TENSORS, tensors)}  # hashed while written
         with open(tmp / META, "w") as f:
             json.dump(doc, f, indent=1)
             f.flush()
@@ -321,8 +312,6 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
     Example:
         >>> state, meta = load_checkpoint("runs/a/step_100", like=state, pipeline_fingerprint=dm.fingerprint)
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_dir():
         # An overwrite killed between its two renames leaves the previous (complete) checkpoint aside.
@@ -345,7 +334,7 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
                               f"(format {doc.get('format')!r}, version {doc.get('version')!r})")
     if not (path / TENSORS).exists():
         raise CorruptCheckpointError(f"{path / TENSORS} is missing")
-    actual = sha256_file(path / TENSORS)
+    raw, actual = _safetensors.read(path / TENSORS)  # hashed while read
     if actual != doc.get("tensors_sha256"):
         raise CorruptCheckpointError(f"{path / TENSORS} is corrupted: its sha256 is {actual}, the checkpoint recorded "
                               f"{doc.get('tensors_sha256')}")
@@ -358,7 +347,12 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
             f"{pipeline_fingerprint[:16]}...: resuming on different data would mix them. Pass "
             "allow_pipeline_change=True if that is what you want."
         )
-    tensors = load_file(str(path / TENSORS), device=str(torch.device(device)) if device is not None else "cpu")
+    try:
+        tensors = _safetensors.parse(raw)
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{path / TENSORS} is not a valid safetensors file: {e}") from None
+    if device is not None and torch.device(device).type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     state = _decode(doc["structure"], tensors)
     if like is not None:
         problems = _differences(state, like)

@@ -1,0 +1,149 @@
+"""The safetensors file format, written and read with its sha256 computed on the side.
+
+A checkpoint records the sha256 of its tensor file. With ``safetensors``'
+own ``save_file`` / ``load_file`` the hash is a second pass over the file, and
+hashing (~1 GB/s) costs as much as the write itself. Here the bytes are hashed
+by a second thread while they are written (or read), which overlaps the two:
+both ``hashlib`` and file I/O release the GIL. The format is the standard one
+(8-byte little-endian header length, JSON header, raw little-endian data), so
+``safetensors.safe_open`` reads these files and tests check that it does.
+
+Tensors are laid out by decreasing element size, so every tensor's data starts
+at a multiple of its element size and loads as a view of one buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+from pathlib import Path
+
+import torch
+
+_CHUNK = 1 << 26  # 64 MiB: big enough for few syscalls, small enough to overlap writing with hashing
+
+DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.complex64: "C64",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                     ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        DTYPES[getattr(torch, _name)] = _code
+_FROM_CODE = {v: k for k, v in DTYPES.items()}
+
+
+class _Hasher:
+    """sha256 of the chunks handed to ``add``, computed in a background thread, in order."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._q: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._t = threading.Thread(target=self._run, name="fnlight-sha256", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            self._h.update(chunk)
+
+    def add(self, chunk: memoryview) -> None:
+        self._q.put(chunk)
+
+    def hexdigest(self) -> str:
+        self._q.put(None)
+        self._t.join()
+        return self._h.hexdigest()
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write contiguous CPU ``tensors`` to ``path`` in the safetensors format, fsync it, return its sha256."""
+    for name, t in tensors.items():
+        if t.dtype not in DTYPES:
+            raise TypeError(f"cannot save {name}: dtype {t.dtype} has no safetensors code")
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset, blobs = {}, 0, []
+    for name in order:
+        t = tensors[name]
+        raw = _bytes_of(t)
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + raw.nbytes]}
+        offset += raw.nbytes
+        blobs.append(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-aligned
+    hasher = _Hasher()
+    with open(path, "wb", buffering=0) as f:
+        for piece in [memoryview(struct.pack("<Q", len(head))), memoryview(head)] + [
+                blob[i:i + _CHUNK] for blob in blobs for i in range(0, blob.nbytes, _CHUNK)]:
+            hasher.add(piece)
+            while piece.nbytes:  # a raw write may be short
+                piece = piece[f.write(piece):]
+        os.fsync(f.fileno())
+    return hasher.hexdigest()
+
+
+def read(path: Path) -> tuple[torch.Tensor, str]:
+    """The bytes of a file (one CPU uint8 tensor) and their sha256, hashed while they are read."""
+    size = os.path.getsize(path)
+    buf = torch.empty(size, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    hasher = _Hasher()
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < size:
+            n = f.readinto(view[done:min(done + _CHUNK, size)])
+            if not n:
+                break
+            hasher.add(view[done:done + n])
+            done += n
+    return buf[:done], hasher.hexdigest()
+
+
+def parse(buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors bytes ``buf``, as views of it.
+
+    Raises ValueError when they are not valid safetensors (checked before any view is made).
+    """
+    size = buf.numel()
+    view = memoryview(buf.numpy())
+    if size < 8:
+        raise ValueError("shorter than a safetensors header")
+    (n_head,) = struct.unpack("<Q", view[:8])
+    if 8 + n_head > size:
+        raise ValueError(f"header length {n_head} exceeds the file ({size} bytes)")
+    try:
+        header = json.loads(bytes(view[8:8 + n_head]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    start, out, spans = 8 + n_head, {}, []
+    for name, spec in header.items():
+        dtype = _FROM_CODE.get(spec.get("dtype")) if isinstance(spec, dict) else None
+        shape, offsets = (spec.get("shape"), spec.get("data_offsets")) if dtype is not None else (None, None)
+        if dtype is None or not isinstance(shape, list) or not all(isinstance(x, int) and x >= 0 for x in shape) \
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(x, int) for x in offsets):
+            raise ValueError(f"malformed entry {name!r}: {spec}")
+        b, e = offsets
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        numel = 1
+        for x in shape:
+            numel *= x
+        if e - b != numel * itemsize or b < 0 or start + e > size or (start + b) % itemsize:
+            raise ValueError(f"entry {name!r} has inconsistent or misaligned offsets {offsets}")
+        spans.append((b, e))
+        out[name] = buf[start + b:start + e].view(dtype).reshape(shape)
+    spans.sort()
+    if any(e0 > b1 for (_, e0), (b1, _) in zip(spans, spans[1:], strict=False)):
+        raise ValueError("tensors overlap")
+    return out
