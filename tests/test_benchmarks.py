@@ -28,3 +28,13 @@ def test_step_throughput_json():
     keys = {"torch_foreach", "torch_fused", "lightning", "fnlight_eager", "fnlight_compile", "fnlight_donate"}
     assert set(rates["small"]) == keys
     assert all(v > 0 for k, v in rates["small"].items() if k != "fnlight_compile")  # --quick skips compiling
+
+
+def test_checkpoint_json(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint.py"), "--params", "2e5", "--repeats",
+                          "1", "--json", "--dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    times = json.loads(out.stdout)
+    assert {"torch_save", "torch_load", "fnlight_save", "fnlight_load", "fnlight_async_blocked"} <= set(times)
+    assert all(v > 0 for v in times.values())
+    assert list(tmp_path.iterdir()) == []  # it cleans up after itself
