@@ -175,7 +175,11 @@ class Trainer:
         device: where the state and batches live (default: CUDA if available).
         progress: a progress bar (default: when stderr is a terminal).
         seed: overrides the DataModule's data seed (shuffles, augmentations).
-        deterministic: run with ``torch.use_deterministic_algorithms(True)``.
+        deterministic: run with ``torch.use_deterministic_algorithms(True)``, cuDNN's
+            deterministic mode (no autotuner) and ``CUBLAS_WORKSPACE_CONFIG``; an op
+            without a deterministic CUDA kernel then raises. Other GPUs, library
+            versions and NCCL topologies may still round differently (see the
+            training guide, "Determinism").
         log_every_n_steps: how often step rows are logged (each one reads the
             metrics on the host).
         donate: let the loop reuse the memory of states it has passed on (it
