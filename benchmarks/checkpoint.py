@@ -21,9 +21,11 @@ Adam moments, so ~3x that many float32 values (~1.2 GB), all on the CPU:
 
 Both loads are followed by a sum over every tensor (inside the timing), so a
 lazily mapped file pays for reading its pages and both sides return usable
-values. All files go to ``--dir`` (default: a temp directory), are deleted
-between rounds, and every measurement is the median of ``--repeats`` rounds
-(variants interleaved). The loads read files that were just written, i.e. from
+values. (fnlight maps the tensor file copy-on-write: pages are copied only when
+a tensor is first written to, e.g. by a donating train step, after the timing.)
+All files go to ``--dir`` (default: a temp directory), are deleted between
+rounds, and every measurement is the median of ``--repeats`` rounds (variants
+interleaved). The loads read files that were just written, i.e. from
 the page cache for both.
 
 Targets (from the issue): save within 1.2x of ``torch.save``, load at least as
@@ -71,8 +73,9 @@ def make_state(n_params: int) -> fnlight.TrainState:
     return state
 
 
-def touch(tensors: Any) -> float:
-    return float(sum(t.double().sum() if t.is_floating_point() else t.sum() for t in tree_leaves(tensors)))
+def touch(tensors: Any) -> list[float]:
+    """Read every value: the sorted per-tensor sums (comparable whatever order the leaves come in)."""
+    return sorted(float(t.sum()) for t in tree_leaves(tensors))  # no temporary copies: a read of every value
 
 
 def timed(fn: Any, *args: Any) -> tuple[float, Any]:
@@ -81,11 +84,11 @@ def timed(fn: Any, *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def torch_load(path: Path) -> float:
+def torch_load(path: Path) -> list[float]:
     return touch(torch.load(path, weights_only=True))
 
 
-def fnlight_load(path: Path) -> float:
+def fnlight_load(path: Path) -> list[float]:
     return touch(fnlight.load_checkpoint(path)[0])
 
 
