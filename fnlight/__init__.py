@@ -16,23 +16,56 @@ Example:
     >>> result = fnlight.Trainer(max_epochs=3).fit(state, fnlight.make_train_step(model, loss_fn, fo.adam(1e-3)), dm)
 """
 
-from . import distributed, optim, random, tree
-from .data.datamodule import DataModule
-from .train import (
-    Callback,
-    EarlyStopping,
-    FitResult,
-    LambdaCallback,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    Trainer,
-    TrainState,
-    load_checkpoint,
-    make_eval_step,
-    make_train_step,
-    save_checkpoint,
-)
-from .tree import device_put
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from . import distributed, optim, random, tree
+    from .data.datamodule import DataModule
+    from .train import (
+        Callback,
+        EarlyStopping,
+        FitResult,
+        LambdaCallback,
+        LearningRateMonitor,
+        ModelCheckpoint,
+        Trainer,
+        TrainState,
+        load_checkpoint,
+        make_eval_step,
+        make_train_step,
+        save_checkpoint,
+    )
+    from .tree import device_put
+
+# Names are imported on first use: `import fnlight` (and the pytest plugin that
+# fnlight installs, which every pytest run in the environment loads) does not
+# import torch until something of fnlight is used.
+_MODULES = {"distributed", "optim", "random", "tree"}
+_EXPORTS = {
+    "DataModule": ".data.datamodule", "device_put": ".tree",
+    **{name: ".train" for name in ("Callback", "EarlyStopping", "FitResult", "LambdaCallback", "LearningRateMonitor",
+                                   "ModelCheckpoint", "Trainer", "TrainState", "load_checkpoint", "make_eval_step",
+                                   "make_train_step", "save_checkpoint")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # the next access skips this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return list(__all__)
+
 
 __version__ = "0.1.0"
 
@@ -57,3 +90,4 @@ __all__ = [
     "save_checkpoint",
     "tree",
 ]
+assert sorted(__all__) == __all__ and set(__all__) == _MODULES | set(_EXPORTS) | {"__version__"}
