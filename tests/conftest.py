@@ -11,11 +11,14 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fnlight"))
 
+# fnlight's own pytest plugin (fnlight.testing.plugin, entry point pytest11) provides the
+# fnlight_* fixtures; pytester runs pytest inside a test (tests/test_testing.py).
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
+def _isolated_home(fnlight_home):
     """Never touch the user's ~/.cache/fnlight from a test."""
-    monkeypatch.setenv("FNLIGHT_HOME", str(tmp_path / "fnlight_home"))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,6 +6,7 @@ from torch._dynamo.testing import CompileCounter
 
 import fnlight
 import fnlight.optim as fo
+from fnlight.testing import assert_reproducible
 from fnlight.tree import tree_equal
 
 from .models import data, loss_fn, mlp
@@ -63,6 +64,7 @@ def test_compiled_donating_step_matches_the_pure_one():
     opt = fo.adam(1e-2)
     state = fnlight.TrainState.create(model, opt)
     pure = fnlight.make_train_step(model, loss_fn, opt, compile={"backend": "aot_eager"})
+    assert_reproducible(pure, state, batches(1)[0])
     donating = pure.donating()
     a, b = state, fnlight.tree.tree_map(torch.clone, state)
     for batch in batches(4):
@@ -78,7 +80,7 @@ def test_compiled_skip_and_raise():
     x, y = batches(1)[0]
     bad = (torch.full_like(x, float("nan")), y)
     skip = fnlight.make_train_step(model, loss_fn, opt, compile={"backend": "aot_eager"}, on_nonfinite="skip")
-    new, m = skip(state, bad)
+    new, m = assert_reproducible(skip, state, bad)  # and its input state is intact
     assert float(m["skipped"]) == 1 and tree_equal(new.params, state.params) and int(new.step) == 1
     raising = fnlight.make_train_step(model, loss_fn, opt, compile={"backend": "aot_eager"})
     with pytest.raises(fnlight.train.NonFiniteError, match="at step 0.*on_nonfinite='skip'"):

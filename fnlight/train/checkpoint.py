@@ -72,6 +72,12 @@ def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{int(step):09d}"
 
 
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The Trainer's ``step_<n>`` checkpoint directories in ``ckpt_dir``, oldest first."""
+    found = [p for p in Path(ckpt_dir).glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 # -- structure <-> JSON ---------------------------------------------------------
 
 def _encode(node: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:

@@ -29,7 +29,14 @@ import torch
 from ..data.datamodule import DataModule
 from ..tree import device_put, tree_map
 from .callbacks import Callback, FitContext, Signal, to_float
-from .checkpoint import AsyncCheckpointer, CorruptCheckpointError, load_checkpoint, save_checkpoint, step_dir
+from .checkpoint import (
+    AsyncCheckpointer,
+    CorruptCheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    step_dir,
+)
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
 from .step import TrainStep, _batch_size
@@ -85,15 +92,9 @@ class _WeightedMean:
         return out
 
 
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    """``step_<n>`` directories, oldest first."""
-    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def _resume_point(ckpt_dir: Path, like: TrainState, fingerprint: str) -> tuple[TrainState, dict[str, Any]] | None:
     """The newest checkpoint that loads; a corrupted one is skipped with a warning naming it."""
-    for path in reversed(_checkpoints(ckpt_dir)):
+    for path in reversed(list_checkpoints(ckpt_dir)):
         try:
             return load_checkpoint(path, like=like, pipeline_fingerprint=fingerprint)
         except CorruptCheckpointError as e:
@@ -306,7 +307,7 @@ class Trainer:
                       for s in cb.keep(c)}
 
             def prune(_: Path) -> None:  # after the new checkpoint is in place, never before
-                for old in _checkpoints(ckpt_dir)[:-self.keep_last] if self.keep_last else []:
+                for old in list_checkpoints(ckpt_dir)[:-self.keep_last] if self.keep_last else []:
                     if old not in pinned:
                         shutil.rmtree(old, ignore_errors=True)
 
