@@ -56,3 +56,22 @@ def train_on_part(rank=0, world=1, steps=4, batch=16):
         b = slice(batch * i, batch * (i + 1))
         state, _ = step(state, (x[b].chunk(world)[rank], y[b].chunk(world)[rank]))
     return state
+
+
+def resume_setup(n=60, batch=10, warmup=3, decay_steps=20):
+    """What exact resume is hard for: dropout, BatchNorm, a random transform, shuffling and a schedule.
+
+    Returns ``(dm, state, train_step, eval_step)``.
+    """
+    import fnlight.optim as fo
+
+    from . import pipelines
+
+    x, y = data(n)
+    pipeline = (fd.from_tensors(x, y) >> fd.split({"train": 0.8, "val": 0.2}, stratify_by=1)
+                >> fd.transform(pipelines.noisy, on="train") >> fd.shuffle() >> fd.batch(batch))
+    dm = fnlight.DataModule(pipeline, seed=3)
+    model = mlp(dropout=0.3, bn=True)
+    opt = fo.adamw(fo.warmup_cosine(1e-2, warmup, decay_steps), weight_decay=0.1)
+    state = fnlight.TrainState.create(model, opt, seed=5)
+    return dm, state, fnlight.make_train_step(model, loss_fn, opt), fnlight.make_eval_step(model, metrics_fn)

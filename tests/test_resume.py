@@ -9,24 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlight
-import fnlight.data as fd
-import fnlight.optim as fo
 from fnlight.train.checkpoint import CheckpointError
 from fnlight.tree import tree_equal
 
-from . import pipelines
-from .models import data, loss_fn, metrics_fn, mlp
+from .models import resume_setup
 
 
 def setup():
-    x, y = data(60)
-    pipeline = (fd.from_tensors(x, y) >> fd.split({"train": 0.8, "val": 0.2}, stratify_by=1)
-                >> fd.transform(pipelines.noisy, on="train") >> fd.shuffle() >> fd.batch(10))
-    dm = fnlight.DataModule(pipeline, seed=3)
-    model = mlp(dropout=0.3, bn=True)
-    opt = fo.adamw(fo.warmup_cosine(1e-2, 3, 20), weight_decay=0.1)
-    state = fnlight.TrainState.create(model, opt, seed=5)
-    return dm, state, fnlight.make_train_step(model, loss_fn, opt), fnlight.make_eval_step(model, metrics_fn)
+    return resume_setup()
 
 
 def trainer(tmp, steps_taken=None, **kw):

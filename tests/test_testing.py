@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlight
-import fnlight.data as fd
 import fnlight.optim as fo
 from fnlight.testing import (
     OptimizerConfig,
@@ -28,8 +27,8 @@ from fnlight.testing import (
 )
 from fnlight.tree import tree_equal
 
-from . import pipelines as example_pipelines
 from .models import data, loss_fn, metrics_fn, mlp
+from .models import resume_setup as shared_resume_setup
 
 # -- assert_reproducible --------------------------------------------------------------------
 
@@ -126,15 +125,9 @@ def test_python_values_and_structures_are_compared():
 
 def resume_setup():
     """Dropout, BatchNorm, a random transform, shuffling, a schedule and a callback with state."""
-    x, y = data(40)
-    pipeline = (fd.from_tensors(x, y) >> fd.split({"train": 0.8, "val": 0.2}, stratify_by=1)
-                >> fd.transform(example_pipelines.noisy, on="train") >> fd.shuffle() >> fd.batch(8))
-    dm = fnlight.DataModule(pipeline, seed=3)
-    model = mlp(dropout=0.3, bn=True)
-    opt = fo.adamw(fo.warmup_cosine(1e-2, 2, 8), weight_decay=0.1)
-    state = fnlight.TrainState.create(model, opt, seed=5)
+    dm, state, train_step, eval_step = shared_resume_setup(n=40, batch=8, warmup=2, decay_steps=8)
     trainer = fnlight.Trainer(max_epochs=2, callbacks=(fnlight.EarlyStopping("val/loss", patience=100),))
-    return trainer, state, fnlight.make_train_step(model, loss_fn, opt), dm, fnlight.make_eval_step(model, metrics_fn)
+    return trainer, state, train_step, dm, eval_step
 
 
 def test_resume_equivalence_holds_for_a_correct_setup(tmp_path):
