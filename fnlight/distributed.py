@@ -22,7 +22,8 @@ from .tree import tree_flatten, tree_unflatten
 
 T = TypeVar("T")
 
-__all__ = ["all_reduce_mean", "all_true", "barrier", "init", "is_initialized", "local_rank", "rank", "world_size"]
+__all__ = ["all_reduce_mean", "all_reduce_sum", "all_true", "any_true", "barrier", "broadcast", "broadcast_object",
+           "init", "is_initialized", "local_rank", "rank", "world_size"]
 
 
 def is_initialized() -> bool:
@@ -51,11 +52,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init(backend: str | None = None, timeout_s: float = 300.0) -> None:
+def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     """Start the default process group from torchrun's environment variables.
 
     The backend is ``nccl`` when CUDA is available and ``gloo`` otherwise.
     Calling it again, or without torchrun's variables (a single process), is a no-op.
+    ``timeout_s`` (default: ``$FNLIGHT_DIST_TIMEOUT`` or 300) bounds how long a
+    collective waits for the other ranks: if one dies, the others fail with an
+    error within about that time instead of hanging (with gloo, usually at once:
+    the dead peer's connection closes).
 
     Example:
         >>> init()          # in a script launched by `torchrun --nproc-per-node 2`
@@ -63,33 +68,147 @@ def init(backend: str | None = None, timeout_s: float = 300.0) -> None:
     if is_initialized() or "WORLD_SIZE" not in os.environ:
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("FNLIGHT_DIST_TIMEOUT", "300"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective ends the process
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def all_reduce_mean(tree: T) -> T:
-    """The mean of a tree of tensors across ranks, in one flat all-reduce per dtype.
+#: Largest all-reduce message (bytes): a big model's gradients go in a few buckets of
+#: this size, launched together, rather than in one huge temporary copy.
+BUCKET_BYTES = 64 << 20
 
-    Without a process group (or with one rank) the tree is returned as it is.
+
+def _buckets(leaves: list[Any], bucket_bytes: int) -> list[list[int]]:
+    """Indices of the tensor leaves grouped by dtype and device, cut into buckets of at most ``bucket_bytes``."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            groups.setdefault((leaf.dtype, leaf.device), []).append(i)
+    out = []
+    for idx in groups.values():
+        bucket, size = [], 0
+        for i in idx:
+            nbytes = leaves[i].numel() * leaves[i].element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                out.append(bucket)
+                bucket, size = [], 0
+            bucket.append(i)
+            size += nbytes
+        out.append(bucket)
+    return out
+
+
+def _flat_collective(tree: T, run: Any, bucket_bytes: int, divide_by: int = 1) -> T:
+    """Apply ``run(flat) -> work`` (an async collective, in place) to flat buckets of the tree's
+    tensors, then divide each bucket by ``divide_by``."""
+    leaves, spec = tree_flatten(tree)
+    out: list[Any] = list(leaves)
+    pending = []
+    for idx in _buckets(leaves, bucket_bytes):
+        flat = torch.cat([leaves[i].detach().reshape(-1) for i in idx])
+        pending.append((idx, flat, run(flat)))
+    for idx, flat, work in pending:
+        if work is not None:
+            work.wait()
+        if divide_by != 1:
+            flat /= divide_by
+        for i, part in zip(idx, flat.split([leaves[i].numel() for i in idx]), strict=True):
+            out[i] = part.view_as(leaves[i])
+    return tree_unflatten(spec, out)
+
+
+def all_reduce_mean(tree: T, *, bucket_bytes: int = BUCKET_BYTES) -> T:
+    """The mean of a tree of tensors across ranks: one flat all-reduce per dtype
+    (per bucket of ``bucket_bytes`` for big trees, all buckets in flight at once).
+
+    Returns new tensors; the input tree is not changed. Without a process group
+    (or with one rank) the tree is returned as it is.
 
     Example:
         >>> grads = all_reduce_mean(grads)   # inside a train step
     """
+    n = world_size()
+    if n == 1:
+        return tree
+    leaves = tree_flatten(tree)[0]
+    bad = sorted({str(t.dtype) for t in leaves if isinstance(t, torch.Tensor) and not t.is_floating_point()
+                  and not t.is_complex()})
+    if bad:
+        raise TypeError(f"all_reduce_mean averages floating-point tensors; the tree holds {bad} ones: "
+                        "leave them out (or convert them) before averaging")
+
+    def run(flat: torch.Tensor) -> Any:
+        return dist.all_reduce(flat, async_op=True)
+
+    return _flat_collective(tree, run, bucket_bytes, divide_by=n)
+
+
+def broadcast(tree: T, src: int = 0, *, bucket_bytes: int = BUCKET_BYTES) -> T:
+    """Rank ``src``'s values of a tree of tensors, on every rank (flat, per dtype).
+
+    Every rank must pass a tree of the same structure, shapes and dtypes. Used
+    to start all ranks from the same state. Without a process group the tree
+    is returned as it is.
+
+    Example:
+        >>> state = broadcast(state)      # every rank now holds rank 0's state
+    """
     if world_size() == 1:
         return tree
-    leaves, spec = tree_flatten(tree)
-    out: list[Any] = list(leaves)
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor):
-            groups.setdefault(leaf.dtype, []).append(i)
-    n = world_size()
-    for idx in groups.values():
-        flat = torch.cat([leaves[i].reshape(-1) for i in idx])
-        dist.all_reduce(flat)
-        flat /= n
-        for i, part in zip(idx, flat.split([leaves[i].numel() for i in idx]), strict=True):
-            out[i] = part.view_as(leaves[i])
-    return tree_unflatten(spec, out)
+
+    def run(flat: torch.Tensor) -> Any:
+        return dist.broadcast(flat, src, async_op=True)
+
+    return _flat_collective(tree, run, bucket_bytes)
+
+
+def _collective_device() -> torch.device:
+    """Where small host values go for a collective: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Elementwise sums of a list of numbers across ranks, in one float64 all-reduce.
+
+    Used for metrics: ranks all-reduce ``[sum_1 * n, ..., n]`` and divide, which gives
+    means weighted by batch size (Lightning's ``sync_dist``). Every rank must pass
+    a list of the same length.
+
+    Example:
+        >>> total_loss, total_count = all_reduce_sum([loss_sum, count])
+    """
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_true(flag: bool) -> bool:
+    """True when ``flag`` is true on some rank: decisions (stop, skip) that every rank must share.
+
+    Example:
+        >>> stop = any_true(stop)
+    """
+    return flag if world_size() == 1 else not all_true(not flag, _collective_device())
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s value of a small picklable object, on every rank (e.g. a run directory).
+
+    Example:
+        >>> run_dir = broadcast_object(make_run_dir() if rank() == 0 else None)
+    """
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src, device=_collective_device())
+    return box[0]
 
 
 def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:

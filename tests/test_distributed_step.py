@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import sys, torch
+import fnlight
 from fnlight import distributed
 from tests.models import train_on_part
 
@@ -24,6 +25,23 @@ rank = distributed.rank()
 state = train_on_part(rank, distributed.world_size())   # each rank: its half of every batch
 from safetensors.torch import save_file
 save_file(state.params, sys.argv[1] + f"/rank{rank}.safetensors")
+# buckets: many small all-reduces in flight give the same means as one per dtype
+tree = {"a": torch.arange(10.0) * (rank + 1), "b": [torch.full((3, 3), 2.0 * rank), torch.tensor([rank / 2])],
+        "c": torch.ones(5, dtype=torch.float64) * rank}
+try:
+    distributed.all_reduce_mean({"n": torch.tensor([rank])})
+    raise SystemExit("an int tensor was averaged")
+except TypeError as e:
+    assert "floating-point" in str(e)
+one, many = distributed.all_reduce_mean(tree), distributed.all_reduce_mean(tree, bucket_bytes=16)
+assert fnlight.tree.tree_equal(one, many), (one, many)
+assert torch.equal(one["a"], torch.arange(10.0) * 1.5)
+assert torch.equal(one["c"], torch.full((5,), 0.5, dtype=torch.float64))
+assert torch.equal(tree["a"], torch.arange(10.0) * (rank + 1))  # the input is untouched
+mine = {"w": torch.full((4,), float(rank))}
+assert torch.equal(distributed.broadcast(mine)["w"], torch.zeros(4))  # rank 0's values everywhere
+assert distributed.all_reduce_sum([1.0, rank]) == [2.0, 1.0] and distributed.any_true(rank == 1)
+assert not distributed.any_true(False) and distributed.broadcast_object({"r": rank}) == {"r": 0}
 torch.distributed.destroy_process_group()
 """
 
