@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..data.datamodule import DataModule
 from ..tree import device_put, tree_map
 from .callbacks import Callback, FitContext, Signal, to_float
@@ -79,6 +80,17 @@ class _WeightedMean:
     def result(self) -> Metrics:
         return {k: float(v) / self.count for k, v in self.sums.items()} if self.count else {}
 
+    def reduced(self) -> _WeightedMean:
+        """The sums and counts of every rank (one all-reduce; itself with a single rank)."""
+        if distributed.world_size() == 1:
+            return self
+        keys = sorted(self.sums)
+        *sums, count = distributed.all_reduce_sum([float(self.sums[k]) for k in keys] + [float(self.count)])
+        out = _WeightedMean()
+        out.sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in zip(keys, sums, strict=True)}
+        out.count = round(count)
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         """JSON-able and exact (float64 sums), for a checkpoint taken mid-epoch."""
         return {"sums": {k: float(v) for k, v in self.sums.items()}, "count": self.count}
@@ -90,6 +102,15 @@ class _WeightedMean:
             out.sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in snap["sums"].items()}
             out.count = snap["count"]
         return out
+
+
+def _reduce_row(values: Mapping[str, float], n: int) -> Metrics:
+    """A step's metrics averaged over ranks, weighted by their batch sizes (itself with one rank)."""
+    if distributed.world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    *sums, count = distributed.all_reduce_sum([values[k] * n for k in keys] + [float(n)])
+    return {k: v / count for k, v in zip(keys, sums, strict=True)}
 
 
 def _resume_point(ckpt_dir: Path, like: TrainState, fingerprint: str) -> tuple[TrainState, dict[str, Any]] | None:
@@ -253,7 +274,7 @@ class Trainer:
     def _progress(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm
 
-        show = sys.stderr.isatty() if self.progress is None else self.progress
+        show = (sys.stderr.isatty() if self.progress is None else self.progress) and distributed.rank() == 0
         return tqdm(total=total, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
 
     @staticmethod
@@ -270,8 +291,13 @@ class Trainer:
         weighted by batch size, and ``val/...`` when ``eval_step`` is given).
         """
         dm = self._datamodule(datamodule)
-        run_dir = Path(self.run_dir) if self.run_dir is not None else _next_version(Path("runs"))
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lead = distributed.rank() == 0  # only rank 0 writes logs and checkpoints
+        if self.run_dir is not None:
+            run_dir = Path(self.run_dir)
+        else:
+            run_dir = distributed.broadcast_object(_next_version(Path("runs")) if lead else None)
+        if lead:
+            run_dir.mkdir(parents=True, exist_ok=True)
         step_fn = train_step.donating() if self.donate and isinstance(train_step, TrainStep) else train_step
         cb_states = [cb.init() for cb in self.callbacks]
         split, history = dm.split_for("fit"), []
@@ -282,23 +308,31 @@ class Trainer:
         found = _resume_point(ckpt_dir, state, fingerprint) if ckpt_dir is not None and self.resume else None
         if found is not None:
             state, meta = found  # fresh tensors: nobody else holds them
-            epoch, position, partial = meta["epoch"], meta["position"], meta["totals"]
+            # a mid-epoch checkpoint holds the partial sums of all ranks: rank 0 carries them on
+            epoch, position, partial = meta["epoch"], meta["position"], meta["totals"] if lead else None
             saved = meta["callbacks"]  # by callback identity, so adding or removing callbacks is fine
             cb_states = [saved.get(k, s) for k, s in zip(self._callback_ids(), cb_states, strict=True)]
             history = list(meta["history"])
         elif step_fn is not train_step:
             state = _clone(state)  # the loop donates only states it made itself
         state = device_put(state, self.torch_device)
+        if distributed.world_size() > 1:
+            state = distributed.broadcast(state)  # every rank starts from rank 0's state
         global_step = int(state.step)
         logged = dict(found[1]["logged"]) if found is not None else {"epoch": 0, "step": 0}
         loggers = [lg.open(run_dir, logged if found is not None else None)
-                   for lg in (self.loggers if self.loggers is not None else (CSVLogger(), JSONLLogger()))]
+                   for lg in (self.loggers if self.loggers is not None else (CSVLogger(), JSONLLogger()))] \
+            if lead else []
 
-        writer = AsyncCheckpointer() if ckpt_dir is not None and self.async_save else None
+        writer = AsyncCheckpointer() if ckpt_dir is not None and self.async_save and lead else None
         saved_at = -1
 
         def save(epoch: int, position: int, totals: _WeightedMean) -> None:
             nonlocal saved_at
+            totals = totals.reduced() if position else totals  # (a collective: every rank comes here)
+            saved_at = global_step
+            if not lead:
+                return
             meta = {"epoch": epoch, "position": position, "callbacks": dict(zip(self._callback_ids(), cb_states,
                                                                                 strict=True)), "history": history,
                     "totals": totals.snapshot(), "logged": logged,
@@ -316,7 +350,6 @@ class Trainer:
                 writer.save(path, state, meta=meta, then=prune)
             else:
                 prune(save_checkpoint(path, state, meta=meta))
-            saved_at = global_step
 
         max_epochs = self.max_epochs if self.max_epochs is not None else math.inf
         max_steps = self.max_steps if self.max_steps is not None else math.inf
@@ -339,8 +372,14 @@ class Trainer:
                             totals.add(metrics, _batch_size(batch))
                             extra = self._signal(cb_states, "on_step", state, metrics, ctx)
                             stop = stop or extra.stop
+                            if self.callbacks and distributed.world_size() > 1:
+                                # step metrics differ between ranks, so may the callbacks' wishes: a rank that
+                                # stopped or saved alone would leave the others waiting in a collective
+                                n_stop, n_save = distributed.all_reduce_sum([float(stop), float(extra.save)])
+                                stop, extra = n_stop > 0, extra._replace(save=n_save > 0)
                             if global_step % self.log_every_n_steps == 0:
-                                row = {k: to_float(v) for k, v in metrics.items()} | dict(extra.log)
+                                row = _reduce_row({k: to_float(v) for k, v in metrics.items()}, _batch_size(batch))
+                                row |= dict(extra.log)
                                 self._log(loggers, logged, "step", global_step, epoch, row)
                                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", refresh=False)
                             if (eval_step is not None and self.val_every_n_steps
@@ -361,13 +400,13 @@ class Trainer:
                         # a larger max_steps) finishes this epoch instead of skipping the rest of it.
                         save(epoch, done, totals)
                     position = 0
-                    row = {f"train/{k}": v for k, v in totals.result().items()}
+                    row = {f"train/{k}": v for k, v in totals.reduced().result().items()}
                     row["time_s"] = time.perf_counter() - t0
                     if eval_step is not None and (epoch + 1) % self.val_every_n_epochs == 0:
                         val = self._evaluate(state, eval_step, dm, "validate", self.limit_val_batches)
                         row |= {f"val/{k}": v for k, v in val.items()}
                     extra = self._signal(cb_states, "on_epoch", state, row, ctx)
-                    stop = stop or extra.stop
+                    stop = distributed.any_true(stop or extra.stop)  # (the same on every rank: rows are reduced)
                     row |= dict(extra.log)
                     history.append({"epoch": epoch, "step": global_step, **row})
                     self._log(loggers, logged, "epoch", global_step, epoch, row)
@@ -422,7 +461,7 @@ class Trainer:
             for _, batch in zip(range(n), batches, strict=False):
                 totals.add(eval_step(state, device_put(batch, self.torch_device)), _batch_size(batch))
                 bar.update()
-        return totals.result()
+        return totals.reduced().result()
 
     def validate(self, state: TrainState, eval_step: Callable[[TrainState, Any], Any],
                  datamodule: DataModule) -> Metrics:

@@ -278,6 +278,11 @@ class TrainStep:
                 raise _nonfinite(loss, state)
             return state.replace(step=state.step + 1), {"loss": loss, **metrics, "skipped": torch.ones(())}
         params, opt_state = self._update_fn(grads, state.opt_state, state.params, norm)
+        if distributed.world_size() > 1 and buffers:
+            # BatchNorm statistics are averaged across ranks (as Flax averages batch_stats), so that
+            # every rank holds the same state and a checkpoint does not depend on who wrote it
+            floats = {k: v for k, v in buffers.items() if v.is_floating_point()}
+            buffers = {**buffers, **distributed.all_reduce_mean(floats)}
         new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
         if self.on_nonfinite == "skip":
             metrics = {**metrics, "skipped": torch.zeros(())}
