@@ -38,3 +38,13 @@ def test_checkpoint_json(tmp_path):
     assert {"torch_save", "torch_load", "fnlight_save", "fnlight_load", "fnlight_async_blocked"} <= set(times)
     assert all(v > 0 for v in times.values())
     assert list(tmp_path.iterdir()) == []  # it cleans up after itself
+
+
+@pytest.mark.slow
+def test_distributed_json():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--steps", "5", "--repeats",
+                          "1", "--batch", "16", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert set(res) == {"steps_per_s_1rank", "steps_per_s_2ranks", "allreduce_flat_s", "allreduce_per_tensor_s"}
+    assert all(v > 0 for v in res.values())
