@@ -22,8 +22,8 @@ from .tree import tree_flatten, tree_unflatten
 
 T = TypeVar("T")
 
-__all__ = ["all_reduce_mean", "all_reduce_sum", "all_true", "any_true", "barrier", "broadcast", "broadcast_object",
-           "init", "is_initialized", "local_rank", "rank", "world_size"]
+__all__ = ["all_gather_cat", "all_reduce_mean", "all_reduce_sum", "all_true", "any_true", "barrier", "broadcast",
+           "broadcast_object", "init", "is_initialized", "local_rank", "rank", "world_size"]
 
 
 def is_initialized() -> bool:
@@ -209,6 +209,24 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src, device=_collective_device())
     return box[0]
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along dim 0, in rank order (sizes along dim 0 may differ).
+
+    Example:
+        >>> all_gather_cat(torch.tensor([rank()]))     # on 2 ranks: tensor([0, 1])
+    """
+    n = world_size()
+    if n == 1:
+        return t
+    sizes = [round(v) for v in all_reduce_sum([float(t.shape[0]) if r == rank() else 0.0 for r in range(n)])]
+    longest = max(sizes)
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
 
 
 def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:

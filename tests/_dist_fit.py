@@ -10,11 +10,27 @@ import argparse
 import json
 import time
 
+import torch
+
 import fnlight
 import fnlight.data as fd
 import fnlight.optim as fo
 from fnlight import distributed
 from tests.models import data, loss_fn, metrics_fn, mlp
+
+
+def make_datamodule(batch: int) -> fnlight.DataModule:
+    """97 samples: 72 to train on (shuffled), 25 to validate and predict on (on 2 ranks shard() repeats
+    one as padding); each rank reads its shard."""
+    x, y = data(97)
+    pipeline = (fd.from_tensors(x, y) >> fd.split({"train": 72 / 97, "val": 25 / 97}, stratify_by=1) >> fd.shuffle()
+                >> fd.shard() >> fd.batch(batch))
+    return fnlight.DataModule(pipeline, seed=1, stages={"fit": "train", "validate": "val", "test": "val",
+                                                         "predict": "val"})
+
+
+def predict_fn(model):
+    return lambda s, b: {"logits": torch.func.functional_call(model, (s.params, s.buffers), (b[0],)), "y": b[1]}
 
 
 def main() -> None:
@@ -27,10 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     distributed.init(backend="gloo", timeout_s=30)
     rank = distributed.rank()
-    x, y = data(96)
-    pipeline = (fd.from_tensors(x, y) >> fd.split({"train": 0.75, "val": 0.25}, stratify_by=1) >> fd.shuffle()
-                >> fd.shard() >> fd.batch(args.batch))
-    dm = fnlight.DataModule(pipeline, seed=1)
+    dm = make_datamodule(args.batch)
     model = mlp(bn=args.bn)
     opt = fo.adam(1e-2)
     # every rank builds a different state: the Trainer must start them all from rank 0's
@@ -51,6 +64,7 @@ def main() -> None:
         json.dump({"hashes": hashes, "history": result.history, "world": distributed.world_size(),
                    "final": fnlight.tree.tree_hash(result.state)}, f)
     fnlight.save_checkpoint(f"{args.out}/final{rank}", result.state)
+    fnlight.save_checkpoint(f"{args.out}/predictions{rank}", trainer.predict(result.state, predict_fn(model), dm))
     if distributed.is_initialized():
         distributed.barrier()
         import torch.distributed

@@ -28,7 +28,7 @@ import torch
 
 from .. import distributed
 from ..data.datamodule import DataModule
-from ..tree import device_put, tree_map
+from ..tree import device_put, tree_leaves, tree_map
 from .callbacks import Callback, FitContext, Signal, to_float
 from .checkpoint import (
     AsyncCheckpointer,
@@ -291,6 +291,7 @@ class Trainer:
         weighted by batch size, and ``val/...`` when ``eval_step`` is given).
         """
         dm = self._datamodule(datamodule)
+        dm.prepare()  # downloads once (rank 0 while the others wait), before any rank reads
         lead = distributed.rank() == 0  # only rank 0 writes logs and checkpoints
         if self.run_dir is not None:
             run_dir = Path(self.run_dir)
@@ -480,17 +481,47 @@ class Trainer:
                 datamodule: DataModule) -> Any:
         """``predict_fn(state, batch)`` over the predict split, outputs concatenated along dim 0.
 
+        Across ranks (each reading its ``shard()``), every rank returns the outputs
+        of all ranks in the split's order, the samples that ``shard`` repeated as
+        padding kept once; ``predict_fn`` must then return per-sample tensors
+        (first dimension: the batch).
+
         Example:
             >>> logits = trainer.predict(state, lambda s, b: model_fn_of(s)(b[0]), dm)
         """
         dm = self._datamodule(datamodule)
         state = device_put(state, self.torch_device)
+        split = dm.split_for("predict")
         outs = []
-        batches, n = self._batches(dm, dm.split_for("predict"), 0, self.limit_predict_batches)
+        batches, n = self._batches(dm, split, 0, self.limit_predict_batches)
         with _deterministic(self.deterministic), torch.no_grad(), batches, self._progress(n, "predict") as bar:
             for _, batch in zip(range(n), batches, strict=False):
                 outs.append(predict_fn(state, device_put(batch, self.torch_device)))
                 bar.update()
+        if distributed.world_size() > 1:
+            return self._gather_predictions(outs, dm.index_batches(split, 0)[:n])
         if not outs:
             return []
         return tree_map(lambda *xs: torch.cat(xs) if xs[0].dim() else torch.stack(xs), *outs)
+
+    @staticmethod
+    def _gather_predictions(outs: list[Any], index_batches: list[torch.Tensor]) -> Any:
+        """All ranks' per-sample outputs, sorted by sample index, each index once."""
+        for out, idx in zip(outs, index_batches, strict=True):
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != len(idx):
+                    raise ValueError("predict across ranks puts the outputs back in the split's order, sample by "
+                                     "sample: predict_fn must return tensors whose first dimension is the batch, got "
+                                     f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))} for a batch of {len(idx)}")
+        if not outs:
+            raise ValueError("this rank has no predict batches: shard() the predict split so that every rank "
+                             "gets its part")
+        local = tree_map(lambda *xs: torch.cat(xs), *outs)
+        device = tree_leaves(local)[0].device
+        idx = distributed.all_gather_cat(torch.cat(index_batches).to(device))
+        order = torch.sort(idx, stable=True).indices
+        sorted_idx = idx[order]
+        first = torch.ones_like(sorted_idx, dtype=torch.bool)
+        first[1:] = sorted_idx[1:] != sorted_idx[:-1]  # padding repeats a sample: keep it once
+        pick = order[first]
+        return tree_map(lambda t: distributed.all_gather_cat(t)[pick], local)
