@@ -24,13 +24,13 @@ import fnlight, fnlight.data as fd
 from fnlight import distributed
 
 distributed.init(backend="gloo", timeout_s=60)
-url, sha, root = sys.argv[1:4]
+url, sha, root, per_node = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "per_node"
 p = fd.download(url, sha256=sha, read=fd.read_csv(label=-1)) >> fd.shard() >> fd.batch(100)
 dm = fnlight.DataModule(p, root=root, prefetch=0)
 fetches = []
 real_fetch = fd.Download.fetch
 fd.Download.fetch = lambda self, ctx: fetches.append(1) or real_fetch(self, ctx)
-dm.prepare()
+dm.prepare(per_node=per_node)
 done = time.time()
 fd.Download.fetch = real_fetch
 idx = dm.index_batches("train")[0].tolist()
@@ -59,7 +59,10 @@ class Slow(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.slow
-def test_rank0_prepares_while_the_others_wait(tmp_path):
+@pytest.mark.parametrize("mode", ["job", "per_node"])
+def test_rank0_prepares_while_the_others_wait(tmp_path, mode):
+    """job: rank 0 prepares for everyone; per_node: two "nodes" (both ranks have LOCAL_RANK 0 and a
+    node-local root), each prepares its own copy."""
     Slow.served = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -71,10 +74,11 @@ def test_rank0_prepares_while_the_others_wait(tmp_path):
     try:
         for rank in range(2):
             env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                   "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "PATH": "/usr/bin:/bin",
+                   "WORLD_SIZE": "2", "LOCAL_RANK": str(rank if mode == "job" else 0), "PATH": "/usr/bin:/bin",
                    "FNLIGHT_HOME": str(tmp_path / "home")}
+            root = tmp_path / ("root" if mode == "job" else f"root{rank}")
             procs.append(subprocess.Popen(
-                [sys.executable, str(script), url, hashlib.sha256(BODY).hexdigest(), str(tmp_path / "root")],
+                [sys.executable, str(script), url, hashlib.sha256(BODY).hexdigest(), str(root), mode],
                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=120) for p in procs]
     finally:
@@ -84,8 +88,12 @@ def test_rank0_prepares_while_the_others_wait(tmp_path):
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outs), key=lambda r: r["rank"])
-    assert len(Slow.served) == 1  # one download for the whole job
-    assert all(r["prepared_at"] >= Slow.served[0] for r in results)  # nobody went on before it finished
     assert [r["world"] for r in results] == [2, 2]
-    assert [r["fetches_in_prepare"] for r in results] == [1, 0]  # rank 1 only waited at the barrier
+    if mode == "job":
+        assert len(Slow.served) == 1  # one download for the whole job
+        assert [r["fetches_in_prepare"] for r in results] == [1, 0]  # rank 1 only waited at the barrier
+    else:
+        assert len(Slow.served) == 2  # one per node
+        assert [r["fetches_in_prepare"] for r in results] == [1, 1]
+    assert all(r["prepared_at"] >= min(Slow.served) for r in results)  # nobody went on before a download ended
     assert results[0]["indices"] == list(range(0, 40, 2)) and results[1]["indices"] == list(range(1, 40, 2))

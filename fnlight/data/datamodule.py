@@ -121,16 +121,22 @@ class DataModule:
             device=torch.device(self.device) if self.device is not None else None,
         )
 
-    def prepare(self) -> None:
+    def prepare(self, per_node: bool = False) -> None:
         """Run the side-effecting stages (downloads, disk caches) once.
 
         In a distributed run rank 0 prepares while the other ranks wait at a
-        barrier, so ranks never download at once.
+        barrier, so ranks never download at once. With ``per_node=True`` the
+        first rank of every node (``LOCAL_RANK`` 0) prepares instead, for nodes
+        whose ``root`` is a local disk (Lightning's ``prepare_data_per_node``).
+        The Trainer calls it at the start of ``fit``.
+
+        Example:
+            >>> dm.prepare()                 # one download for the whole job
         """
         ctx = self.context
         if distributed.world_size() > 1:
             try:
-                if distributed.rank() == 0:
+                if (distributed.local_rank() if per_node else distributed.rank()) == 0:
                     self.pipeline.prepare(ctx)
             finally:
                 distributed.barrier()
