@@ -53,7 +53,8 @@ def _scale(sample: Any) -> Any:
 
 
 def digits_datamodule(seed: int = 0, batch_size: int = 64) -> DataModule:
-    """The bundled digits data: a stratified 80/10/10 split (fixed), scaled, shuffled by ``seed``.
+    """The bundled digits data: a stratified 80/10/10 split (fixed), scaled, shuffled by ``seed``,
+    then sharded: in a run of several ranks each one reads its part of every split (one rank reads it all).
 
     Example:
         >>> digits_datamodule(seed=0).num_batches("train")
@@ -63,6 +64,7 @@ def digits_datamodule(seed: int = 0, batch_size: int = 64) -> DataModule:
                 >> fd.split({"train": 0.8, "val": 0.1, "test": 0.1}, seed=0, stratify_by=1)
                 >> fd.transform(_scale)
                 >> fd.shuffle(on="train")
+                >> fd.shard()  # this rank's part (the rank is not in the fingerprint: all ranks share it)
                 >> fd.batch(batch_size))
     return DataModule(pipeline, seed=seed)
 

@@ -48,3 +48,15 @@ def test_data_pipeline_example_runs():
     assert out.returncode == 0, out.stderr
     assert "same remaining batches: True" in out.stdout
     assert "augments differently: True" in out.stdout
+
+
+def test_train_distributed_example_runs_in_one_process(tmp_path):
+    """Without torchrun the distributed example is a plain single-process run (tests/test_launch.py runs 2 ranks)."""
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_distributed.py"), "--max-epochs", "1",
+                          "--max-steps", "6", "--run-dir", str(run)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "1 rank(s), 45 batches of 32 per rank" in out.stdout
+    assert re.search(r"test accuracy \d\.\d+ after 6 steps", out.stdout), out.stdout
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000000006"]
