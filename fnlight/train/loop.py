@@ -306,22 +306,29 @@ class Trainer:
         ckpt_dir = Path(self.ckpt_dir) if self.ckpt_dir is not None else None
         every_epochs = self.ckpt_every_n_epochs or (1 if ckpt_dir and not self.ckpt_every_n_steps else None)
         fingerprint = dm.fingerprint if ckpt_dir is not None else None  # a checkpoint records its data
-        found = _resume_point(ckpt_dir, state, fingerprint) if ckpt_dir is not None and self.resume else None
+        # Rank 0 reads the checkpoint; the others get its meta here and its state from the broadcast below
+        # (so ranks need not share a file system for resuming).
+        found = _resume_point(ckpt_dir, state, fingerprint) if ckpt_dir is not None and self.resume and lead \
+            else None
+        meta = found[1] if found is not None else None
+        if distributed.world_size() > 1:
+            meta = distributed.broadcast_object(meta)
         if found is not None:
-            state, meta = found  # fresh tensors: nobody else holds them
+            state = found[0]  # fresh tensors: nobody else holds them
+        elif step_fn is not train_step and distributed.world_size() == 1:
+            state = _clone(state)  # the loop donates only states it made itself (the broadcast makes new ones)
+        if meta is not None:
             # a mid-epoch checkpoint holds the partial sums of all ranks: rank 0 carries them on
             epoch, position, partial = meta["epoch"], meta["position"], meta["totals"] if lead else None
             saved = meta["callbacks"]  # by callback identity, so adding or removing callbacks is fine
             cb_states = [saved.get(k, s) for k, s in zip(self._callback_ids(), cb_states, strict=True)]
             history = list(meta["history"])
-        elif step_fn is not train_step:
-            state = _clone(state)  # the loop donates only states it made itself
         state = device_put(state, self.torch_device)
         if distributed.world_size() > 1:
             state = distributed.broadcast(state)  # every rank starts from rank 0's state
         global_step = int(state.step)
-        logged = dict(found[1]["logged"]) if found is not None else {"epoch": 0, "step": 0}
-        loggers = [lg.open(run_dir, logged if found is not None else None)
+        logged = dict(meta["logged"]) if meta is not None else {"epoch": 0, "step": 0}
+        loggers = [lg.open(run_dir, logged if meta is not None else None)
                    for lg in (self.loggers if self.loggers is not None else (CSVLogger(), JSONLLogger()))] \
             if lead else []
 
