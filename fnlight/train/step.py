@@ -6,7 +6,8 @@ change them (unless ``donate=True``). Where torch forces hidden state, the step
 scopes it: torch's global generator (dropout) is seeded from
 ``fold_in(state.key, state.step)`` inside a fork that is restored afterwards,
 and BatchNorm's running statistics update clones that come back as the new
-state's buffers.
+state's buffers. With ``sync_batchnorm=True`` and several ranks, BatchNorm's
+batch statistics are those of all ranks together (see :mod:`fnlight.train.syncbn`).
 
 Example:
     >>> import torch, fnlight, fnlight.optim as fo
@@ -36,6 +37,7 @@ from ..optim import GradientTransformation, global_norm
 from ..optim import step as optim_step
 from ..tree import tree_leaves, tree_map
 from .state import Tensors, TrainState
+from .syncbn import convert_sync_batchnorm, has_batchnorm
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[Callable[..., Any], Any, torch.Tensor], Any]
@@ -188,9 +190,17 @@ class TrainStep:
     compile: bool | Mapping[str, Any] = False
     donate: bool = False
     on_nonfinite: Literal["raise", "skip"] = "raise"
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         _check_model(self.model)
+        # functional_call runs this template: a copy with synchronized BatchNorm layers (same
+        # parameter and buffer names), or the user's module itself. torch.nn.SyncBatchNorm layers
+        # are always converted: their own forward cannot run under torch.func with several ranks.
+        plain = self.sync_batchnorm
+        template = convert_sync_batchnorm(self.model, plain=plain) if has_batchnorm(self.model, plain=plain) \
+            else self.model
+        object.__setattr__(self, "_template", template)
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
         if self.precision not in ("32", "bf16-mixed"):
@@ -221,7 +231,7 @@ class TrainStep:
     def _loss(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
               device: torch.device) -> tuple[torch.Tensor, Metrics]:
         def model_fn(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, (params, buffers), args, kwargs)
+            return functional_call(self._template, (params, buffers), args, kwargs)
 
         with _autocast(self.precision, device):
             loss, metrics = _split(self.loss_fn(model_fn, batch, key))
@@ -248,6 +258,8 @@ class TrainStep:
     # -- the step -------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         _set_mode(self.model, True)
+        if self._template is not self.model:
+            _set_mode(self._template, True)
         device = state.step.device
         step_key = _step_key(state)
         # BatchNorm updates its statistics in place: it gets copies (small), which become the
@@ -280,7 +292,9 @@ class TrainStep:
         params, opt_state = self._update_fn(grads, state.opt_state, state.params, norm)
         if distributed.world_size() > 1 and buffers:
             # BatchNorm statistics are averaged across ranks (as Flax averages batch_stats), so that
-            # every rank holds the same state and a checkpoint does not depend on who wrote it
+            # every rank holds the same state and a checkpoint does not depend on who wrote it.
+            # With sync_batchnorm they are equal already; the mean keeps them so (to rounding) and
+            # also covers any other buffer a forward changed.
             floats = {k: v for k, v in buffers.items() if v.is_floating_point()}
             buffers = {**buffers, **distributed.all_reduce_mean(floats)}
         new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
@@ -323,7 +337,7 @@ class TrainStep:
 def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: GradientTransformation, *,
                     accumulate: int = 1, clip: float | None = None, precision: Precision = "32",
                     compile: bool | Mapping[str, Any] = False, donate: bool = False,
-                    on_nonfinite: Literal["raise", "skip"] = "raise") -> TrainStep:
+                    on_nonfinite: Literal["raise", "skip"] = "raise", sync_batchnorm: bool = False) -> TrainStep:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -351,6 +365,15 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
             With ``compile=True`` and ``"raise"``, gradients and update are one graph
             and the check comes after it: a donated state is then already updated
             when the error is raised.
+        sync_batchnorm: with more than one rank, BatchNorm layers (``BatchNorm1d/2d/3d``) in
+            training mode use the mean and variance of the batch of all ranks together, as
+            ``torch.nn.SyncBatchNorm`` (Lightning's ``sync_batchnorm=True``), and update their
+            running statistics with them: BatchNorm on 2 ranks with half batches then computes what
+            it computes on 1 rank with whole batches. Costs one small all-reduce per layer in the forward and one in the
+            backward (each micro-batch with ``accumulate``). Parameter and buffer names do not
+            change; with one rank it changes nothing. Works with ``compile=True`` (torch.compile
+            traces the all-reduces into the graph). ``torch.nn.SyncBatchNorm`` layers (e.g. from
+            ``SyncBatchNorm.convert_sync_batchnorm``) are synchronized this way in any case.
 
     When ``torch.distributed`` is initialized with more than one rank, the
     gradients are averaged across ranks in one flat buffer before the update.
@@ -358,8 +381,10 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
 
     Example:
         >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), clip=1.0, accumulate=2)
+        >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), sync_batchnorm=True)  # under torchrun
     """
-    return TrainStep(model, loss_fn, optimizer, accumulate, clip, precision, compile, donate, on_nonfinite)
+    return TrainStep(model, loss_fn, optimizer, accumulate, clip, precision, compile, donate, on_nonfinite,
+                     sync_batchnorm)
 
 
 @dataclass(frozen=True, eq=False)
