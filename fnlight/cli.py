@@ -1,43 +1,127 @@
 """The ``fnlight`` command line (click). The only place that parses user input.
 
+A TARGET is ``module:attr`` or ``path/to/file.py:attr`` naming an
+:class:`~fnlight.experiment.Experiment` or a factory returning one (whose
+keyword parameters are the hyperparameters that ``--set`` overrides); without
+one, commands use the bundled digits experiment. See docs/cli.md.
+
 Example:
-    $ fnlight fit                 # the bundled digits experiment
-    $ fnlight fit --devices 2     # the same in 2 processes (torchrun's launcher, started for you)
+    $ fnlight fit                                   # the bundled digits experiment
+    $ fnlight fit my_exp.py:mlp --set lr=3e-3 --run-dir runs/mlp
+    $ fnlight fit --devices 2                       # the same in 2 processes (torchrun's launcher, started for you)
     $ torchrun --nproc-per-node 2 -m fnlight.cli fit   # or started by torchrun itself
-    $ fnlight data describe       # its pipeline, hyperparameters and fingerprint
+    $ fnlight test my_exp.py:mlp --ckpt runs/mlp    # the newest checkpoint of that run
+    $ fnlight verify my_exp.py:mlp --steps 20       # bitwise reproducible and resumable?
+    $ fnlight inspect runs/mlp/checkpoints/step_000000460
+    $ fnlight export my_exp.py:mlp --ckpt runs/mlp --format torchscript -o mlp.pt
+    $ fnlight plot runs/mlp -o curves.png
+    $ fnlight data describe                         # the pipeline, hyperparameters and fingerprint
+    $ fnlight data bench
+
+Exit codes: 0 success; 1 a failed check (``verify``, ``export``) or an error in
+the experiment's own code; 2 a usage error (bad option, bad TARGET or ``--set``,
+missing or corrupted checkpoint, unknown device), printed as one line
+``error: ...`` (``fnlight --debug ...`` adds the traceback).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
 from . import __version__, distributed
-from .experiment import digits, digits_datamodule
-from .train import ConsoleLogger, CSVLogger, JSONLLogger, Trainer
+from ._cli_common import (
+    CliError,
+    Target,
+    check_device_available,
+    configure,
+    format_hparams,
+    load_target,
+    parse_device,
+    parse_sets,
+    read_record,
+    recorded_hparams,
+    resolve_checkpoint,
+    write_record,
+)
+from .data import DownloadError, FingerprintError
+from .experiment import Experiment, digits_datamodule  # noqa: F401  (digits_datamodule: tests import it from here)
+from .train import CheckpointError, ConsoleLogger, CSVLogger, JSONLLogger, Trainer, TrainState, load_checkpoint
+from .train.checkpoint import list_checkpoints
+from .train.step import _batch_size
+from .tree import device_put
+
+#: Errors that are the user's input, not a bug: one line and exit code 2 (the traceback with --debug).
+USER_ERRORS = (CheckpointError, FingerprintError, DownloadError)
 
 
-def _tree(desc: dict[str, Any]) -> str:
-    lines = []
-    for i, st in enumerate(desc["stages"]):
-        params = ", ".join(f"{k}={json.dumps(v)}" for k, v in st.items() if k != "stage")
-        lines.append(f"  {i}. {st['stage']}({params})")
-    return "\n".join(lines)
+class _Main(click.Group):
+    """The group: turns user errors into one line (``error: ...``, exit code 2), with the traceback under --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CliError:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            raise
+        except USER_ERRORS as e:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            raise CliError(str(e)) from e
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fnlight")
-def main() -> None:
-    """fnlight: pure-functional, reproducible training for PyTorch."""
+@click.option("--debug", is_flag=True, help="On an error, print the traceback too.")
+def main(debug: bool) -> None:
+    """fnlight: pure-functional, reproducible training for PyTorch.
 
+    TARGET is module:attr or path/to/file.py:attr, naming an Experiment or a
+    function returning one (default: the bundled digits experiment).
+    """
+
+
+# -- options shared by commands -------------------------------------------------------------------
+
+def _target_argument(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.argument("target", required=False, metavar="[TARGET]")(f)
+
+
+def _set_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help="Override a hyperparameter (a keyword argument of the TARGET's factory), e.g. "
+                             "--set lr=3e-3; repeatable.")(f)
+
+
+def _ckpt_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--ckpt", required=True, metavar="PATH",
+                        help="A checkpoint directory, or a run (or checkpoints) directory: its newest "
+                             "checkpoint.")(f)
+
+
+def _device_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available).")(f)
+
+
+def _echo_rank0(*args: Any, **kwargs: Any) -> None:
+    if distributed.rank() == 0:
+        click.echo(*args, **kwargs)
+
+
+# -- fit ----------------------------------------------------------------------------------------------
 
 def _free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (the rendezvous binds it a moment later)."""
@@ -51,18 +135,24 @@ def _cpu_count() -> int:
 
 
 def _forwarded(ctx: click.Context, leave_out: tuple[str, ...]) -> list[str]:
-    """The options given on this command line (not their defaults), as argv again, minus ``leave_out``."""
+    """The arguments and options given on this command line (not their defaults), as argv again, minus
+    ``leave_out``."""
+    args: list[str] = []
     argv: list[str] = []
     for param in ctx.command.params:
         name, value = param.name, ctx.params.get(param.name)
-        if (name in leave_out or not isinstance(param, click.Option) or value is None
+        if (name in leave_out or value is None
                 or ctx.get_parameter_source(name) in (None, click.core.ParameterSource.DEFAULT)):
             continue
-        if param.is_flag:
-            argv += [param.opts[0]] if value else []
-        else:
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif isinstance(param, click.Option) and param.is_flag:
+            argv += [param.opts[0]] if value else param.secondary_opts[:1]
+        elif isinstance(param, click.Option) and param.multiple:
+            argv += [x for v in value for x in (param.opts[0], str(v))]
+        elif isinstance(param, click.Option):
             argv += [param.opts[0], str(value)]
-    return argv
+    return args + argv
 
 
 def _exit_code(code: int) -> int:
@@ -120,11 +210,27 @@ def _launch(ctx: click.Context, devices: int) -> int:
     return 0
 
 
+def _check_sets_early(target: Target, sets: tuple[str, ...]) -> None:
+    """Bad ``--set`` values fail here, before any process or data is started."""
+    if sets and not isinstance(target.obj, Experiment):
+        parse_sets(sets, target.obj)
+    elif sets:
+        configure(target, sets)  # raises: an Experiment object has no hyperparameters
+
+
+def _metrics_line(metrics: dict[str, float], prefix: str = "") -> str:
+    """``accuracy 0.9722  loss 0.2078``: by name (``acc`` spelled out)."""
+    named = sorted((("accuracy" if k == "acc" else k), v) for k, v in metrics.items())
+    return "  ".join(f"{prefix}{k} {v:.4f}" for k, v in named)
+
+
 @main.command()
+@_target_argument
 @click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the experiment's).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the weights, shuffles and dropout.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available).")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the weights, shuffles and dropout (default: the experiment's).")
+@_device_option
 @click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train in this many processes (data parallel; one GPU each with CUDA, gloo on CPU), "
                    "started through torchrun's launcher. Under torchrun, leave it out.")
@@ -132,77 +238,456 @@ def _launch(ctx: click.Context, devices: int) -> int:
               help="With several processes: how long a collective waits for the other ranks before failing "
                    "(default: $FNLIGHT_DIST_TIMEOUT or 300).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Where logs go (default: runs/version_<n>).")
+              help="Where logs and checkpoints (<run-dir>/checkpoints) go (default: runs/version_<n>).")
 @click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile.")
 @click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default="32", show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from the newest checkpoint in <run-dir>/checkpoints, if any (--no-resume: delete "
+                   "them and start afresh).")
+@_set_option
 @click.pass_context
-def fit(ctx: click.Context, max_epochs: int | None, max_steps: int | None, seed: int, device: str | None,
-        devices: int, timeout_s: float | None, run_dir: str | None, compile_: bool, precision: str) -> None:
-    """Train the bundled digits experiment and report its test metrics.
+def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_steps: int | None, seed: int | None,
+        device: str | None, devices: int, timeout_s: float | None, run_dir: str | None, compile_: bool,
+        precision: str, resume: bool, sets: tuple[str, ...]) -> None:
+    """Train TARGET, then test it; print a summary.
+
+    TARGET defaults to the bundled digits experiment. Logs go to the run
+    directory (metrics.csv, metrics.jsonl, experiment.json), checkpoints to
+    <run-dir>/checkpoints (every epoch and where training stops; the newest 3
+    are kept). Run it again with the same --run-dir and it resumes;
+    --no-resume deletes the run's checkpoints and starts afresh.
 
     With --devices N (N > 1) the command starts N processes of itself, as
     `torchrun --nproc-per-node N -m fnlight.cli fit ...` would; if one rank
     dies, the others are stopped and the command exits with that rank's exit
     code (128 + n for a signal n).
     Each rank reads its shard of the data; only rank 0 prints and writes logs.
+
+    \b
+    Example:
+        fnlight fit --max-epochs 5 --run-dir runs/digits
+        fnlight fit my_exp.py:mlp --set hidden=128 --set lr=3e-3
     """
-    try:
-        dev = torch.device(device) if device is not None else None
-    except RuntimeError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
-    dev = dev or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = parse_device(device)
     launched = "WORLD_SIZE" in os.environ  # this process is one rank of a torchrun launch
     several = devices > 1 or (launched and os.environ["WORLD_SIZE"] != "1")
     if several and dev.type == "cuda" and dev.index is not None:
-        raise click.BadParameter(f"{device!r}: with several processes each rank uses cuda:<its local rank>; "
-                                 "give --device cuda", param_hint="--device")
+        raise CliError(f"--device {device}: with several processes each rank uses cuda:<its local rank>; "
+                       "give --device cuda")
+    if devices > 1 and launched:
+        raise CliError(f"--devices: this process is already one of {os.environ['WORLD_SIZE']} ranks launched "
+                       "by torchrun (WORLD_SIZE is set): leave out --devices, torchrun decides how many "
+                       "processes run")
+    if devices > 1 and dev.type == "cuda" and devices > torch.cuda.device_count():
+        raise CliError(f"--devices {devices}: {devices} processes on CUDA need {devices} GPUs; this machine has "
+                       f"{torch.cuda.device_count()} (use --device cpu for CPU processes)")
+    check_device_available(dev)
+    tgt = load_target(target)
+    _check_sets_early(tgt, sets)
     if devices > 1:
-        if launched:
-            raise click.BadParameter(f"this process is already one of {os.environ['WORLD_SIZE']} ranks launched "
-                                     "by torchrun (WORLD_SIZE is set): leave out --devices, torchrun decides how "
-                                     "many processes run", param_hint="--devices")
-        if dev.type == "cuda" and devices > torch.cuda.device_count():
-            raise click.BadParameter(f"{devices} processes on CUDA need {devices} GPUs; this machine has "
-                                     f"{torch.cuda.device_count()} (use --device cpu for CPU processes)",
-                                     param_hint="--devices")
         ctx.exit(_launch(ctx, devices))
     if launched:
         distributed.init(backend="nccl" if dev.type == "cuda" else "gloo", timeout_s=timeout_s)
-    echo = click.echo if distributed.rank() == 0 else (lambda *a, **k: None)
-    world = distributed.world_size()
+    lead, world = distributed.rank() == 0, distributed.world_size()
     # (after init: the data is sharded, and the learning-rate schedule counted, for this rank)
-    exp = digits(seed=seed, **({"max_epochs": max_epochs} if max_epochs else {}))
-    trainer = Trainer(max_epochs=exp.max_epochs, max_steps=max_steps, run_dir=run_dir, device=device,
-                      loggers=(CSVLogger(), JSONLLogger(), ConsoleLogger()))
+    exp, hparams = configure(tgt, sets, seed=seed, max_epochs=max_epochs)
+    if run_dir is not None:
+        run = Path(run_dir)
+    else:
+        from .train.loop import _next_version
+
+        run = distributed.broadcast_object(_next_version(Path("runs")) if lead else None)
+    ckpt_dir = run / "checkpoints"
+    found = list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+    if found and not resume and lead:
+        shutil.rmtree(ckpt_dir)  # else the old run's later steps would count as the newest, and survive pruning
+        click.echo(f"--no-resume: deleted {len(found)} checkpoint(s) of the previous run in {ckpt_dir}", err=True)
+    found = found if resume else []
+    if lead:
+        before = read_record(run).get("overrides") if found else None
+        if before is not None and before != json.loads(json.dumps(hparams, default=repr)):
+            click.echo(f"note: resuming {run}, trained with {format_hparams(before) or 'the defaults'}, with "
+                       f"{format_hparams(hparams) or 'the defaults'} now", err=True)
+        write_record(run, tgt, exp, hparams)
+    trainer = Trainer(max_epochs=exp.max_epochs, max_steps=max_steps, run_dir=run, device=device,
+                      loggers=(CSVLogger(), JSONLLogger(), ConsoleLogger()), ckpt_dir=ckpt_dir, resume=resume,
+                      keep_last=3, async_save=True)
     ranks = f", {world} ranks" if world > 1 else ""
-    echo(f"fit: digits MLP, {exp.init_state().num_params:,} parameters, "
-         f"data fingerprint {exp.datamodule.fingerprint[:16]}, device {trainer.torch_device}{ranks}")
+    _echo_rank0(f"fit: {exp.name}, {exp.init_state().num_params:,} parameters, "
+                f"data fingerprint {exp.datamodule.fingerprint[:16]}, device {trainer.torch_device}{ranks}")
+    if hparams:
+        _echo_rank0(f"hyperparameters: {format_hparams(hparams)}")
+    if found:
+        _echo_rank0(f"resuming from {found[-1]}")
     t0 = time.perf_counter()
-    result, test = exp.run(trainer, compile=compile_, precision=precision)
+    try:
+        result, test = exp.run(trainer, compile=compile_, precision=precision)
+    except CheckpointError as e:
+        raise CliError(f"cannot resume from {ckpt_dir} (--no-resume starts afresh; or give another --run-dir): "
+                       f"{e}") from e
     wall = time.perf_counter() - t0
-    echo(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
-    echo(f"{int(result.state.step)} steps in {wall:.1f} s; run directory: {result.run_dir}")
+    last = {k: v for k, v in (result.history[-1] if result.history else {}).items()
+            if k not in ("epoch", "step", "time_s")}
+    if last:
+        _echo_rank0(f"final epoch {result.history[-1]['epoch']}: {_metrics_line(last)}")
+    if test:
+        _echo_rank0(_metrics_line(test, "test "))
+    steps = int(result.state.step)
+    _echo_rank0(f"{steps} steps in {wall:.1f} s" + (f" (resumed at step {int(found[-1].name[5:])})" if found else "")
+                + f"; run directory: {result.run_dir}")
     if distributed.is_initialized():
         distributed.barrier()  # no rank tears the group down while another still needs it
         torch.distributed.destroy_process_group()
 
 
+# -- validate / test / predict ---------------------------------------------------------------------
+
+def _load(target: str | None, ckpt: str, sets: tuple[str, ...], device: str | None,
+          ) -> tuple[Target, Experiment, TrainState, dict[str, Any], Path]:
+    """Build the experiment and load the checkpoint into its state's structure.
+
+    The hyperparameters that the checkpoint's run recorded (``<run>/experiment.json``, when it trained
+    the same TARGET) are used first, so ``--set`` given to ``fit`` need not be repeated.
+    """
+    tgt = load_target(target)
+    path = resolve_checkpoint(ckpt)
+    dev = parse_device(device)
+    check_device_available(dev)
+    recorded, record = recorded_hparams(path, tgt)
+    exp, hparams = configure(tgt, sets, recorded=recorded)
+    if record is not None and recorded:
+        click.echo(f"hyperparameters of the run ({record}): {format_hparams(hparams)}", err=True)
+    state, meta = load_checkpoint(path, like=exp.init_state())
+    saved = (meta.get("pipeline") or {}).get("fingerprint") if isinstance(meta.get("pipeline"), dict) else None
+    if saved and saved != exp.datamodule.fingerprint:
+        click.echo(f"note: the checkpoint was trained on data pipeline {saved[:16]}, this experiment's is "
+                   f"{exp.datamodule.fingerprint[:16]} (other data or hyperparameters)", err=True)
+    return tgt, exp, device_put(state, dev), meta, path
+
+
+def _evaluate(stage: str, target: str | None, ckpt: str, sets: tuple[str, ...], device: str | None,
+              as_json: bool) -> None:
+    _, exp, state, meta, path = _load(target, ckpt, sets, device)
+    if not exp.has_stage(stage):
+        raise CliError(f"{exp.name} has no {exp.datamodule.split_for(stage)!r} split for {stage} (its splits: "
+                       f"{', '.join(exp.datamodule.split_names)})")
+    trainer = Trainer(device=device, loggers=())
+    metrics = getattr(trainer, stage)(state, exp.eval_step(), exp.datamodule)
+    step = int(state.step)
+    if as_json:
+        click.echo(json.dumps({"stage": stage, "metrics": metrics, "checkpoint": str(path), "step": step}))
+    else:
+        click.echo(f"{stage}: {_metrics_line(metrics)}  (checkpoint {path}, step {step})")
+
+
+def _evaluate_command(stage: str, doc: str) -> click.Command:
+    @_target_argument
+    @_ckpt_option
+    @_set_option
+    @_device_option
+    @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+    def command(target: str | None, ckpt: str, sets: tuple[str, ...], device: str | None, as_json: bool) -> None:
+        _evaluate(stage, target, ckpt, sets, device, as_json)
+
+    command.__doc__ = doc
+    return main.command(stage)(command)
+
+
+validate_command = _evaluate_command("validate", """Metrics of a checkpoint on TARGET's validation split.
+
+    \b
+    Example:
+        fnlight validate --ckpt runs/version_0
+    """)
+test_command = _evaluate_command("test", """Metrics of a checkpoint on TARGET's test split.
+
+    \b
+    Example:
+        fnlight test my_exp.py:mlp --ckpt runs/mlp/checkpoints/step_000000460 --json
+    """)
+
+
+def _default_split(exp: Experiment, split: str | None) -> str:
+    names = exp.datamodule.split_names
+    if split is None:
+        for stage in ("predict", "test", "validate"):
+            if exp.has_stage(stage):
+                return exp.datamodule.split_for(stage)
+        return names[0]
+    if split not in names:
+        raise CliError(f"--split {split}: {exp.name} has the splits {', '.join(names)}")
+    return split
+
+
+def _named_tensors(tree: Any, name: str) -> dict[str, torch.Tensor]:
+    """A tree of tensors as flat ``name.key.0`` names (for a safetensors file)."""
+    if isinstance(tree, torch.Tensor):
+        return {name: tree.detach().cpu().contiguous()}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, tuple | list) else None
+    if items is None:
+        raise CliError(f"predictions must be tensors (or tuples, lists, dicts of them), got {type(tree).__name__}")
+    return {k: v for key, sub in items for k, v in _named_tensors(sub, f"{name}.{key}").items()}
+
+
+@main.command(short_help="Write a checkpoint's predictions on a split to a file.")
+@_target_argument
+@_ckpt_option
+@click.option("-o", "--output", default="predictions.safetensors", show_default=True, type=click.Path(dir_okay=False),
+              help="Where the predictions go (safetensors).")
+@click.option("--split", default=None, help="The split to predict (default: the predict split, else test).")
+@_set_option
+@_device_option
+def predict(target: str | None, ckpt: str, output: str, split: str | None, sets: tuple[str, ...],
+            device: str | None) -> None:
+    """Write a checkpoint's predictions on a split to a safetensors file.
+
+    The file holds `predictions` (or `predictions.<key>` for several outputs)
+    and `indices`: the samples' indices in the split, in the same order.
+
+    \b
+    Example:
+        fnlight predict --ckpt runs/version_0 -o preds.safetensors
+    """
+    from safetensors.torch import save_file
+
+    tgt, exp, state, _, path = _load(target, ckpt, sets, device)
+    split = _default_split(exp, split)
+    dm = exp.datamodule.replace(stages={**exp.datamodule.stages, "predict": split})
+    outputs = Trainer(device=device, loggers=()).predict(state, exp.forward, dm)
+    tensors = _named_tensors(outputs, "predictions")
+    n = len(next(iter(tensors.values()))) if tensors else 0
+    tensors["indices"] = torch.cat(dm.index_batches(split, 0)) if n else torch.zeros(0, dtype=torch.int64)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, output, metadata={"target": tgt.spec, "checkpoint": str(path), "split": split,
+                                         "step": str(int(state.step))})
+    shapes = ", ".join(f"{k} {str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for k, t in tensors.items())
+    click.echo(f"predict: {n} samples of {split!r} -> {output} ({shapes})")
+
+
+# -- verify -------------------------------------------------------------------------------------------
+
+@main.command(short_help="Check that TARGET trains reproducibly and resumes exactly.")
+@_target_argument
+@click.option("--steps", type=click.IntRange(min=2), default=30, show_default=True,
+              help="Train this many steps (fewer if the experiment's max_epochs end sooner).")
+@click.option("--stop-at", type=click.IntRange(min=1), default=None,
+              help="Interrupt the third run after this step (default: half of the steps).")
+@click.option("--seed", type=int, default=None, help="As for fit.")
+@_device_option
+@click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile.")
+@click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default="32", show_default=True)
+@_set_option
+@click.pass_context
+def verify(ctx: click.Context, target: str | None, steps: int, stop_at: int | None, seed: int | None,
+           device: str | None, compile_: bool, precision: str, sets: tuple[str, ...]) -> None:
+    """Check that TARGET trains bitwise reproducibly and resumes exactly.
+
+    Trains it twice from scratch, and once interrupted after --stop-at steps
+    and resumed from its checkpoint (each run builds the experiment afresh).
+    Exits 0 when all final states (and metrics) are bitwise identical;
+    otherwise 1, naming the first step after which two runs differ and the
+    first differing leaf.
+
+    \b
+    Example:
+        fnlight verify my_exp.py:mlp --steps 20
+    """
+    from ._cli_verify import verify as run_verify
+
+    dev = parse_device(device)
+    check_device_available(dev)
+    tgt = load_target(target)
+    exp, hparams = configure(tgt, sets, seed=seed)  # checks --set now, and names the experiment
+
+    def build() -> Experiment:
+        return configure(tgt, sets, seed=seed)[0]
+
+    click.echo(f"verify: {exp.name}" + (f" ({format_hparams(hparams)})" if hparams else "")
+               + f", device {dev}: 3 runs of up to {steps} steps ...", err=True)
+    report = run_verify(build, steps, stop_at, device=device, name=exp.name,
+                        step_options={"compile": compile_, "precision": precision})
+    click.echo("\n".join(report.lines()))
+    ctx.exit(0 if report.ok else 1)
+
+
+# -- inspect, export, plot --------------------------------------------------------------------------
+
+@main.command(short_help="Show a checkpoint's metadata, tensors and checksum.")
+@click.argument("ckpt", metavar="CKPT")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def inspect(ckpt: str, as_json: bool) -> None:
+    """Show a checkpoint: metadata, tensors (name, shape, dtype, bytes), checksum.
+
+    CKPT is a checkpoint directory, or a run (or checkpoints) directory: its
+    newest checkpoint. A corrupted checkpoint is an error (exit code 2).
+
+    \b
+    Example:
+        fnlight inspect runs/version_0/checkpoints/step_000000920
+    """
+    from ._cli_files import checkpoint_info, format_info
+
+    info = checkpoint_info(resolve_checkpoint(ckpt))
+    click.echo(json.dumps(info, indent=1) if as_json else "\n".join(format_info(info)))
+
+
+@main.command(short_help="Export a checkpoint's model, checked on a batch.")
+@_target_argument
+@_ckpt_option
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "safetensors"]), required=True,
+              help="onnx needs pip install 'fnlight[onnx]'.")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Where it goes (default: model.onnx, model.pt or model.safetensors).")
+@click.option("--split", default=None, help="The split of the batch the export is checked on (default: the "
+                                            "predict split, else test).")
+@_set_option
+@_device_option
+@click.pass_context
+def export(ctx: click.Context, target: str | None, ckpt: str, fmt: str, output: str | None, split: str | None,
+           sets: tuple[str, ...], device: str | None) -> None:
+    """Export a checkpoint's model (onnx, torchscript, safetensors), checked on a batch.
+
+    The exported file is loaded back and run on the first batch of --split;
+    its outputs must match the functional model's (allclose, rtol 1e-4, atol
+    1e-5), else the command exits 1. The max difference is printed.
+
+    \b
+    Example:
+        fnlight export --ckpt runs/version_0 --format torchscript -o digits.pt
+    """
+    from ._cli_export import SUFFIX
+    from ._cli_export import export as run_export
+
+    tgt, exp, state, _, path = _load(target, ckpt, sets, device)
+    split = _default_split(exp, split)
+    out = Path(output or f"model{SUFFIX[fmt]}")
+    with exp.datamodule.replace(device=str(state.step.device)).batches(split, 0) as batches:
+        batch = device_put(next(iter(batches)), state.step.device)
+    diff, ok = run_export(exp, state, batch, fmt, out, metadata={"target": tgt.spec, "checkpoint": str(path),
+                                                                  "step": str(int(state.step))})
+    verdict = "matches" if ok else "DOES NOT match"
+    click.echo(f"export: {fmt} -> {out} ({out.stat().st_size:,} bytes); on a batch of {_batch_size(batch)} from "
+               f"{split!r} it {verdict} the functional model (max abs difference {diff:.3g})")
+    ctx.exit(0 if ok else 1)
+
+
+@main.command(short_help="Plot a run's loss and metric curves to a PNG.")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="The PNG (default: <RUN_DIR>/curves.png).")
+def plot(run_dir: str, output: str | None) -> None:
+    """Plot a run's loss and metric curves (from its metrics.jsonl or .csv) to a PNG.
+
+    Needs matplotlib: pip install 'fnlight[plot]'.
+
+    \b
+    Example:
+        fnlight plot runs/version_0 -o curves.png
+    """
+    from ._cli_files import plot_run
+
+    out = plot_run(Path(run_dir), Path(output) if output else Path(run_dir) / "curves.png")
+    click.echo(f"plot: {out}")
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
 @main.group()
 def data() -> None:
-    """Inspect data pipelines."""
+    """Inspect and time data pipelines."""
+
+
+def _value(v: Any) -> str:
+    """A hyperparameter as JSON, with a function as its name and hashes shortened (``--json`` has them whole)."""
+    if isinstance(v, dict) and "function" in v:
+        sha = v.get("source_sha256") or v.get("sha256")
+        return str(v["function"]) + (f"[{sha[:12]}]" if isinstance(sha, str) else "")
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return f'"{v[:12]}…"'
+    return json.dumps(v, separators=(", ", ": "), ensure_ascii=False)
+
+
+def _tree(desc: dict[str, Any], indent: str = "") -> list[str]:
+    """A pipeline description as a tree: a stage per line with all its hyperparameters; nested pipelines
+    as branches."""
+    lines = []
+    stages = desc["stages"]
+    for i, st in enumerate(stages):
+        last = i == len(stages) - 1
+        nested = {k: v for k, v in st.items() if isinstance(v, dict) and "stages" in v}
+        params = ", ".join(f"{k}={_value(v)}" for k, v in st.items() if k != "stage" and k not in nested)
+        lines.append(f"{indent}{'└── ' if last else '├── '}{st['stage']}({params})")
+        for k, sub in nested.items():
+            lines.append(f"{indent}{'    ' if last else '│   '}{k}:")
+            lines += _tree(sub, indent + ("    " if last else "│   ") + "    ")
+    return lines
 
 
 @data.command("describe")
+@_target_argument
+@_set_option
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def data_describe(as_json: bool) -> None:
-    """Print the digits pipeline: every stage, hyperparameter, and the fingerprint."""
-    dm = digits_datamodule()
+def data_describe(target: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """Print TARGET's data pipeline: stages, hyperparameters, seed, fingerprint.
+
+    \b
+    Example:
+        fnlight data describe --set batch_size=32
+    """
+    tgt = load_target(target)
+    exp, hparams = configure(tgt, sets)
+    dm = exp.datamodule
     if as_json:
-        click.echo(json.dumps({"description": dm.pipeline.describe(),
-                               "fingerprint": dm.fingerprint}, indent=2))
+        click.echo(json.dumps({"target": tgt.spec, "hparams": hparams, "description": dm.pipeline.describe(),
+                               "seed": dm.seed, "stages": dict(dm.stages), "fingerprint": dm.fingerprint},
+                              indent=2, default=repr))
         return
-    click.echo(_tree(dm.pipeline.describe()))
-    click.echo(f"seed: {dm.seed}\nfingerprint: {dm.fingerprint}")
+    click.echo(f"{exp.name} ({tgt.spec})" + (f"; {format_hparams(hparams)}" if hparams else ""))
+    click.echo("pipeline")
+    click.echo("\n".join(_tree(dm.pipeline.describe())))
+    click.echo(f"seed: {dm.seed}\nstages: {', '.join(f'{k} -> {v}' for k, v in dm.stages.items())}")
+    click.echo(f"fingerprint: {dm.fingerprint}")
+
+
+@data.command("bench")
+@_target_argument
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Epochs of each split.")
+@click.option("--split", "splits", multiple=True, help="Only this split (repeatable; default: all).")
+@_set_option
+def data_bench(target: str | None, epochs: int, splits: tuple[str, ...], sets: tuple[str, ...]) -> None:
+    """Time TARGET's data pipeline: batches/s and samples/s of each split.
+
+    The pipeline is prepared (downloads) and built first, untimed; then every
+    batch of each split is produced for --epochs epochs.
+
+    \b
+    Example:
+        fnlight data bench --epochs 3
+    """
+    tgt = load_target(target)
+    exp, _ = configure(tgt, sets)
+    dm = exp.datamodule
+    t0 = time.perf_counter()
+    dm.prepare()
+    names = dm.split_names
+    unknown = [s for s in splits if s not in names]
+    if unknown:
+        raise CliError(f"--split {unknown[0]}: {exp.name} has the splits {', '.join(names)}")
+    click.echo(f"data bench: {exp.name}, fingerprint {dm.fingerprint[:16]}; prepared and built in "
+               f"{time.perf_counter() - t0:.2f} s; {epochs} epoch(s) per split")
+    click.echo(f"{'split':<10} {'batches':>8} {'samples':>9} {'seconds':>8} {'batches/s':>10} {'samples/s':>11}")
+    for split in splits or names:
+        n_batches = n_samples = 0
+        t = time.perf_counter()
+        for epoch in range(epochs):
+            with dm.batches(split, epoch) as batches:
+                for b in batches:
+                    n_batches += 1
+                    n_samples += _batch_size(b)
+        s = max(time.perf_counter() - t, 1e-9)
+        click.echo(f"{split:<10} {n_batches:>8} {n_samples:>9} {s:>8.3f} {n_batches / s:>10.1f} "
+                   f"{n_samples / s:>11.1f}")
+    dm.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,10 @@ def test_main_job_trains_digits_to_95_percent_in_under_a_minute(tmp_path):
     assert digits_datamodule().fingerprint[:16] in out.stdout
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 41 and rows[0].startswith("step,epoch,train/loss")
+    # checkpoints for resuming (the newest 3), and what was trained
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == [
+        "step_000000874", "step_000000897", "step_000000920"]
+    assert '"target": "fnlight.experiment:digits"' in (tmp_path / "run" / "experiment.json").read_text()
 
 
 def test_data_describe_and_bad_options():

@@ -1,0 +1,164 @@
+"""``fnlight inspect`` (a checkpoint) and ``fnlight plot`` (a run's logs): commands that read files.
+
+Example:
+    >>> info = checkpoint_info(Path("runs/version_0/checkpoints/step_000000920"))
+    >>> print("\\n".join(format_info(info)))
+    >>> plot_run(Path("runs/version_0"), Path("curves.png"))
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._cli_common import CliError
+from .train.checkpoint import META, _encode, load_checkpoint
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def checkpoint_info(path: Path) -> dict[str, Any]:
+    """Everything ``inspect`` shows, JSON-able. Loading verifies the checksum (CheckpointError otherwise)."""
+    state, meta = load_checkpoint(path)  # reads every byte: the sha256 is checked against the recorded one
+    doc = json.loads((path / META).read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    _encode(state, "", tensors)  # the names the tensor file uses, in the state's order
+    rows = [{"name": k.rstrip("/"), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+             "bytes": t.numel() * t.element_size()} for k, t in tensors.items()]
+    pipeline = meta.get("pipeline") if isinstance(meta.get("pipeline"), dict) else {}
+    description = pipeline.get("description") or {}
+    stages = [s.get("stage", "?") for s in description.get("pipeline", {}).get("stages", [])]
+    history = meta.get("history") or []
+    return {
+        "path": str(path), "format": doc.get("format"), "version": doc.get("version"),
+        "versions": doc.get("versions", {}), "step": doc.get("step"), "key": doc.get("key"),
+        "epoch": meta.get("epoch"), "position": meta.get("position"),
+        "pipeline": {"fingerprint": pipeline.get("fingerprint"), "stages": stages, "seed": description.get("seed")},
+        "history": history, "callbacks": sorted(meta.get("callbacks") or {}),
+        "tensors": rows, "total_bytes": sum(r["bytes"] for r in rows),
+        "num_params": sum(t.numel() for k, t in tensors.items() if k.startswith("params/")),
+        "sha256": doc.get("tensors_sha256"), "checksum": "OK",
+    }
+
+
+def _metrics_text(row: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                     if k not in ("epoch", "step", "time_s"))
+
+
+def format_info(info: dict[str, Any]) -> list[str]:
+    """The text of ``inspect``: metadata, then a table of tensors with totals, then the checksum."""
+    v = info["versions"]
+    lines = [f"checkpoint  {info['path']}",
+             f"written by  fnlight {v.get('fnlight', '?')}, torch {v.get('torch', '?')}, python {v.get('python', '?')}"
+             f" ({info['format']} v{info['version']})"]
+    if info["step"] is not None:
+        where = f"step {info['step']}"
+        if info["epoch"] is not None:
+            where += f", epoch {info['epoch']}, position {info['position']} in the epoch"
+        lines.append(f"position    {where}, key {info['key']}")
+    pipe = info["pipeline"]
+    if pipe["fingerprint"]:
+        lines.append(f"data        fingerprint {pipe['fingerprint']}")
+        lines.append(f"            {' >> '.join(pipe['stages'])} (seed {pipe['seed']})")
+    if info["history"]:
+        lines.append(f"history     {len(info['history'])} epoch(s); last: {_metrics_text(info['history'][-1])}")
+    if info["callbacks"]:
+        lines.append(f"callbacks   {', '.join(info['callbacks'])}")
+    rows = info["tensors"]
+    width = max([len(r["name"]) for r in rows] + [6])
+    shapes = [str(r["shape"]) for r in rows]
+    sw = max([len(s) for s in shapes] + [5])
+    lines += ["", f"{'tensor':<{width}}  {'shape':<{sw}}  {'dtype':<9}  {'bytes':>12}"]
+    lines += [f"{r['name']:<{width}}  {s:<{sw}}  {r['dtype']:<9}  {r['bytes']:>12,}" for r, s in zip(rows, shapes,
+                                                                                                       strict=True)]
+    lines += [f"total: {len(rows)} tensors, {_size(info['total_bytes'])}; {info['num_params']:,} parameters",
+              f"checksum OK (sha256 {info['sha256']})"]
+    return lines
+
+
+# -- plot ------------------------------------------------------------------------------------------
+
+Series = dict[str, tuple[list[float], list[float]]]  # label -> (x, y)
+
+
+def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The logged rows (``kind`` step or epoch) from ``metrics.jsonl``, else ``metrics.csv`` + ``steps.csv``."""
+    jsonl = run_dir / "metrics.jsonl"
+    if jsonl.is_file():
+        return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = []
+    for kind, name in (("epoch", "metrics.csv"), ("step", "steps.csv")):
+        if (run_dir / name).is_file():
+            with open(run_dir / name, newline="") as f:
+                for r in csv.DictReader(f):
+                    rows.append({"kind": kind, **{k: float(v) for k, v in r.items() if v not in ("", None)}})
+    return rows
+
+
+def curves(run_dir: Path) -> dict[str, Series]:
+    """Panels of curves: per metric (``loss``, ``acc``...), its train/val values per epoch, and, when step
+    rows were logged, its values per step.
+
+    Example:
+        >>> curves(Path("runs/version_0"))["loss"]["val/loss"]
+        ([0, 1, 2], [0.9, 0.5, 0.3])
+    """
+    if not run_dir.is_dir():
+        raise CliError(f"no run directory {run_dir}")
+    rows = _read_rows(run_dir)
+    if not rows:
+        raise CliError(f"no metrics in {run_dir}: expected metrics.jsonl or metrics.csv (written by the Trainer's "
+                       "JSONL and CSV loggers)")
+    panels: dict[str, Series] = {}
+    for row in rows:
+        per_step = row.get("kind") == "step"
+        x = float(row["step"] if per_step else row["epoch"])
+        for k, v in row.items():
+            if k in ("kind", "step", "epoch", "time_s") or not isinstance(v, int | float):
+                continue
+            base = k.split("/", 1)[-1]
+            panel = panels.setdefault(f"{base} per step" if per_step else base, {})
+            xs, ys = panel.setdefault(k, ([], []))
+            xs.append(x)
+            ys.append(float(v))
+    # epoch panels first, in the order their metrics were logged
+    return dict(sorted(panels.items(), key=lambda kv: kv[0].endswith(" per step")))
+
+
+def plot_run(run_dir: Path, out: Path) -> Path:
+    """Draw :func:`curves` to a PNG at ``out`` (needs matplotlib)."""
+    panels = curves(run_dir)
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend
+    except ImportError:
+        raise CliError("plot needs matplotlib: pip install 'fnlight[plot]'") from None
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step" if title.endswith(" per step") else "epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(str(run_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
