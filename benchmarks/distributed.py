@@ -122,10 +122,7 @@ def main() -> None:
     one = steps_per_s(args.batch, args.steps, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "two.json"
-        sock = __import__("socket").socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
+        port = distributed.free_port()
         procs = [subprocess.Popen([sys.executable, __file__, "--batch", str(args.batch), "--steps", str(args.steps),
                                    "--repeats", str(args.repeats), "--out", str(out)],
                                   env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),

@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -123,13 +122,6 @@ def _echo_rank0(*args: Any, **kwargs: Any) -> None:
 
 # -- fit ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (the rendezvous binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -184,7 +176,7 @@ def _launch(ctx: click.Context, devices: int) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    argv = [f"--nproc-per-node={devices}", "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+    argv = [f"--nproc-per-node={devices}", "--master-addr=127.0.0.1", f"--master-port={distributed.free_port()}",
             "--max-restarts=0", "-m", "fnlight.cli", "fit", *_forwarded(ctx, leave_out=("devices",))]
     had_omp = "OMP_NUM_THREADS" in os.environ
     if not had_omp:  # the ranks share the cores (torchrun alone would give each one thread, with a banner)

@@ -11,8 +11,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -23,7 +25,38 @@ from .tree import tree_flatten, tree_unflatten
 T = TypeVar("T")
 
 __all__ = ["all_gather_cat", "all_reduce_mean", "all_reduce_sum", "all_true", "any_true", "barrier", "broadcast",
-           "broadcast_object", "init", "is_initialized", "local_rank", "rank", "world_size"]
+           "broadcast_object", "free_port", "init", "is_initialized", "local_rank", "rank", "world_size"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now on ``host``, for a rendezvous (``MASTER_PORT``).
+
+    It is drawn below the kernel's ephemeral range: a port from that range can
+    be handed to a client socket in the meantime, and a rank connecting to a
+    rendezvous port that is not listening yet can then connect to itself (a
+    TCP self-connection), which makes the rendezvous fail at random.
+
+    Example:
+        >>> os.environ["MASTER_PORT"] = str(free_port())
+    """
+    import random
+    import socket
+
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low // 2), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below the range is taken: let the kernel choose
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def is_initialized() -> bool:

@@ -43,9 +43,7 @@ def _no_leaks():
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for torch.distributed rendezvous in tests)."""
-    import socket
+    """A free TCP port on 127.0.0.1 (for torch.distributed rendezvous in tests), below the ephemeral range."""
+    from fnlight.distributed import free_port as pick
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return pick()
