@@ -333,6 +333,29 @@ def test_export_safetensors_and_torchscript_match_the_functional_model(run, tmp_
         assert torch.allclose(scripted(x), model(x), atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
+def test_export_onnx_runs_in_onnxruntime_and_matches(run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    res = invoke("export", "--ckpt", run, "--format", "onnx", "-o", tmp_path / "m.onnx")
+    assert res.exit_code == 0 and "it matches the functional model" in res.output, res.output
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    import onnxruntime
+
+    x = torch.rand(7, 64)  # another batch size than the export's: the batch dimension is dynamic
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    model = digits(hidden=16).model.eval()
+    from fnlight import load_checkpoint
+    from fnlight.train.checkpoint import list_checkpoints
+
+    state, _ = load_checkpoint(list_checkpoints(Path(run) / "checkpoints")[-1])
+    with torch.no_grad():
+        want = torch.func.functional_call(model, (state.params, state.buffers), (x,))
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(all(__import__("importlib").util.find_spec(p) for p in ("onnx", "onnxscript", "onnxruntime")),
                     reason="the onnx extra is installed")
 def test_export_onnx_without_the_extra_says_how_to_install_it(run, tmp_path):
