@@ -23,17 +23,17 @@ from typing import Any
 
 from ._cli_common import CliError
 from .experiment import Experiment
-from .testing.assertions import _first_difference, _history_difference, _named_leaves
+from .testing.assertions import _history_difference
 from .train import Callback, FitResult, Trainer, TrainState
 from .train.callbacks import NOTHING, FitContext, Signal
-from .tree import tree_hash
+from .tree import named_leaves, tree_first_difference, tree_hash
 
 Hashes = list[list[str]]  # per step (0: the initial state), per leaf
 
 
 def leaf_hashes(state: TrainState) -> list[str]:
     """A short sha256 of every leaf of ``state`` (dtype, shape and bytes), in tree order."""
-    return [tree_hash(leaf)[:16] for leaf in _named_leaves(state, "state")[1]]
+    return [tree_hash(leaf)[:16] for leaf in named_leaves(state, "state")[1]]
 
 
 class StepHashes(Callback):
@@ -103,7 +103,7 @@ class Report:
 
 
 def _compare(full: Run, other: Run, names: list[str]) -> str | None:
-    state_diff = _first_difference(full.result.state, other.result.state, "state")
+    state_diff = tree_first_difference(full.result.state, other.result.state, "state")
     if state_diff is not None or full.hashes != other.hashes:
         return (f"{other.label} differs from {full.label} {_first_step(full, other, names)}\n"
                 f"    final states differ at {state_diff or 'no leaf (only intermediate states differ)'}")
@@ -137,6 +137,6 @@ def verify(build: Callable[[], Experiment], steps: int, stop_at: int | None = No
         cut = _fit(build, "the interrupted run", root / "cut", cut_at, checkpoints=True, **common)
         resumed = _fit(build, f"the run interrupted after step {cut_at} and resumed", root / "cut", steps,
                        checkpoints=True, initial=cut.hashes[0], **common)
-    names = _named_leaves(first.result.state, "state")[0]
+    names = named_leaves(first.result.state, "state")[0]
     failures = [d for d in (_compare(first, second, names), _compare(first, resumed, names)) if d is not None]
     return Report(name, total, cut_at, time.perf_counter() - t0, tree_hash(first.result.state), failures)

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ import torch
 __all__ = [
     "NAMESPACE",
     "device_put",
+    "named_leaves",
     "register_node",
     "tree_equal",
     "tree_first_difference",
@@ -123,31 +125,82 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
 
 
-def tree_first_difference(a: Any, b: Any) -> str | None:
-    """A description of the first leaf where ``a`` and ``b`` differ bitwise, or None.
+def named_leaves(tree: Any, root: str = "tree") -> tuple[list[str], list[Any], optree.PyTreeSpec]:
+    """Leaves of ``tree`` with readable access paths (``root[0].params['w']``), and its structure."""
+    if hasattr(optree, "tree_flatten_with_accessor"):  # optree >= 0.12
+        accessors, leaves, spec = optree.tree_flatten_with_accessor(tree, namespace=NAMESPACE)
+        return [a.codify(root) for a in accessors], leaves, spec
+    paths, leaves, spec = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
+    return [root + "".join(f"[{e!r}]" for e in p) for p in paths], leaves, spec
+
+
+def _kind(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" + ("" if t.device.type == "cpu" else f"@{t.device}")
+
+
+def _num(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else repr(v)
+
+
+def _tensor_difference(x: torch.Tensor, y: torch.Tensor) -> str | None:
+    if x.dtype != y.dtype or x.shape != y.shape or x.device != y.device:
+        return f"{_kind(x)} vs {_kind(y)}"
+    if _bits_equal(x, y):
+        return None
+    xf, yf = x.detach().reshape(-1).cpu(), y.detach().reshape(-1).cpu()
+    size = xf.element_size()
+    neq = (_as_bytes(xf).view(-1, size) != _as_bytes(yf).view(-1, size)).any(1)
+    where = neq.nonzero().reshape(-1)
+    i = int(where[0])
+    out = f"{_kind(x)}, {len(where)} of {xf.numel()} elements differ"
+    if xf.dtype != torch.bool:
+        wide = torch.complex128 if xf.is_complex() else torch.float64
+        d = (xf[where].to(wide) - yf[where].to(wide)).abs()
+        finite = d[~d.isnan()]
+        if len(finite):
+            out += f", max abs difference {float(finite.max()):.3g}"
+        if len(finite) < len(d):
+            out += f", NaN on one side only at {len(d) - len(finite)} of them"
+    return out + f" (first at flat index {i}: {_num(xf[i].item())} vs {_num(yf[i].item())})"
+
+
+def _leaf_difference(x: Any, y: Any) -> str | None:
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return _tensor_difference(x, y)
+    if type(x) is not type(y):
+        return f"{type(x).__name__} {x!r} vs {type(y).__name__} {y!r}"
+    if isinstance(x, float):  # bitwise, as tensors: NaN == NaN, 0.0 != -0.0
+        if struct.pack("<d", x) == struct.pack("<d", y):
+            return None
+        diff = abs(x - y)
+        return f"{x!r} vs {y!r}" + ("" if math.isnan(diff) else f" (abs difference {diff:.3g})")
+    try:
+        same = bool(x == y)
+    except Exception:  # an object without a usable ==: identity
+        same = x is y
+    return None if same else f"{x!r} vs {y!r}"
+
+
+def tree_first_difference(a: Any, b: Any, root: str = "tree") -> str | None:
+    """``"<path>: <how they differ>"`` for the first leaf where ``a`` and ``b`` differ bitwise, or None.
+
+    Tensors are compared by their bits (NaN equals NaN with the same payload,
+    ``0.0`` differs from ``-0.0``), as are Python floats; the description gives
+    dtype and shape, how many elements differ, by how much at most, and the first.
 
     Example:
-        >>> tree_first_difference({"w": torch.zeros(2)}, {"w": torch.ones(2)})
-        "leaf ['w']: values differ (first at flat index 0: 0.0 vs 1.0)"
+        >>> tree_first_difference({"w": torch.zeros(2)}, {"w": torch.tensor([0.0, 1.0])})
+        "tree['w']: float32[2], 1 of 2 elements differ, max abs difference 1 (first at flat index 1: 0 vs 1)"
     """
-    pa, la, sa = optree.tree_flatten_with_path(a, namespace=NAMESPACE)
-    pb, lb, sb = optree.tree_flatten_with_path(b, namespace=NAMESPACE)
+    na, la, sa = named_leaves(a, root)
+    _, lb, sb = named_leaves(b, root)
     if sa != sb:
-        return f"structures differ: {sa} vs {sb}"
-    for path, x, y in zip(pa, la, lb, strict=True):
-        where = f"leaf {list(path)}"
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            if x.dtype != y.dtype or x.shape != y.shape:
-                return f"{where}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}"
-            if x.device != y.device:
-                return f"{where}: on {x.device} vs {y.device}"
-            if not _bits_equal(x, y):
-                xf, yf = x.reshape(-1), y.reshape(-1)
-                neq = (_as_bytes(xf).view(-1, xf.element_size()) != _as_bytes(yf).view(-1, yf.element_size())).any(1)
-                i = int(neq.nonzero()[0])
-                return f"{where}: values differ (first at flat index {i}: {xf[i].item()} vs {yf[i].item()})"
-        elif type(x) is not type(y) or x != y:
-            return f"{where}: {x!r} vs {y!r}"
+        text = f"{root}: the structures differ: {sa} vs {sb}"
+        return text if len(text) < 600 else text[:600] + "..."
+    for name, x, y in zip(na, la, lb, strict=True):
+        d = _leaf_difference(x, y)
+        if d is not None:
+            return f"{name}: {d}"
     return None
 
 

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import optree
 import torch
 
-from ..tree import NAMESPACE, tree_equal, tree_map
+from ..tree import tree_equal, tree_first_difference, tree_map
 
 if TYPE_CHECKING:
     from ..data.datamodule import DataModule
@@ -36,82 +33,6 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 __all__ = ["assert_reproducible", "assert_resume_equivalent"]
-
-
-# -- describing the first difference between two trees ---------------------------------
-
-def _named_leaves(tree: Any, root: str) -> tuple[list[str], list[Any], optree.PyTreeSpec]:
-    """Leaves of ``tree`` with readable access paths (``root[0].params['w']``)."""
-    if hasattr(optree, "tree_flatten_with_accessor"):  # optree >= 0.12
-        accessors, leaves, spec = optree.tree_flatten_with_accessor(tree, namespace=NAMESPACE)
-        return [a.codify(root) for a in accessors], leaves, spec
-    paths, leaves, spec = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
-    return [root + "".join(f"[{e!r}]" for e in p) for p in paths], leaves, spec
-
-
-def _kind(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" + ("" if t.device.type == "cpu" else f"@{t.device}")
-
-
-def _num(v: Any) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else repr(v)
-
-
-def _tensor_difference(x: torch.Tensor, y: torch.Tensor) -> str | None:
-    if x.dtype != y.dtype or x.shape != y.shape or x.device != y.device:
-        return f"{_kind(x)} vs {_kind(y)}"
-    if tree_equal(x, y):
-        return None
-    xf, yf = x.detach().reshape(-1).cpu(), y.detach().reshape(-1).cpu()
-    size = xf.element_size()
-    as_bytes = (lambda t: t.resolve_conj().resolve_neg().contiguous().view(torch.uint8).view(-1, size))
-    neq = (as_bytes(xf) != as_bytes(yf)).any(1)
-    where = neq.nonzero().reshape(-1)
-    i = int(where[0])
-    out = f"{_kind(x)}, {len(where)} of {xf.numel()} elements differ"
-    if xf.dtype != torch.bool:
-        a, b = xf[where], yf[where]
-        if not (a.is_floating_point() or a.is_complex()):
-            a, b = a.to(torch.float64), b.to(torch.float64)
-        d = (a.to(torch.complex128 if a.is_complex() else torch.float64)
-             - b.to(torch.complex128 if b.is_complex() else torch.float64)).abs()
-        finite = d[~d.isnan()]
-        if len(finite):
-            out += f", max abs difference {float(finite.max()):.3g}"
-        if len(finite) < len(d):
-            out += f", NaN on one side only at {len(d) - len(finite)} of them"
-    return out + f" (first at flat index {i}: {_num(xf[i].item())} vs {_num(yf[i].item())})"
-
-
-def _leaf_difference(x: Any, y: Any) -> str | None:
-    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-        return _tensor_difference(x, y)
-    if type(x) is not type(y):
-        return f"{type(x).__name__} {x!r} vs {type(y).__name__} {y!r}"
-    if isinstance(x, float):  # bitwise, as tensors: NaN == NaN, 0.0 != -0.0
-        if struct.pack("<d", x) == struct.pack("<d", y):
-            return None
-        diff = abs(x - y)
-        return f"{x!r} vs {y!r}" + ("" if math.isnan(diff) else f" (abs difference {diff:.3g})")
-    try:
-        same = bool(x == y)
-    except Exception:  # an object without a usable ==: identity
-        same = x is y
-    return None if same else f"{x!r} vs {y!r}"
-
-
-def _first_difference(a: Any, b: Any, root: str) -> str | None:
-    """``"<path>: <how they differ>"`` for the first differing leaf of ``a`` and ``b``, or None."""
-    na, la, sa = _named_leaves(a, root)
-    _, lb, sb = _named_leaves(b, root)
-    if sa != sb:
-        text = f"{root}: the structures differ: {sa} vs {sb}"
-        return text if len(text) < 600 else text[:600] + "..."
-    for name, x, y in zip(na, la, lb, strict=True):
-        d = _leaf_difference(x, y)
-        if d is not None:
-            return f"{name}: {d}"
-    return None
 
 
 def _view(tree: Any) -> Any:
@@ -185,7 +106,7 @@ def assert_reproducible(fn: Callable[..., R], *args: Any, runs: int = 2, check_i
         call_args, call_kwargs = inputs if check_inputs else _clone(inputs)
         results.append(fn(*call_args, **call_kwargs))
         if check_inputs:
-            changed = _first_difference(_view(inputs), pristine, "(args, kwargs)")
+            changed = tree_first_difference(_view(inputs), pristine, "(args, kwargs)")
             if changed is not None:
                 raise AssertionError(
                     f"fn mutated its input in run {run} (after vs before the call) at {_input_path(changed)}\n"
@@ -193,7 +114,7 @@ def assert_reproducible(fn: Callable[..., R], *args: Any, runs: int = 2, check_i
                     "(a donating step) pass check_inputs=False")
     rng_changed = not tree_equal(_rng_state(), rng_before)
     for run, result in enumerate(results[1:], start=2):
-        diff = _first_difference(results[0], result, "result")
+        diff = tree_first_difference(results[0], result, "result")
         if diff is not None:
             note = f"\n{_RNG_ADVICE}" if check_global_rng and rng_changed else ""
             raise AssertionError(f"fn is not reproducible: run {run} differs from run 1 at {diff}{note}")
@@ -305,9 +226,9 @@ def assert_resume_equivalent(trainer: Trainer, state: TrainState, train_step: Ca
                 raise AssertionError(f"the checkpoint written after {p} steps does not load: {e}") from e
             resumed = dataclasses.replace(base, run_dir=where / "run", ckpt_dir=where / "ckpt").fit(
                 state, train_step, datamodule, eval_step)
-            diff = (_first_difference(full.state, resumed.state, "state")
+            diff = (tree_first_difference(full.state, resumed.state, "state")
                     or _history_difference(full.history, resumed.history)
-                    or _first_difference(full.callback_states, resumed.callback_states, "callback_states"))
+                    or tree_first_difference(full.callback_states, resumed.callback_states, "callback_states"))
             if diff is not None:
                 raise AssertionError(f"resuming after {p} of {total} steps does not reproduce the uninterrupted "
                                      f"run (uninterrupted vs resumed) at {diff}")
@@ -321,4 +242,4 @@ def _history_difference(full: list[dict[str, Any]], resumed: list[dict[str, Any]
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if sorted(x) != sorted(y):
             return f"history[{i}]: keys {sorted(x)} vs {sorted(y)}"
-    return _first_difference(a, b, "history")
+    return tree_first_difference(a, b, "history")
