@@ -1,4 +1,6 @@
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +49,31 @@ def free_port() -> int:
     from fnlight.distributed import free_port as pick
 
     return pick()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spawn_ranks(argv: list[str], world: int, env: dict | None = None,
+                local_ranks: list[int] | None = None) -> list[subprocess.Popen]:
+    """``world`` processes running ``argv`` as the ranks of one gloo group on 127.0.0.1 (torchrun's
+    variables set by hand), from the repository root; one plain process when ``world`` is 1."""
+    port = free_port()
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+            **(env or {})}
+    procs = []
+    for r in range(world):
+        rank_env = dict(base)
+        if world > 1:
+            rank_env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+                         "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_ranks[r] if local_ranks else r)}
+        procs.append(subprocess.Popen(argv, cwd=ROOT, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def finish_ranks(procs: list[subprocess.Popen], timeout: float = 180) -> list[str]:
+    """Wait for every rank; assert each exited 0 (showing their stderr if not); their stdouts."""
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    return [o[0] for o in outs]

@@ -4,17 +4,14 @@ with a barrier, and shard() taking its rank from the process group."""
 import hashlib
 import http.server
 import json
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from .conftest import free_port
+from .conftest import spawn_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 BODY = "".join(f"{i},{i * 2},{i % 2}\n" for i in range(40)).encode()
 
 SCRIPT = r"""
@@ -25,6 +22,8 @@ from fnlight import distributed
 
 distributed.init(backend="gloo", timeout_s=60)
 url, sha, root, per_node = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "per_node"
+if per_node:
+    root += str(distributed.rank())  # each "node" has its own local disk
 p = fd.download(url, sha256=sha, read=fd.read_csv(label=-1)) >> fd.shard() >> fd.batch(100)
 dm = fnlight.DataModule(p, root=root, prefetch=0)
 fetches = []
@@ -67,19 +66,13 @@ def test_rank0_prepares_while_the_others_wait(tmp_path, mode):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/data.csv"
-    port = free_port()
     script = tmp_path / "rank.py"
     script.write_text(SCRIPT)
     procs = []
     try:
-        for rank in range(2):
-            env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                   "WORLD_SIZE": "2", "LOCAL_RANK": str(rank if mode == "job" else 0), "PATH": "/usr/bin:/bin",
-                   "FNLIGHT_HOME": str(tmp_path / "home")}
-            root = tmp_path / ("root" if mode == "job" else f"root{rank}")
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), url, hashlib.sha256(BODY).hexdigest(), str(root), mode],
-                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs = spawn_ranks([sys.executable, str(script), url, hashlib.sha256(BODY).hexdigest(),
+                             str(tmp_path / "root"), mode], 2, env={"FNLIGHT_HOME": str(tmp_path / "home")},
+                            local_ranks=[0, 1] if mode == "job" else [0, 0])
         outs = [p.communicate(timeout=120) for p in procs]
     finally:
         for p in procs:

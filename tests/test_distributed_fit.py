@@ -15,31 +15,15 @@ import torch
 import fnlight
 from fnlight.tree import tree_equal
 
-from .conftest import free_port
+from .conftest import finish_ranks, spawn_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def launch(out: Path, world: int, *args: str) -> list[subprocess.Popen]:
     """``world`` processes of tests/_dist_fit.py (one plain process when world is 1)."""
-    port = free_port()
-    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
-            "FNLIGHT_HOME": str(out / "home"), "OMP_NUM_THREADS": "1"}
-    procs = []
-    for r in range(world):
-        env = dict(base)
-        if world > 1:
-            env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": str(world),
-                    "LOCAL_RANK": str(r)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests._dist_fit", str(out), *args], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
-
-
-def finish(procs: list[subprocess.Popen], timeout: float = 180) -> None:
-    outs = [p.communicate(timeout=timeout) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    return spawn_ranks([sys.executable, "-m", "tests._dist_fit", str(out), *args], world,
+                       env={"FNLIGHT_HOME": str(out / "home")})
 
 
 def report(out: Path, rank: int) -> dict:
@@ -52,7 +36,7 @@ def no_time(history: list[dict]) -> list[dict]:
 
 def test_two_ranks_with_batch_b_train_like_one_rank_with_batch_2b(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    finish(launch(two, 2, "--batch", "8") + launch(one, 1, "--batch", "16"))
+    finish_ranks(launch(two, 2, "--batch", "8") + launch(one, 1, "--batch", "16"))
     r0, r1, single = report(two, 0), report(two, 1), report(one, 0)
     assert r0["world"] == 2 and single["world"] == 1
     # every rank holds bitwise the same parameters after every step (rank 1 started from another init)
@@ -87,7 +71,7 @@ def test_two_ranks_with_batch_b_train_like_one_rank_with_batch_2b(tmp_path):
 
 def test_a_dead_rank_stops_the_other_and_the_run_resumes_to_the_same_state(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    finish(launch(full, 2, "--batch", "8", "--bn"))
+    finish_ranks(launch(full, 2, "--batch", "8", "--bn"))
     f0, f1 = report(full, 0), report(full, 1)
     assert f0["hashes"] == f1["hashes"]  # BatchNorm statistics are averaged: the replicas stay identical
 
@@ -103,7 +87,7 @@ def test_a_dead_rank_stops_the_other_and_the_run_resumes_to_the_same_state(tmp_p
     procs[1].wait()
     assert not (cut / "rank0.json").exists()
 
-    finish(launch(cut, 2, "--batch", "8", "--bn"))  # resumes from rank 0's newest checkpoint
+    finish_ranks(launch(cut, 2, "--batch", "8", "--bn"))  # resumes from rank 0's newest checkpoint
     c0, c1 = report(cut, 0), report(cut, 1)
     assert c0["final"] == c1["final"] == f0["final"]  # bitwise the uninterrupted 2-rank run
     assert 0 < len(c0["hashes"]) < 15 and c0["hashes"] == f0["hashes"][-len(c0["hashes"]):]
@@ -122,7 +106,7 @@ def test_a_dead_rank_stops_the_other_and_the_run_resumes_to_the_same_state(tmp_p
     assert int(last.step) == 15 and int(result.state.step) == 15 + 9  # one more epoch: 72 samples, batches of 8
     assert not tree_equal(result.state.params, last.params)
     # ...and the other way round: the 1-rank checkpoint goes on with 2 ranks
-    finish(launch(full, 2, "--batch", "8", "--bn", "--epochs", "5"))
+    finish_ranks(launch(full, 2, "--batch", "8", "--bn", "--epochs", "5"))
     g0, g1 = report(full, 0), report(full, 1)
     assert g0["hashes"] == g1["hashes"] and len(g0["hashes"]) == 5  # only epoch 4 ran: 36 samples per rank
     assert [r["step"] for r in g0["history"]] == [5, 10, 15, 24, 29]

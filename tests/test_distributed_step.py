@@ -1,18 +1,14 @@
 """The train step averages gradients across real gloo ranks (2 ranks x b == 1 rank x 2b)."""
 
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import fnlight
 
-from .conftest import free_port
+from .conftest import finish_ranks, spawn_ranks
 from .models import train_on_part
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import sys, torch
@@ -50,15 +46,7 @@ torch.distributed.destroy_process_group()
 def test_two_ranks_with_half_batches_match_one_rank(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(SCRIPT)
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
-                                   "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "PATH": "/usr/bin:/bin",
-                                   "PYTHONPATH": str(ROOT)})
-             for r in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    finish_ranks(spawn_ranks([sys.executable, str(script), str(tmp_path)], 2), timeout=120)
     from safetensors.torch import load_file
 
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))

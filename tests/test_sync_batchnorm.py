@@ -4,9 +4,7 @@
 and running statistics); without the sync they do not; with one rank the option changes no bit.
 """
 
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +15,8 @@ import fnlight.optim as fo
 from fnlight.train.syncbn import convert_sync_batchnorm, sync_batch_norm
 from fnlight.tree import tree_equal
 
-from .conftest import free_port
+from .conftest import finish_ranks, spawn_ranks
 from .models import data, loss_fn
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # No bias before BatchNorm (which removes it): its true gradient is zero, and Adam, which normalizes
@@ -144,15 +140,7 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("syncbn")
     script = out / "rank.py"
     script.write_text(SCRIPT)
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
-                                   "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "PATH": "/usr/bin:/bin",
-                                   "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-             for r in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    finish_ranks(spawn_ranks([sys.executable, str(script), str(out)], 2), timeout=120)
     return out
 
 
