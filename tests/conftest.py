@@ -1,5 +1,7 @@
+import contextlib
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,16 @@ def finish_ranks(procs: list[subprocess.Popen], timeout: float = 180) -> list[st
     outs = [p.communicate(timeout=timeout) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
     return [o[0] for o in outs]
+
+
+@contextlib.contextmanager
+def serving(srv):
+    """Run an ``http.server`` server on a thread for the duration of the block (a real server on loopback)."""
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)

@@ -21,6 +21,8 @@ import fnlight
 import fnlight.data as fd
 from fnlight.data.download import Download
 
+from .conftest import serving
+
 CSV = b"1,2,0\n3,4,1\n5,6,0\n7,8,1\n9,10,2\n"
 CSV_SHA = hashlib.sha256(CSV).hexdigest()
 WRONG_SHA = "0" * 64
@@ -94,16 +96,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def server():
-    srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
+    with serving(_Server()) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 def _dl(url: str, sha256: str | None = CSV_SHA, **kw) -> Download:

@@ -13,12 +13,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from .conftest import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,14 +91,8 @@ def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
     srv.files, srv.gets = {}, Counter()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(srv):
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 def test_cnn_images_downloads_from_a_url_and_trains(tmp_path, server):
