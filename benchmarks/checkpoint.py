@@ -7,12 +7,13 @@ Adam moments, so ~3x that many float32 values (~1.2 GB), all on the CPU:
 * ``torch_save``: ``torch.save(tensors, file)`` of a flat dict of every tensor
   of the state (the parameters, both moments and the step counts);
 * ``torch_load``: ``torch.load(file)`` of that file (``weights_only=True``);
-* ``fnlight_save``: ``fnlight.save_checkpoint(dir, state)``: safetensors file,
-  sha256 of it, JSON structure, fsync of both files and of the directories,
-  atomic rename. ``torch.save`` does no fsync, so fnlight pays for a durable
+* ``fnlight_save``: ``fnlight.save_checkpoint(dir, state)``: safetensors files
+  (a state this big is split into up to 16 shards, written and hashed in
+  parallel), the sha256 of each, JSON structure, fsync of every file and of
+  the directories, atomic rename. ``torch.save`` does no fsync, so fnlight pays for a durable
   checkpoint that the baseline does not;
-* ``fnlight_load``: ``fnlight.load_checkpoint(dir)``: reads and checks the
-  sha256 of the whole tensor file, then maps it;
+* ``fnlight_load``: ``fnlight.load_checkpoint(dir)``: maps every tensor file
+  and checks its sha256 (shards in parallel, one thread per core);
 * ``fnlight_async_blocked``: how long ``AsyncCheckpointer.save`` (what
   ``Trainer(async_save=True)`` uses) blocks the caller: the host copy into its
   staging buffers; the write goes on in the background and is waited for
@@ -24,7 +25,8 @@ lazily mapped file pays for reading its pages and both sides return usable
 values. (fnlight maps the tensor file copy-on-write: pages are copied only when
 a tensor is first written to, e.g. by a donating train step, after the timing.)
 All files go to ``--dir`` (default: a temp directory), are deleted between
-rounds, and every measurement is the median of ``--repeats`` rounds (variants
+rounds, ``os.sync()`` runs (untimed) before each measurement so that none pays
+for writing back the previous one's dirty pages, and every measurement is the median of ``--repeats`` rounds (variants
 interleaved). The loads read files that were just written, i.e. from
 the page cache for both.
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -79,6 +82,7 @@ def touch(tensors: Any) -> list[float]:
 
 
 def timed(fn: Any, *args: Any) -> tuple[float, Any]:
+    os.sync()  # (untimed) no measurement pays for writing back the dirty pages of the one before
     t0 = time.perf_counter()
     out = fn(*args)
     return time.perf_counter() - t0, out

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ._cli_common import CliError
-from .train.checkpoint import META, _encode, load_checkpoint
+from .train.checkpoint import META, TENSORS, _encode, load_checkpoint
 
 # -- inspect ---------------------------------------------------------------------------------------
 
@@ -49,7 +49,7 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
         "history": history, "callbacks": sorted(meta.get("callbacks") or {}),
         "tensors": rows, "total_bytes": sum(r["bytes"] for r in rows),
         "num_params": sum(t.numel() for k, t in tensors.items() if k.startswith("params/")),
-        "sha256": doc.get("tensors_sha256"), "checksum": "OK",
+        "sha256": doc.get("tensor_files") or {TENSORS: doc.get("tensors_sha256")}, "checksum": "OK",
     }
 
 
@@ -85,7 +85,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
     lines += [f"{r['name']:<{width}}  {s:<{sw}}  {r['dtype']:<9}  {r['bytes']:>12,}" for r, s in zip(rows, shapes,
                                                                                                        strict=True)]
     lines += [f"total: {len(rows)} tensors, {_size(info['total_bytes'])}; {info['num_params']:,} parameters",
-              f"checksum OK (sha256 {info['sha256']})"]
+              *(f"checksum OK ({name}: sha256 {sha})" for name, sha in info["sha256"].items())]
     return lines
 
 

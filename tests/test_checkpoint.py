@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fnlight
 import fnlight.optim as fo
@@ -134,14 +136,17 @@ def test_unsaveable_values_and_missing_directories_are_clear_errors(tmp_path):
 
 WRITER = r"""
 import sys, torch, fnlight
+from fnlight.train import checkpoint
 from fnlight.train.checkpoint import AsyncCheckpointer
 path, mode = sys.argv[1], sys.argv[2]
-big = {"w": torch.zeros(2_000_000)}
+checkpoint.SHARD_BYTES = 1 << 21  # 4 shards, written in parallel: a kill can land between them
+big = {f"w{k}": torch.zeros(500_000) for k in range(4)}
 writer = AsyncCheckpointer()
 i = 0
 while True:
     i += 1
-    big["w"].fill_(i)
+    for w in big.values():
+        w.fill_(i)
     if mode == "async":  # the loop goes on while the write happens; the print comes once it is on disk
         writer.save(path, big, meta={"i": i}, then=lambda p, i=i: print(i, flush=True))
     else:
@@ -163,7 +168,8 @@ def test_kill_9_during_writes_never_leaves_a_half_written_checkpoint(tmp_path, m
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         state, meta = fnlight.load_checkpoint(target)  # old or new, always whole
-        assert torch.equal(state["w"], torch.full((2_000_000,), float(meta["i"])))
+        assert len(list(target.glob("tensors-*-of-00004.safetensors"))) == 4
+        assert all(torch.equal(w, torch.full((500_000,), float(meta["i"]))) for w in state.values())
         killed_mid_write.append(any(p.name.startswith(f".ck{attempt}.tmp-") for p in tmp_path.iterdir()))
     assert any(killed_mid_write)  # the kill did land inside a write at least once
 
@@ -249,7 +255,87 @@ def test_a_malformed_tensor_file_with_a_matching_checksum_is_refused(tmp_path, d
         raw = struct.pack("<Q", len(head)) + head + raw[8 + n:]
     tf.write_bytes(raw)
     doc = json.loads(meta.read_text())
-    doc["tensors_sha256"] = hashlib.sha256(raw).hexdigest()
+    doc["tensor_files"]["tensors.safetensors"] = hashlib.sha256(raw).hexdigest()
     meta.write_text(json.dumps(doc))
     with pytest.raises(CorruptCheckpointError, match="not a valid safetensors file"):
+        fnlight.load_checkpoint(tmp_path / "ck")
+
+
+def test_a_large_state_is_sharded_and_every_shard_is_checked(tmp_path, monkeypatch):
+    """Above SHARD_BYTES the tensors go into several standard safetensors files, each with its sha256."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fnlight.train import checkpoint
+
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 600)  # the state below is ~3 KB: 5 shards
+    _, _, _, state = trained()
+    fnlight.save_checkpoint(tmp_path / "ck", state)
+    doc = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
+    files = doc["tensor_files"]
+    n = len(files)
+    assert n > 2 and sorted(files) == [f"tensors-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([*files, "checkpoint.json"])
+    names = []
+    for name, sha in files.items():  # each shard: what sha256sum prints, and readable by safetensors itself
+        assert hashlib.sha256((tmp_path / "ck" / name).read_bytes()).hexdigest() == sha
+        names += load_file(tmp_path / "ck" / name)
+    assert len(names) == len(set(names)) == len(fnlight.tree.tree_leaves(state))  # a partition of the tensors
+    loaded, _ = fnlight.load_checkpoint(tmp_path / "ck", like=state)
+    assert tree_equal(loaded, state)
+
+    second = tmp_path / "ck" / f"tensors-00002-of-{n:05d}.safetensors"
+    raw = second.read_bytes()
+    second.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    with pytest.raises(CorruptCheckpointError, match=f"{second.name} is corrupted: its sha256 is"):
+        fnlight.load_checkpoint(tmp_path / "ck")
+    second.unlink()
+    with pytest.raises(CorruptCheckpointError, match=f"incomplete: {second.name} missing"):
+        fnlight.load_checkpoint(tmp_path / "ck")
+    second.write_bytes(raw)
+    fnlight.load_checkpoint(tmp_path / "ck")
+    stray = tmp_path / "ck" / f"tensors-00009-of-{n + 5:05d}.safetensors"
+    stray.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="not among the tensor files"):
+        fnlight.load_checkpoint(tmp_path / "ck")
+    stray.unlink()
+    doc["tensor_files"] = {"../../elsewhere.safetensors": "0" * 64}  # names come from the JSON: never a path
+    (tmp_path / "ck" / "checkpoint.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpointError, match="no valid list of tensor files"):
+        fnlight.load_checkpoint(tmp_path / "ck")
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 5000), max_size=40), shard=st.integers(1, 3000))
+def test_sharding_is_an_ordered_partition_into_at_most_max_shards(sizes, shard):
+    from fnlight.train import checkpoint
+
+    tensors = {f"t{i}": torch.empty(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
+    old = checkpoint.SHARD_BYTES
+    checkpoint.SHARD_BYTES = shard
+    try:
+        files = checkpoint._shards(tensors)
+    finally:
+        checkpoint.SHARD_BYTES = old
+    assert [k for g in files.values() for k in g] == list(tensors)  # every tensor once, in order
+    assert 1 <= len(files) <= checkpoint.MAX_SHARDS and (all(files.values()) or not tensors)
+    if len(files) == 1:
+        assert list(files) == ["tensors.safetensors"]
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    """Checkpoints written before sharding (one file, ``tensors_sha256``) load unchanged."""
+    import json
+
+    _, _, _, state = trained()
+    fnlight.save_checkpoint(tmp_path / "ck", state)
+    meta = tmp_path / "ck" / "checkpoint.json"
+    doc = json.loads(meta.read_text())
+    doc["version"], doc["tensors_sha256"] = 1, doc.pop("tensor_files")["tensors.safetensors"]
+    meta.write_text(json.dumps(doc))
+    assert tree_equal(fnlight.load_checkpoint(tmp_path / "ck", like=state)[0], state)
+    doc["tensors_sha256"] = "0" * 64
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpointError, match="corrupted"):
         fnlight.load_checkpoint(tmp_path / "ck")

@@ -1,8 +1,9 @@
 """The safetensors file format, written and read with its sha256 computed on the side.
 
-A checkpoint records the sha256 of its tensor file. With ``safetensors``'
-own ``save_file`` / ``load_file`` the hash is a second pass over the file, and
-hashing (~1.4 GB/s) costs as much as the write itself. Here the bytes are
+A checkpoint records the sha256 of each of its tensor files (shards of a large
+state, see ``checkpoint._shards``). With ``safetensors``' own ``save_file`` /
+``load_file`` the hash is a second pass over the file, and hashing (~1.4 GB/s
+per core) costs as much as the write itself. Here the bytes are
 hashed by a second thread while they are written, which overlaps the two (both
 ``hashlib`` and file I/O release the GIL); a read maps the file and hashes the
 mapping, which is the only pass over it. The format is the standard one
