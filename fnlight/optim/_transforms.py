@@ -28,6 +28,7 @@ from ._base import (
     as_dict,
     counter,
     foreach,
+    per_step,
     values,
     zeros_like,
 )
@@ -89,8 +90,8 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
     def update(updates: Updates, state: OptState, params: Params | None = None, *,
                inplace: bool = False) -> tuple[Updates, OptState]:
         keys = list(updates)
-        lr = schedule(state.count).to(torch.float32)
-        out = foreach("mul", values(updates, keys), -lr, inplace=inplace)
+        (neg_lr,) = per_step(-schedule(state.count).to(torch.float32))
+        out = foreach("mul", values(updates, keys), neg_lr, inplace=inplace)
         return as_dict(keys, out), CountState(_count_up(state.count, inplace))
 
     return GradientTransformation(init, update, None, schedule)
@@ -209,14 +210,12 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
             nu_max = foreach("maximum", values(state.nu_max, keys), nu, inplace=inplace)
             denom_src = nu_max
         t = count.to(torch.float64)
-        bc1 = 1.0 - b1**t
-        bc2_sqrt = torch.sqrt(1.0 - b2**t)
-        # g is ours to overwrite (the gradients are temporaries of the step) when donating.
+        bc1, bc2_sqrt = per_step((1.0 - b1**t).to(torch.float32), torch.sqrt(1.0 - b2**t).to(torch.float32))
         denom = list(torch._foreach_sqrt(denom_src))
-        torch._foreach_div_(denom, bc2_sqrt.to(torch.float32))
+        torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
         direction = foreach("div", mu, denom, inplace=False)
-        torch._foreach_div_(direction, bc1.to(torch.float32))
+        torch._foreach_div_(direction, bc1)
         new_state = AdamState(count, as_dict(keys, mu), as_dict(keys, nu),
                               as_dict(keys, nu_max) if nu_max is not None else None)
         return as_dict(keys, direction), new_state
@@ -297,18 +296,18 @@ def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool =
                inplace: bool = False) -> tuple[Updates, OptState]:
         if params is None and weight_decay:
             raise ValueError("sgd with weight_decay needs the params passed to update()")
-        lr = schedule(state.count).to(torch.float32)
+        (neg_lr,) = per_step(-schedule(state.count).to(torch.float32))
         keys, d, new_state = direction(updates, state, params or {}, inplace)
-        return as_dict(keys, foreach("mul", d, -lr, inplace=inplace)), new_state
+        return as_dict(keys, foreach("mul", d, neg_lr, inplace=inplace)), new_state
 
     def step(grads: Updates, state: OptState, params: Params, *, inplace: bool = False
              ) -> tuple[Params, OptState]:
-        lr = schedule(state.count).to(torch.float32)  # before direction() counts up (in place when donating)
+        (neg_lr,) = per_step(-schedule(state.count).to(torch.float32))  # before direction() counts up
         keys, d, new_state = direction(grads, state, params, inplace)
         p = values(params, keys)
         if not callable(learning_rate):  # a constant: torch's add(alpha=-lr), one rounding
             return as_dict(keys, foreach("add", p, d, alpha=-float(learning_rate), inplace=inplace)), new_state
-        d = foreach("mul", d, -lr, inplace=inplace)  # d is a temporary
+        d = foreach("mul", d, neg_lr, inplace=inplace)  # d is a temporary
         return as_dict(keys, foreach("add", p, d, inplace=inplace)), new_state
 
     return GradientTransformation(init, update, step, schedule)
@@ -353,12 +352,15 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, wei
         nu = foreach("addcmul", nu, g, g, 1.0 - b2, inplace=inplace)
         nu_max = foreach("maximum", values(state.nu_max, keys), nu, inplace=inplace) if amsgrad else None
         t = count.to(torch.float64)
-        step_size = (-(lr / (1.0 - b1**t))).to(torch.float32)
+        # the scalars: Adam's step size and bias correction, AdamW's decay factors (unused if no decay)
+        step_size, bc2_sqrt, keep, shrink = per_step(
+            (-(lr / (1.0 - b1**t))).to(torch.float32), torch.sqrt(1.0 - b2**t).to(torch.float32),
+            (1.0 - lr * weight_decay).to(torch.float32), (-lr * weight_decay).to(torch.float32))
         denom = list(torch._foreach_sqrt(nu_max if amsgrad else nu))
-        torch._foreach_div_(denom, torch.sqrt(1.0 - b2**t).to(torch.float32))
+        torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
         new_state = AdamState(count, as_dict(keys, mu), as_dict(keys, nu), as_dict(keys, nu_max) if amsgrad else None)
-        return keys, mu, denom, step_size, lr, decay, new_state
+        return keys, mu, denom, step_size, (keep, shrink), decay, new_state
 
     def direction(mu: list[torch.Tensor], denom: list[torch.Tensor], step_size: torch.Tensor) -> list[torch.Tensor]:
         # torch's addcdiv computes (value * t1) / t2: the same order, op by op
@@ -370,19 +372,18 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, wei
                inplace: bool = False) -> tuple[Updates, OptState]:
         if params is None and weight_decay:
             raise ValueError("adam/adamw with weight_decay needs the params passed to update()")
-        keys, mu, denom, step_size, lr, decay, new_state = moments(updates, state, params or {}, inplace)
+        keys, mu, denom, step_size, (_, shrink), decay, new_state = moments(updates, state, params or {}, inplace)
         out = as_dict(keys, direction(mu, denom, step_size))
         if decay and decoupled:
-            decayed = torch._foreach_mul(values(params, decay), (-lr * weight_decay).to(torch.float32))
+            decayed = torch._foreach_mul(values(params, decay), shrink)
             out.update(as_dict(decay, torch._foreach_add(values(out, decay), decayed)))
         return out, new_state
 
     def foreach_step(grads: Updates, state: AdamState, params: Params, inplace: bool) -> tuple[Params, OptState]:
-        keys, mu, denom, step_size, lr, decay, new_state = moments(grads, state, params, inplace)
+        keys, mu, denom, step_size, (keep, _), decay, new_state = moments(grads, state, params, inplace)
         p = dict(params)
         if decay and decoupled:  # AdamW: param *= 1 - lr * wd, before the Adam update
-            p.update(as_dict(decay, foreach("mul", values(p, decay), (1.0 - lr * weight_decay).to(torch.float32),
-                                            inplace=inplace)))
+            p.update(as_dict(decay, foreach("mul", values(p, decay), keep, inplace=inplace)))
         d = direction(mu, denom, step_size)
         return as_dict(keys, foreach("add", values(p, keys), d, inplace=inplace)), new_state
 
