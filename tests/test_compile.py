@@ -86,3 +86,28 @@ def test_compiled_skip_and_raise():
     with pytest.raises(fnlight.train.NonFiniteError, match="at step 0.*on_nonfinite='skip'"):
         raising(state, bad)
     assert tree_equal(state.params, fnlight.TrainState.create(model, opt).params)  # the pure input is intact
+
+
+def test_a_smaller_last_batch_compiles_a_graph_of_its_own():
+    """Batch sizes change (an epoch's last batch): each shape gets a static graph. Dynamo's
+    automatic dynamic shapes would retrace with a symbolic batch size, on which dropout under
+    torch.func.grad fails ("Cannot call numel() on tensor with symbolic sizes")."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    model = mlp(dropout=0.3)
+    opt = fo.adam(1e-2)
+    eager_step = fnlight.make_train_step(model, loss_fn, opt)
+    step = fnlight.make_train_step(model, loss_fn, opt, compile={"backend": counter})
+    eager = compiled = fnlight.TrainState.create(model, opt, seed=1)
+    x, y = data(120)
+    sizes = [16, 16, 10, 16, 10, 7, 16]
+    for start, n in zip([sum(sizes[:i]) for i in range(len(sizes))], sizes, strict=True):
+        batch = (x[start:start + n], y[start:start + n])
+        eager, em = eager_step(eager, batch)
+        compiled, cm = step(compiled, batch)
+        torch.testing.assert_close(cm["loss"], em["loss"], rtol=1e-4, atol=1e-5)
+    for k in eager.params:
+        torch.testing.assert_close(compiled.params[k], eager.params[k], rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 3  # one graph per batch size: 16, 10, 7
