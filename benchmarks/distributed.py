@@ -105,6 +105,7 @@ def rank_main(args: argparse.Namespace) -> None:
     if distributed.rank() == 0:
         Path(args.out).write_text(json.dumps({"steps_per_s_2ranks": min(rates), "allreduce_flat_s": flat,
                                               "allreduce_per_tensor_s": per}))
+    distributed.barrier()  # as fnlight's CLI: no rank tears the group down while the other is still busy
     torch.distributed.destroy_process_group()
 
 
