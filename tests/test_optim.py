@@ -243,3 +243,20 @@ def test_donation_reads_the_schedule_at_the_same_step(opt, fused):
 def test_chain_knows_its_learning_rate():
     sched = fo.linear_warmup(1.0, 4)
     assert fo.chain(fo.scale_by_adam(), fo.scale_by_learning_rate(sched)).learning_rate is sched
+
+
+def test_per_step_scalars_are_unchanged_eager_and_compiled():
+    """per_step only changes how inductor stores the scalars (one buffer instead of a
+    recomputation per vector), never their values; one scalar works too."""
+    from fnlight.optim._base import per_step
+
+    def f(count):
+        t = count.to(torch.float64)
+        a, b = per_step((1.0 - 0.9**t).to(torch.float32), torch.sqrt(1.0 - 0.999**t).to(torch.float32))
+        (c,) = per_step(torch.cos(t).to(torch.float32))
+        return a, b, c
+
+    count = torch.tensor(7)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(count), f(count), strict=True):
+        assert got.shape == () and torch.equal(got, want)
