@@ -352,15 +352,16 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, wei
         nu = foreach("addcmul", nu, g, g, 1.0 - b2, inplace=inplace)
         nu_max = foreach("maximum", values(state.nu_max, keys), nu, inplace=inplace) if amsgrad else None
         t = count.to(torch.float64)
-        # the scalars: Adam's step size and bias correction, AdamW's decay factors (unused if no decay)
-        step_size, bc2_sqrt, keep, shrink = per_step(
-            (-(lr / (1.0 - b1**t))).to(torch.float32), torch.sqrt(1.0 - b2**t).to(torch.float32),
-            (1.0 - lr * weight_decay).to(torch.float32), (-lr * weight_decay).to(torch.float32))
+        # the scalars: Adam's step size and bias correction, and AdamW's decay factors
+        scalars = [(-(lr / (1.0 - b1**t))).to(torch.float32), torch.sqrt(1.0 - b2**t).to(torch.float32)]
+        if decay and decoupled:
+            scalars += [(1.0 - lr * weight_decay).to(torch.float32), (-lr * weight_decay).to(torch.float32)]
+        step_size, bc2_sqrt, *factors = per_step(*scalars)
         denom = list(torch._foreach_sqrt(nu_max if amsgrad else nu))
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
         new_state = AdamState(count, as_dict(keys, mu), as_dict(keys, nu), as_dict(keys, nu_max) if amsgrad else None)
-        return keys, mu, denom, step_size, (keep, shrink), decay, new_state
+        return keys, mu, denom, step_size, factors, decay, new_state
 
     def direction(mu: list[torch.Tensor], denom: list[torch.Tensor], step_size: torch.Tensor) -> list[torch.Tensor]:
         # torch's addcdiv computes (value * t1) / t2: the same order, op by op
@@ -372,18 +373,18 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float, wei
                inplace: bool = False) -> tuple[Updates, OptState]:
         if params is None and weight_decay:
             raise ValueError("adam/adamw with weight_decay needs the params passed to update()")
-        keys, mu, denom, step_size, (_, shrink), decay, new_state = moments(updates, state, params or {}, inplace)
+        keys, mu, denom, step_size, factors, decay, new_state = moments(updates, state, params or {}, inplace)
         out = as_dict(keys, direction(mu, denom, step_size))
         if decay and decoupled:
-            decayed = torch._foreach_mul(values(params, decay), shrink)
+            decayed = torch._foreach_mul(values(params, decay), factors[1])
             out.update(as_dict(decay, torch._foreach_add(values(out, decay), decayed)))
         return out, new_state
 
     def foreach_step(grads: Updates, state: AdamState, params: Params, inplace: bool) -> tuple[Params, OptState]:
-        keys, mu, denom, step_size, (keep, _), decay, new_state = moments(grads, state, params, inplace)
+        keys, mu, denom, step_size, factors, decay, new_state = moments(grads, state, params, inplace)
         p = dict(params)
         if decay and decoupled:  # AdamW: param *= 1 - lr * wd, before the Adam update
-            p.update(as_dict(decay, foreach("mul", values(p, decay), keep, inplace=inplace)))
+            p.update(as_dict(decay, foreach("mul", values(p, decay), factors[0], inplace=inplace)))
         d = direction(mu, denom, step_size)
         return as_dict(keys, foreach("add", values(p, keys), d, inplace=inplace)), new_state
 
