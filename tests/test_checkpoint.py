@@ -339,3 +339,7 @@ def test_version_1_checkpoints_still_load(tmp_path):
     meta.write_text(json.dumps(doc))
     with pytest.raises(CorruptCheckpointError, match="corrupted"):
         fnlight.load_checkpoint(tmp_path / "ck")
+    doc["version"] = 99  # from a future fnlight
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="not a fnlight checkpoint of version 1 or 2 .*version 99"):
+        fnlight.load_checkpoint(tmp_path / "ck")

@@ -13,7 +13,7 @@ Layout of ``<path>/``:
   fnlight and torch versions, and the sha256 of each tensor file
   (``tensor_files``: name -> sha256; what ``sha256sum`` prints for it).
 
-Writing is atomic: both files go into a temp directory next to the target,
+Writing is atomic: all files go into a temp directory next to the target,
 are fsynced with the directory, and the directory is renamed into place; a
 reader sees the old checkpoint or the new one, never a half-written one.
 Loading never unpickles: a directory holding any other file is refused, and a
@@ -397,7 +397,7 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
     except (OSError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{path / META} is missing or not JSON ({e})") from None
     if doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
-        raise CheckpointError(f"{path} is not a fnlight checkpoint of version {VERSION} "
+        raise CheckpointError(f"{path} is not a fnlight checkpoint of version 1 or {VERSION} "
                               f"(format {doc.get('format')!r}, version {doc.get('version')!r})")
     files = _recorded_files(path, doc)
     with ThreadPoolExecutor(_workers(len(files)), thread_name_prefix="fnlight-shard") as pool:
