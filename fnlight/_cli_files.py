@@ -49,7 +49,9 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
         "history": history, "callbacks": sorted(meta.get("callbacks") or {}),
         "tensors": rows, "total_bytes": sum(r["bytes"] for r in rows),
         "num_params": sum(t.numel() for k, t in tensors.items() if k.startswith("params/")),
-        "sha256": doc.get("tensor_files") or {TENSORS: doc.get("tensors_sha256")}, "checksum": "OK",
+        # sha256: the tensor file's when there is one (None for shards); tensor_files: every file's
+        "sha256": doc.get("tensors_sha256"),
+        "tensor_files": doc.get("tensor_files") or {TENSORS: doc.get("tensors_sha256")}, "checksum": "OK",
     }
 
 
@@ -85,7 +87,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
     lines += [f"{r['name']:<{width}}  {s:<{sw}}  {r['dtype']:<9}  {r['bytes']:>12,}" for r, s in zip(rows, shapes,
                                                                                                        strict=True)]
     lines += [f"total: {len(rows)} tensors, {_size(info['total_bytes'])}; {info['num_params']:,} parameters",
-              *(f"checksum OK ({name}: sha256 {sha})" for name, sha in info["sha256"].items())]
+              *(f"checksum OK ({name}: sha256 {sha})" for name, sha in info["tensor_files"].items())]
     return lines
 
 

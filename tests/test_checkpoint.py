@@ -255,7 +255,7 @@ def test_a_malformed_tensor_file_with_a_matching_checksum_is_refused(tmp_path, d
         raw = struct.pack("<Q", len(head)) + head + raw[8 + n:]
     tf.write_bytes(raw)
     doc = json.loads(meta.read_text())
-    doc["tensor_files"]["tensors.safetensors"] = hashlib.sha256(raw).hexdigest()
+    doc["tensors_sha256"] = hashlib.sha256(raw).hexdigest()
     meta.write_text(json.dumps(doc))
     with pytest.raises(CorruptCheckpointError, match="not a valid safetensors file"):
         fnlight.load_checkpoint(tmp_path / "ck")
@@ -275,6 +275,7 @@ def test_a_large_state_is_sharded_and_every_shard_is_checked(tmp_path, monkeypat
     doc = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
     files = doc["tensor_files"]
     n = len(files)
+    assert doc["version"] == 2 and "tensors_sha256" not in doc
     assert n > 2 and sorted(files) == [f"tensors-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([*files, "checkpoint.json"])
     names = []
@@ -324,17 +325,28 @@ def test_sharding_is_an_ordered_partition_into_at_most_max_shards(sizes, shard):
         assert list(files) == ["tensors.safetensors"]
 
 
-def test_version_1_checkpoints_still_load(tmp_path):
-    """Checkpoints written before sharding (one file, ``tensors_sha256``) load unchanged."""
+def test_one_file_checkpoints_keep_format_version_1(tmp_path):
+    """A state that fits one file is written as before shards existed (version 1, ``tensors_sha256``),
+    so older fnlight releases read it; a sharded one is version 2."""
     import json
+
+    from fnlight.train import checkpoint
 
     _, _, _, state = trained()
     fnlight.save_checkpoint(tmp_path / "ck", state)
     meta = tmp_path / "ck" / "checkpoint.json"
     doc = json.loads(meta.read_text())
-    doc["version"], doc["tensors_sha256"] = 1, doc.pop("tensor_files")["tensors.safetensors"]
-    meta.write_text(json.dumps(doc))
+    assert doc["version"] == 1 and "tensor_files" not in doc
+    assert doc["tensors_sha256"] == hashlib.sha256((tmp_path / "ck" / "tensors.safetensors").read_bytes()).hexdigest()
     assert tree_equal(fnlight.load_checkpoint(tmp_path / "ck", like=state)[0], state)
+    old = checkpoint.SHARD_BYTES
+    checkpoint.SHARD_BYTES = 600
+    try:
+        fnlight.save_checkpoint(tmp_path / "sharded", state)
+    finally:
+        checkpoint.SHARD_BYTES = old
+    sharded = json.loads((tmp_path / "sharded" / "checkpoint.json").read_text())
+    assert sharded["version"] == 2 and "tensors_sha256" not in sharded and len(sharded["tensor_files"]) > 1
     doc["tensors_sha256"] = "0" * 64
     meta.write_text(json.dumps(doc))
     with pytest.raises(CorruptCheckpointError, match="corrupted"):
@@ -343,3 +355,30 @@ def test_version_1_checkpoints_still_load(tmp_path):
     meta.write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="not a fnlight checkpoint of version 1 or 2 .*version 99"):
         fnlight.load_checkpoint(tmp_path / "ck")
+
+
+EXITING_WRITER = r"""
+import sys, time, torch
+from fnlight.train import checkpoint
+from fnlight.train.checkpoint import AsyncCheckpointer
+checkpoint.SHARD_BYTES = 1 << 20  # 4 shards
+shards = checkpoint._shards
+def late_shards(tensors):  # the write starts once the main thread has ended
+    time.sleep(0.5)
+    return shards(tensors)
+checkpoint._shards = late_shards
+writer = AsyncCheckpointer()
+writer.save(sys.argv[1], {f"w{k}": torch.full((300_000,), float(k)) for k in range(4)})
+# no wait() or close(): the program ends before the write starts
+"""
+
+
+def test_an_async_write_in_flight_when_the_program_ends_still_completes(tmp_path):
+    """The interpreter waits for the writer thread; the shards are written by plain threads,
+    which (unlike an executor's) still start while the interpreter shuts down."""
+    out = subprocess.run([sys.executable, "-c", EXITING_WRITER, str(tmp_path / "ck")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    state, _ = fnlight.load_checkpoint(tmp_path / "ck")
+    assert len(list((tmp_path / "ck").glob("tensors-*-of-00004.safetensors"))) == 4
+    assert all(torch.equal(state[f"w{k}"], torch.full((300_000,), float(k))) for k in range(4))

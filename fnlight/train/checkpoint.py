@@ -10,8 +10,10 @@ Layout of ``<path>/``:
 - ``checkpoint.json``: the state's structure (node types and field names, so
   it is rebuilt without unpickling anything), step, key, the caller's ``meta``
   (epoch, position, callback states, pipeline fingerprint and description...),
-  fnlight and torch versions, and the sha256 of each tensor file
-  (``tensor_files``: name -> sha256; what ``sha256sum`` prints for it).
+  fnlight and torch versions, and the sha256 of each tensor file (what
+  ``sha256sum`` prints for it): ``tensors_sha256`` for one file (format
+  version 1, which older fnlight releases read too), ``tensor_files``
+  (name -> sha256) for shards (version 2).
 
 Writing is atomic: all files go into a temp directory next to the target,
 are fsynced with the directory, and the directory is renamed into place; a
@@ -38,6 +40,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import uuid
 import warnings
 from collections.abc import Callable
@@ -53,11 +56,13 @@ from . import _safetensors
 from .state import TrainState
 
 FORMAT = "fnlight-checkpoint"
-VERSION = 2  # 2: ``tensor_files`` (sharded); 1 (still read): one ``tensors.safetensors`` and ``tensors_sha256``
+# Version 1: one ``tensors.safetensors`` and its ``tensors_sha256``; what is still written when the state fits
+# one file, so that older fnlight releases read it. Version 2: shards, listed in ``tensor_files``.
+VERSION = 2
 TENSORS, META = "tensors.safetensors", "checkpoint.json"
 SHARD_BYTES = 1 << 27  # 128 MiB: above this a state is sharded, so files are written and hashed in parallel
 MAX_SHARDS = 16  # ...into at most this many files (bigger shards beyond 2 GiB)
-_TENSOR_FILE = re.compile(r"tensors(-(\d{5})-of-(\d{5}))?\.safetensors")
+_TENSOR_FILE = re.compile(r"tensors(-[0-9]{5}-of-[0-9]{5})?\.safetensors")
 
 #: Named tuples a checkpoint may contain (optimizer states); looked up by name, never imported from the file.
 NAMED_TUPLES: dict[str, type] = {
@@ -146,7 +151,8 @@ def _decode(spec: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # -- saving -------------------------------------------------------------------
 
 def _prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state's tensors by name, and the JSON document (everything but the tensor files' sha256s)."""
+    """The state's tensors by name, and the JSON document (but the tensor files' sha256s; ``_write``
+    sets those, and the version: 1 for one file, 2 for shards)."""
     from .. import __version__
 
     tensors: dict[str, torch.Tensor] = {}
@@ -160,14 +166,44 @@ def _prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.T
     return tensors, doc
 
 
-def _workers(n: int) -> int:
-    """Threads for ``n`` files: one per file, at most one per usable core."""
+def _each(fn: Callable[[str], Any], names: list[str]) -> list[Any]:
+    """``[fn(name) for name in names]``, on up to one thread per usable core.
+
+    Plain threads, not a ThreadPoolExecutor: an executor refuses new work once the
+    interpreter is shutting down, and a write that an AsyncCheckpointer started just
+    before the program ended must still complete (as a one-file write always did).
+    """
+    if len(names) == 1:
+        return [fn(names[0])]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(n, cores))
+    results: list[Any] = [None] * len(names)
+    errors: list[BaseException] = []
+    todo = iter(range(len(names)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while not errors:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(names[i])
+            except BaseException as e:  # re-raised below, in the caller's thread
+                errors.append(e)
+
+    threads = [threading.Thread(target=work, name="fnlight-shard") for _ in range(min(len(names), cores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _shards(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Split ``tensors`` (in order, whole tensors) into files of about equal size: file name -> tensors.
+    """Split ``tensors`` (in order, whole tensors) into files of roughly equal size: file name -> tensors.
 
     Depends only on the tensors' sizes, not on the machine, so the same state always gives the same files.
     """
@@ -191,10 +227,12 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) ->
     tmp.mkdir()
     try:
         files = _shards(tensors)
-        with ThreadPoolExecutor(_workers(len(files)), thread_name_prefix="fnlight-shard") as pool:
-            # each file is hashed while it is written (see _safetensors.write)
-            hashes = list(pool.map(lambda name: _safetensors.write(tmp / name, files[name]), files))
-        doc = {**doc, "tensor_files": dict(zip(files, hashes, strict=True))}
+        # each file is hashed while it is written (see _safetensors.write)
+        hashes = _each(lambda name: _safetensors.write(tmp / name, files[name]), list(files))
+        if list(files) == [TENSORS]:
+            doc = {**doc, "version": 1, "tensors_sha256": hashes[0]}
+        else:
+            doc = {**doc, "version": 2, "tensor_files": dict(zip(files, hashes, strict=True))}
         with open(tmp / META, "w") as f:
             json.dump(doc, f, indent=1)
             f.flush()
@@ -400,8 +438,7 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
         raise CheckpointError(f"{path} is not a fnlight checkpoint of version 1 or {VERSION} "
                               f"(format {doc.get('format')!r}, version {doc.get('version')!r})")
     files = _recorded_files(path, doc)
-    with ThreadPoolExecutor(_workers(len(files)), thread_name_prefix="fnlight-shard") as pool:
-        read = list(pool.map(lambda name: _safetensors.read(path / name), files))  # each hashed while read
+    read = _each(lambda name: _safetensors.read(path / name), list(files))  # each hashed while read
     for (name, recorded), (_, actual) in zip(files.items(), read, strict=True):
         if actual != recorded:
             raise CorruptCheckpointError(f"{path / name} is corrupted: its sha256 is {actual}, the checkpoint "

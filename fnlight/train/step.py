@@ -381,7 +381,8 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
             (``True``, or a dict of ``torch.compile`` options such as ``{"backend": "aot_eager"}``).
             Shapes are static (``dynamic=False`` unless the dict says otherwise): a batch of
             a new size, such as an epoch's smaller last batch, compiles a graph of its own
-            once. On the CPU, ``True`` uses inductor's C++ wrapper (``cpp_wrapper``).
+            once (up to Dynamo's ``recompile_limit``, 8; beyond it, eager with a warning).
+            On the CPU, ``True`` uses inductor's C++ wrapper (``cpp_wrapper``).
             A learning-rate schedule is traced from the step counter, so it does
             not cause recompilation.
         donate: reuse the input state's memory (parameters, optimizer state and
