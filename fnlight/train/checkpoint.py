@@ -157,7 +157,7 @@ def _prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.T
 
     tensors: dict[str, torch.Tensor] = {}
     doc: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "structure": _encode(state, "", tensors),
+        "format": FORMAT, "structure": _encode(state, "", tensors),
         "meta": json.loads(json.dumps(meta or {})),  # JSON-able now (and a copy), not at load time
         "versions": {"fnlight": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
     }
@@ -230,9 +230,9 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) ->
         # each file is hashed while it is written (see _safetensors.write)
         hashes = _each(lambda name: _safetensors.write(tmp / name, files[name]), list(files))
         if list(files) == [TENSORS]:
-            doc = {**doc, "version": 1, "tensors_sha256": hashes[0]}
+            doc = {"format": FORMAT, "version": 1, **doc, "tensors_sha256": hashes[0]}
         else:
-            doc = {**doc, "version": 2, "tensor_files": dict(zip(files, hashes, strict=True))}
+            doc = {"format": FORMAT, "version": 2, **doc, "tensor_files": dict(zip(files, hashes, strict=True))}
         with open(tmp / META, "w") as f:
             json.dump(doc, f, indent=1)
             f.flush()
