@@ -1,5 +1,6 @@
 """Laws of the functional train and eval steps."""
 
+import contextlib
 import copy
 
 import pytest
@@ -218,11 +219,14 @@ def test_known_torch_func_traps_are_explained(tmp_path):
 
     def checkpointed(model_fn, batch, key):
         x, _ = batch
-        return torch.utils.checkpoint.checkpoint(model_fn, x, use_reentrant=True).sum()
+        return torch.utils.checkpoint.checkpoint(model_fn, x, use_reentrant=False).sum()
 
-    with pytest.raises(TorchFuncTrapError, match="activation checkpointing"):
-        fnlight.make_train_step(lin, checkpointed, fo.sgd(0.1))(fnlight.TrainState.create(lin, fo.sgd(0.1)),
-                                                                 batches(1)[0])
+    # under torch.func.grad (the compiled step's gradients) activation checkpointing cannot work
+    with pytest.raises(TorchFuncTrapError, match="Checkpoint in the eager step"):
+        fnlight.make_train_step(lin, checkpointed, fo.sgd(0.1), compile={"backend": "eager"})(
+            fnlight.TrainState.create(lin, fo.sgd(0.1)), batches(1)[0])
+    # ... and the failed trace leaves checkpointing usable in the eager step (torch would not)
+    fnlight.make_train_step(lin, checkpointed, fo.sgd(0.1))(fnlight.TrainState.create(lin, fo.sgd(0.1)), batches(1)[0])
 
     import torch.distributed as dist
 
@@ -233,6 +237,83 @@ def test_known_torch_func_traps_are_explained(tmp_path):
             fnlight.make_train_step(ddp, loss_fn, fo.sgd(0.1))
     finally:
         dist.destroy_process_group()
+
+
+def _under_a_transform(step, state, batch):
+    """``step(state, batch)`` run inside ``torch.func.grad`` of a function that does not use it:
+    a transform is active, which sends the step down its grad_and_value path."""
+    out = []
+
+    def f(t):
+        out.append(step(state, batch))
+        return t.sum()
+
+    torch.func.grad(f)(torch.zeros(()))
+    return out[0]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(accumulate=2), dict(clip=0.5), dict(precision="bf16-mixed")])
+@pytest.mark.parametrize("model_kw", [dict(), dict(bn=True, dropout=0.3)])
+def test_direct_gradients_equal_grad_and_value_bitwise(kw, model_kw):
+    """The eager step takes gradients with torch.autograd.grad where torch.func.grad_and_value
+    would compute the same thing; inside a torch.func transform it uses grad_and_value. Both give
+    bitwise equal steps (dropout masks and BatchNorm statistics included)."""
+    model = mlp(**model_kw)
+    opt = fo.adamw(1e-2)
+    step = fnlight.make_train_step(model, loss_fn, opt, **kw)
+    state = fnlight.TrainState.create(model, opt, seed=3)
+    via_func = via_autograd = state
+    for b in batches(3):
+        via_autograd, m_autograd = step(via_autograd, b)
+        via_func, m_func = _under_a_transform(step, via_func, b)
+        assert tree_equal(m_autograd, m_func)
+    assert tree_equal(via_autograd, via_func)
+    assert not tree_equal(via_autograd.params, state.params)
+
+
+def test_unused_parameters_get_zero_gradients_as_with_grad_and_value():
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = TwoHeads()
+    step = fnlight.make_train_step(model, loss_fn, fo.sgd(0.1))
+    state = fnlight.TrainState.create(model, fo.sgd(0.1))
+    new, _ = step(state, batches(1)[0])
+    assert torch.equal(new.params["unused.weight"], state.params["unused.weight"])
+    assert not torch.equal(new.params["used.weight"], state.params["used.weight"])
+
+
+def test_activation_checkpointing_works_in_the_eager_step():
+    model = mlp(dropout=0.3)
+    opt = fo.adam(1e-2)
+
+    def checkpointed(model_fn, batch, key):
+        x, y = batch
+        return F.cross_entropy(torch.utils.checkpoint.checkpoint(model_fn, x, use_reentrant=False), y)
+
+    plain = run(fnlight.make_train_step(model, loss_fn, opt), fnlight.TrainState.create(model, opt), batches(3))
+    ckpt = run(fnlight.make_train_step(model, checkpointed, opt), fnlight.TrainState.create(model, opt), batches(3))
+    # the recomputed forward sees the same dropout masks (checkpoint restores the generator it seeded)
+    assert tree_equal(plain, ckpt)
+
+
+def test_a_loss_that_does_not_depend_on_the_parameters_is_an_error():
+    model = mlp()
+    state = fnlight.TrainState.create(model, fo.sgd(0.1))
+
+    def reentrant(model_fn, batch, key):  # the input does not require grad: the graph is cut
+        x, y = batch
+        return F.cross_entropy(torch.utils.checkpoint.checkpoint(model_fn, x, use_reentrant=True), y)
+
+    for bad in (lambda mf, b, k: b[0].sum(), reentrant):
+        with pytest.raises(ValueError, match="does not depend on the parameters"), \
+                pytest.warns(UserWarning) if bad is reentrant else contextlib.nullcontext():
+            fnlight.make_train_step(model, bad, fo.sgd(0.1))(state, batches(1)[0])
 
 
 def test_argument_checks():
