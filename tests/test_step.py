@@ -316,6 +316,29 @@ def test_a_loss_that_does_not_depend_on_the_parameters_is_an_error():
             fnlight.make_train_step(model, bad, fo.sgd(0.1))(state, batches(1)[0])
 
 
+def test_tied_weights_stay_tied():
+    """A weight shared by two layers is one parameter of the state, used by both (as
+    torch.optim sees it): fnlight's step equals a plain PyTorch loop."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3))
+    model[2].weight = model[0].weight
+    reference = copy.deepcopy(model)
+    opt = fo.sgd(0.1, momentum=0.9)
+    state = fnlight.TrainState.create(model, opt)
+    assert "2.weight" not in state.params
+    state = run(fnlight.make_train_step(model, loss_fn, opt), state, batches(3))
+    torch_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches(3):
+        torch_opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        torch_opt.step()
+    for k, p in reference.named_parameters():
+        torch.testing.assert_close(state.params[k], p.detach(), rtol=1e-6, atol=1e-7)
+    x, y = batches(1)[0]
+    metrics = fnlight.make_eval_step(model, metrics_fn)(state, (x, y))
+    torch.testing.assert_close(metrics["loss"], F.cross_entropy(reference.eval()(x), y))
+
+
 def test_argument_checks():
     with pytest.raises(ValueError, match="precision"):
         fnlight.make_train_step(mlp(), loss_fn, fo.sgd(0.1), precision="16")
