@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -252,12 +253,19 @@ def _under_a_transform(step, state, batch):
     return out[0]
 
 
+def smooth_net():
+    """A model whose backward formulas depend on grad mode (SiLU, GroupNorm)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GroupNorm(4, 16), torch.nn.SiLU(),
+                               torch.nn.Linear(16, 3))
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(accumulate=2), dict(clip=0.5), dict(precision="bf16-mixed")])
 @pytest.mark.parametrize("model_kw", [dict(), dict(bn=True, dropout=0.3)])
-def test_direct_gradients_equal_grad_and_value_bitwise(kw, model_kw):
-    """The eager step takes gradients with torch.autograd.grad where torch.func.grad_and_value
-    would compute the same thing; inside a torch.func transform it uses grad_and_value. Both give
-    bitwise equal steps (dropout masks and BatchNorm statistics included)."""
+def test_eager_gradients_agree_with_the_grad_and_value_path(kw, model_kw):
+    """The eager step takes gradients with torch.autograd.grad; inside a torch.func transform it
+    uses grad_and_value. For a ReLU MLP (BatchNorm statistics and dropout masks included) the two
+    give bitwise equal steps."""
     model = mlp(**model_kw)
     opt = fo.adamw(1e-2)
     step = fnlight.make_train_step(model, loss_fn, opt, **kw)
@@ -269,6 +277,91 @@ def test_direct_gradients_equal_grad_and_value_bitwise(kw, model_kw):
         assert tree_equal(m_autograd, m_func)
     assert tree_equal(via_autograd, via_func)
     assert not tree_equal(via_autograd.params, state.params)
+
+
+def test_eager_step_computes_what_a_plain_pytorch_loop_computes():
+    """Bitwise a loss.backward() loop, for ops whose backward formula depends on grad mode
+    (grad_and_value's create_graph=True backward differs from it in the last bits there)."""
+    model, reference = smooth_net(), smooth_net()
+    opt = fo.sgd(0.1)
+    step = fnlight.make_train_step(model, loss_fn, opt)
+    state = via_func = fnlight.TrainState.create(model, opt)
+    torch_opt = torch.optim.SGD(reference.parameters(), lr=0.1, foreach=True)
+    for b in batches(3):
+        state, _ = step(state, b)
+        via_func, _ = _under_a_transform(step, via_func, b)
+        torch_opt.zero_grad()
+        F.cross_entropy(reference(b[0]), b[1]).backward()
+        torch_opt.step()
+    assert tree_equal(state.params, {k: p.detach() for k, p in reference.named_parameters()})
+    tree_map(lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6), state.params, via_func.params)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_the_step_runs_on_a_state_of_inference_tensors(bn):
+    model = mlp(bn=bn)
+    opt = fo.adam(1e-2)
+    step = fnlight.make_train_step(model, loss_fn, opt)
+    state = fnlight.TrainState.create(model, opt)
+    b = batches(1)[0]
+    with torch.inference_mode():  # e.g. a state loaded or built under inference mode
+        frozen = tree_map(lambda t: t.clone(), state)
+    assert all(p.is_inference() for p in frozen.params.values())
+    assert tree_equal(step(frozen, b)[0], step(state, b)[0])
+    if not bn:  # (BatchNorm cannot update its statistics under inference mode, with or without fnlight)
+        with torch.inference_mode():
+            inside, _ = step(state, b)
+        assert tree_equal(inside, step(state, b)[0])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set size from /proc")
+def test_an_outer_autocast_does_not_accumulate_casts():
+    """Autocast caches casts of leaves that require grad until the outermost autocast exits: each
+    step's fresh leaves must not pile up in a caller's autocast (8 MiB of bf16 weights a step here)."""
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048),
+                                torch.nn.ReLU(), torch.nn.Linear(2048, 3))
+    opt = fo.sgd(0.01)
+    step = fnlight.make_train_step(model, loss_fn, opt, precision="bf16-mixed", donate=True)
+    state = fnlight.TrainState.create(model, opt)
+    b = data(8, din=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            state, _ = step(state, b)
+        before = rss_mib()
+        for _ in range(12):
+            state, _ = step(state, b)
+        grown = rss_mib() - before
+    assert grown < 40, f"resident memory grew by {grown:.0f} MiB in 12 steps"
+
+
+def test_a_parameter_used_through_a_broadcast_trains():
+    """Its gradient is an expanded tensor (stride 0), which in-place kernels cannot write."""
+    class Offset(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.scale = torch.nn.Linear(6, 3), torch.nn.Parameter(torch.ones(3, 4))
+
+        def forward(self, x):
+            return self.linear(x) * self.scale.sum() / 12
+
+    torch.manual_seed(0)
+    reference = Offset()
+    torch_opt = torch.optim.Adam(reference.parameters(), lr=0.1, foreach=True)
+    x, y = batches(1)[0]
+    assert 0 in torch.autograd.grad(F.cross_entropy(reference(x), y), reference.scale)[0].stride()
+    torch_opt.zero_grad()
+    F.cross_entropy(reference(x), y).backward()
+    torch_opt.step()
+    for kw in (dict(), dict(on_nonfinite="skip"), dict(donate=True)):
+        torch.manual_seed(0)
+        model = Offset()
+        state = fnlight.TrainState.create(model, fo.adam(0.1))
+        new, _ = fnlight.make_train_step(model, loss_fn, fo.adam(0.1), **kw)(state, batches(1)[0])
+        torch.testing.assert_close(new.params["scale"], reference.scale.detach())
 
 
 def test_unused_parameters_get_zero_gradients_as_with_grad_and_value():
@@ -314,6 +407,11 @@ def test_a_loss_that_does_not_depend_on_the_parameters_is_an_error():
         with pytest.raises(ValueError, match="does not depend on the parameters"), \
                 pytest.warns(UserWarning) if bad is reentrant else contextlib.nullcontext():
             fnlight.make_train_step(model, bad, fo.sgd(0.1))(state, batches(1)[0])
+
+    frozen = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fnlight.make_train_step(frozen, loss_fn, fo.sgd(0.1))(fnlight.TrainState.create(frozen, fo.sgd(0.1)),
+                                                              batches(1)[0])
 
 
 def test_tied_weights_stay_tied():

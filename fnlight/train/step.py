@@ -9,8 +9,9 @@ and BatchNorm's running statistics update clones that come back as the new
 state's buffers. With ``sync_batchnorm=True`` and several ranks, BatchNorm's
 batch statistics are those of all ranks together (see :mod:`fnlight.train.syncbn`).
 
-Gradients are ``torch.func.grad_and_value``'s; the eager step computes the same
-values with ``torch.autograd.grad`` where no transform encloses it (see ``TrainStep._eager_grads``).
+Gradients come from ``torch.func.grad_and_value`` under ``compile=True`` or another
+``torch.func`` transform; the eager step otherwise takes them with ``torch.autograd.grad``,
+as a plain PyTorch loop does, which is faster (see ``TrainStep._eager_grads``).
 
 Example:
     >>> import torch, fnlight, fnlight.optim as fo
@@ -78,12 +79,14 @@ def _explain_traps() -> Iterator[None]:
     hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled()
     try:
         yield
-    except (RuntimeError, ValueError) as e:
+    except BaseException as e:
         if hooks_enabled and not torch._C._autograd._saved_tensors_hooks_is_enabled():
             # When Dynamo's trace of grad_and_value fails, torch (2.13) leaves grad_and_value's
             # disable_saved_tensors_hooks in force, and every later torch.utils.checkpoint in the
             # process fails: undo it.
             torch._C._autograd._saved_tensors_hooks_enable()
+        if not isinstance(e, RuntimeError | ValueError):
+            raise
         text = str(e)
         for needles, advice in _TRAPS:
             if all(n in text for n in needles):
@@ -115,7 +118,7 @@ class _Functional:
     find tensors registered under several names (~20 us a call for a 3-layer MLP). A state
     holds each tied tensor once, under its first name; here the other names are given the
     same value explicitly, which is what ``tie_weights=True`` does, so ``tie_weights=False``
-    computes the same.
+    computes the same. The ties are read once, when the step is made.
     """
 
     def __init__(self, module: torch.nn.Module):
@@ -310,22 +313,29 @@ class TrainStep:
 
     def _eager_grads(self, transformed: Callable[..., Any], params: Tensors, buffers: Tensors, batch: Any,
                      key: torch.Tensor, device: torch.device) -> tuple[Tensors, tuple[torch.Tensor, Metrics]]:
-        """``grad_and_value(self._loss)``'s result, computed with ``torch.autograd.grad`` where that is
-        the same computation: no torch.func transform or compile encloses the step and nothing given
-        to it requires grad, so grad_and_value's new autograd level would be the only one.
+        """Gradients, loss and metrics for the eager step: with ``torch.autograd.grad``, as a plain
+        ``loss.backward()`` loop computes them, when nothing around the step needs ``transformed``
+        (``grad_and_value(self._loss)``): no torch.func transform or compile is active, no input
+        requires grad (so no outer graph to connect to) and no inference tensors are involved.
 
-        Both run the same forward and backward kernels, so the gradients agree bit for bit (tested),
-        but grad_and_value wraps every tensor and dispatches every op through its own level: ~0.5 ms
-        a step for a 784-256-256-10 MLP on a 2-core CPU, a quarter of the plain PyTorch step.
+        grad_and_value wraps every tensor and dispatches every op through its own autograd level:
+        ~0.5 ms a step for a 784-256-256-10 MLP on a 2-core CPU, a quarter of a plain PyTorch step.
+        The two agree to float rounding, bitwise for many models, but not always: grad_and_value
+        runs the backward with create_graph=True, which selects other backward formulas for some
+        ops (SiLU, GroupNorm, LSTM), and draws dropout masks for non-contiguous inputs differently.
         """
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or any(
-                isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((params, buffers, batch, key))):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+                or torch.is_inference_mode_enabled() or any(p.is_inference() for p in params.values()) \
+                or any(isinstance(t, torch.Tensor) and t.requires_grad
+                       for t in tree_leaves((params, buffers, batch, key))):
             return transformed(params, buffers, batch, key, device)
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         with torch.enable_grad():  # as grad_and_value: gradients even under an outer no_grad
             loss, metrics = self._loss(leaves, buffers, batch, key, device)
-            found = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True) if loss.requires_grad \
-                else (None,) * len(leaves)
+            found = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        # Autocast caches its casts of leaves that require grad until the outermost autocast exits:
+        # under an autocast of the caller's, every step's new leaves would pile up there.
+        torch.clear_autocast_cache()
         # grad_and_value gives zeros for parameters the loss does not use
         grads = {k: torch.zeros_like(params[k]) if g is None else g for k, g in zip(leaves, found, strict=True)}
         return grads, (loss.detach(), metrics)
@@ -350,6 +360,9 @@ class TrainStep:
 
     # -- the step -------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if not state.params:
+            raise ValueError("the state has no trainable parameters, so there is nothing to train (TrainState.create "
+                             "keeps parameters with requires_grad=False among the buffers)")
         _set_mode(self.model, True)
         if self._template is not self.model:
             _set_mode(self._template, True)
@@ -400,6 +413,9 @@ class TrainStep:
                device: torch.device) -> tuple[Tensors, torch.Tensor, Metrics]:
         with _rng_scope(key, device), _explain_traps():
             grads, (loss, metrics) = self._fns(device)[0](params, buffers, batch, key, device)
+        # The gradient of a parameter used only through a broadcast (``p.sum()``) is an expanded
+        # tensor, whose elements share memory: the in-place kernels that follow cannot write it.
+        grads = {k: g.contiguous() if g.numel() > 1 and 0 in g.stride() else g for k, g in grads.items()}
         return grads, loss, metrics
 
     def _accumulated(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
