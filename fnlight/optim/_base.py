@@ -1,25 +1,39 @@
-"""The optimizer protocol, ``chain`` and ``apply_updates`` (optax's shape).
+"""The optimizer protocol, ``chain``, ``step`` and ``apply_updates`` (optax's shape), and the
+helpers every transformation shares: trees of parameters, per-step scalars, the final
+parameter update (written once, see :class:`Direction`).
 
 A :class:`GradientTransformation` is a pair of pure functions:
 ``init(params) -> state`` and ``update(updates, state, params) -> (updates, state)``.
-Parameters, gradients and updates are dicts of tensors with the same keys.
+Parameters, gradients and updates are pytrees of tensors with the same structure
+(a flat dict of names, as in ``TrainState.params``, nested dicts, lists, tuples,
+NamedTuples); flat dicts take a fast path that never flattens them.
 
 ``update(..., inplace=True)`` is the donating variant: it may overwrite the
 incoming updates and its own state tensors instead of allocating new ones
 (what ``make_train_step(donate=True)`` uses). Both variants compute the same
 values with the same kernels, so they agree bit for bit.
+
+Why a third function beside optax's two: ``step(grads, state, params) -> (params,
+state)``. torch.optim ends each optimizer with one op into the parameters
+(``p.add_(d, alpha=-lr)``, ``p.addcdiv_(m, v, value=-step)``, Adam's fused kernel)
+whose rounding an update added afterwards cannot reproduce, and which reads and writes
+each parameter once instead of twice. ``step`` is that path; every optimizer has one,
+and :func:`step` falls back to ``update`` + ``apply_updates`` for transformations
+without it, so the protocol a user implements stays optax's ``init``/``update``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, Protocol
 
+import optree
 import torch
 
-Params = dict[str, torch.Tensor]
-Updates = dict[str, torch.Tensor]
+Params = Any  # a pytree of tensors (usually a flat dict of names)
+Updates = Any
 OptState = Any
+Scalar = float | torch.Tensor  # a hyperparameter: a Python number or a 0-d tensor (see inject_hyperparams)
 
 
 class UpdateFn(Protocol):
@@ -27,13 +41,17 @@ class UpdateFn(Protocol):
                  inplace: bool = False) -> tuple[Updates, OptState]: ...
 
 
+class StepFn(Protocol):
+    def __call__(self, grads: Updates, state: OptState, params: Params, *,
+                 inplace: bool = False) -> tuple[Params, OptState]: ...
+
+
 class GradientTransformation(NamedTuple):
     """``init`` and ``update`` of an optimizer or a piece of one.
 
-    Optimizers (``sgd``, ``adam``, ``adamw``) also carry ``step(grads, state,
-    params) -> (params, state)``, the update applied in one fused pass with
-    torch.optim's own arithmetic (``make_train_step`` uses it), and their
-    ``learning_rate`` schedule.
+    Optimizers also carry ``step(grads, state, params) -> (params, state)``, the
+    update applied to the parameters with torch.optim's own last op (see the module
+    docstring), and their ``learning_rate`` schedule.
 
     Example:
         >>> import torch, fnlight.optim as fo
@@ -50,9 +68,8 @@ class GradientTransformation(NamedTuple):
     learning_rate: Callable[[Any], torch.Tensor] | None = None
 
 
-class StepFn(Protocol):
-    def __call__(self, grads: Updates, state: OptState, params: Params, *,
-                 inplace: bool = False) -> tuple[Params, OptState]: ...
+class EmptyState(NamedTuple):
+    """The state of a stateless transformation."""
 
 
 def step(opt: GradientTransformation, grads: Updates, state: OptState, params: Params, *,
@@ -61,7 +78,11 @@ def step(opt: GradientTransformation, grads: Updates, state: OptState, params: P
     one, else ``update`` followed by ``apply_updates``.
 
     Example:
-        >>> params, state = step(opt, grads, state, params)
+        >>> import torch, fnlight.optim as fo
+        >>> opt, params = fo.sgd(0.1), {"w": torch.ones(2)}
+        >>> params, state = fo.step(opt, {"w": torch.ones(2)}, opt.init(params), params)
+        >>> params["w"]
+        tensor([0.9000, 0.9000])
     """
     if opt.step is not None:
         return opt.step(grads, state, params, inplace=inplace)
@@ -81,11 +102,12 @@ def _run(transforms: tuple[GradientTransformation, ...], updates: Updates, state
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transformations one after the other; the state is the tuple of their states.
 
-    When the last one is an optimizer with a fused ``step``, the chain has one
-    too (the others' updates, then that step).
+    When the last one has a fused ``step``, the chain has one too (the others'
+    updates, then that step).
 
     Example:
-        >>> opt = chain(clip_by_global_norm(1.0), adam(1e-3))
+        >>> import fnlight.optim as fo
+        >>> opt = fo.chain(fo.clip_by_global_norm(1.0), fo.adam(1e-3))
     """
 
     def init(params: Params) -> tuple[OptState, ...]:
@@ -115,38 +137,93 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
     """``params + updates``, leaf by leaf (in place into ``params`` when ``inplace``).
 
     Example:
+        >>> import torch
         >>> apply_updates({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
         tensor([2., 2.])
+        >>> apply_updates([torch.ones(1), (torch.ones(1),)], [torch.ones(1), (torch.ones(1),)])[1][0]
+        tensor([2.])
     """
-    keys = list(params)
-    p, u = [params[k] for k in keys], [updates[k] for k in keys]
+    p, spec = flatten(params)
+    u = spec.flatten_up_to(updates)
+    if not p:
+        return params
     if inplace:
         torch._foreach_add_(p, u)
         return params
-    return dict(zip(keys, torch._foreach_add(p, u), strict=True))
+    return spec.unflatten(torch._foreach_add(p, u))
 
 
-# -- helpers shared by the transforms ---------------------------------------
+# -- trees ----------------------------------------------------------------------
 
-def values(tree: dict[str, torch.Tensor], keys: list[str]) -> list[torch.Tensor]:
-    return [tree[k] for k in keys]
+class DictSpec:
+    """optree's ``PyTreeSpec`` interface for a flat dict of tensors (the fast path: no flattening)."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: list[Any]) -> None:
+        self.keys = keys
+
+    def flatten_up_to(self, tree: Any) -> list[Any]:
+        try:
+            return [tree[k] for k in self.keys]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"expected a dict with the parameters' names {self.keys}, got "
+                             f"{list(tree) if isinstance(tree, dict) else type(tree).__name__}") from e
+
+    def unflatten(self, leaves: Sequence[Any]) -> dict[Any, Any]:
+        return dict(zip(self.keys, leaves, strict=True))
+
+    def names(self) -> list[str]:
+        return [str(k) for k in self.keys]
 
 
-def as_dict(keys: list[str], xs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-    return dict(zip(keys, xs, strict=True))
+class TreeSpec:
+    """An optree ``PyTreeSpec`` with dotted leaf names (``"layers.0.weight"``)."""
+
+    __slots__ = ("spec", "paths")
+
+    def __init__(self, spec: Any, paths: list[tuple[Any, ...]]) -> None:
+        self.spec, self.paths = spec, paths
+
+    def flatten_up_to(self, tree: Any) -> list[Any]:
+        return self.spec.flatten_up_to(tree)
+
+    def unflatten(self, leaves: Sequence[Any]) -> Any:
+        return optree.tree_unflatten(self.spec, list(leaves))
+
+    def names(self) -> list[str]:
+        return [".".join(str(p) for p in path) for path in self.paths]
 
 
-def foreach(name: str, xs: list[torch.Tensor], *args: Any, inplace: bool, **kwargs: Any) -> list[torch.Tensor]:
-    """``torch._foreach_<name>`` out of place, or ``_foreach_<name>_`` into ``xs``."""
-    if inplace:
-        getattr(torch, f"_foreach_{name}_")(xs, *args, **kwargs)
-        return xs
-    return list(getattr(torch, f"_foreach_{name}")(xs, *args, **kwargs))
+Spec = DictSpec | TreeSpec
 
+
+def flatten(tree: Any) -> tuple[list[torch.Tensor], Spec]:
+    """The leaves of a tree of tensors, and a spec to rebuild it (and flatten trees like it).
+
+    Example:
+        >>> import torch
+        >>> leaves, spec = flatten({"a": [torch.ones(1), torch.zeros(1)]})
+        >>> spec.names(), spec.unflatten(leaves)["a"][1]
+        (['a.0', 'a.1'], tensor([0.]))
+    """
+    if type(tree) is dict and all(isinstance(v, torch.Tensor) for v in tree.values()):
+        return list(tree.values()), DictSpec(list(tree))
+    paths, leaves, spec = optree.tree_flatten_with_path(tree, namespace="fnlight")
+    return leaves, TreeSpec(spec, paths)
+
+
+def tree_zeros_like(tree: Any) -> Any:
+    """Zeros shaped like every leaf (memory format kept)."""
+    leaves, spec = flatten(tree)
+    return spec.unflatten([torch.zeros_like(t, memory_format=torch.preserve_format) for t in leaves])
+
+
+# -- per-step scalars ---------------------------------------------------------------
 
 def per_step(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The per-step float32 scalars an update multiplies every element by (learning
-    rate, bias corrections), unchanged; under ``torch.compile``, stored in one buffer.
+    """The per-step scalars an update multiplies every element by (learning rate, bias
+    corrections), unchanged; under ``torch.compile``, stored in one buffer.
 
     Inductor inlines the computation of a 0-d value into every loop that reads
     it, so ``pow``/``cos`` of the step counter in float64 would be recomputed for
@@ -156,31 +233,255 @@ def per_step(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
     stacked with itself).
 
     Example:
-        >>> step_size, bc2 = per_step(step_size, bc2)
+        >>> import torch
+        >>> step_size, bc2 = per_step(torch.tensor(0.1), torch.tensor(0.2))
     """
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() or not scalars:
         return scalars
-    stacked = torch.stack(scalars if len(scalars) > 1 else scalars * 2)
+    stacked = torch.stack(torch.broadcast_tensors(*(scalars if len(scalars) > 1 else scalars * 2)))
     return tuple(stacked.unbind())[:len(scalars)]
 
 
-def zeros_like(params: Params) -> dict[str, torch.Tensor]:
-    return {k: torch.zeros_like(v, memory_format=torch.preserve_format) for k, v in params.items()}
+def f64(x: Scalar | torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` as a float64 tensor (on ``like``'s device): per-step scalars are computed in float64
+    and rounded to each parameter's dtype only where an op uses them (a float64 0-d tensor in
+    an op with a float32 tensor is used as float32, exactly as torch rounds a Python float)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.float64)
+    return torch.tensor(float(x), dtype=torch.float64, device=like.device if like is not None else None)
 
 
-def counter() -> torch.Tensor:
+def is_zero(x: Scalar) -> bool:
+    """True only for a Python number equal to 0: a tensor hyperparameter may change, so the
+    arithmetic that uses it always runs."""
+    return not isinstance(x, torch.Tensor) and x == 0
+
+
+def counter(like: torch.Tensor | None = None) -> torch.Tensor:
     # An int64 0-d tensor: torch.compile keeps in-place updates of it (it loses them
     # for 0-d float64 CPU inputs), and float32 counters drift.
-    return torch.zeros((), dtype=torch.int64)
+    return torch.zeros((), dtype=torch.int64, device=like.device if like is not None else None)
+
+
+def count_up(count: torch.Tensor, inplace: bool) -> torch.Tensor:
+    return count.add_(1) if inplace else count + 1
+
+
+def first_leaf(tree: Any) -> torch.Tensor | None:
+    leaves, _ = flatten(tree)
+    return leaves[0] if leaves else None
 
 
 def update_count(state: OptState) -> torch.Tensor | None:
-    """The number of updates an optimizer state has made (its first ``count`` field)."""
+    """The number of updates an optimizer state has made (its first ``count`` field).
+
+    Example:
+        >>> import torch, fnlight.optim as fo
+        >>> int(update_count(fo.adam(1e-3).init({"w": torch.zeros(1)})))
+        0
+    """
     if hasattr(state, "count") and isinstance(state.count, torch.Tensor):
         return state.count
+    if isinstance(state, dict):
+        state = tuple(state.values())
     if isinstance(state, tuple):
         for s in state:
             c = update_count(s)
             if c is not None:
                 return c
     return None
+
+
+# -- foreach ops on lists, with hyperparameters that may be tensors -------------------------
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch computes a ``dtype`` op's scalars in (float32 for half and bfloat16)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _is_scalar(a: Any) -> bool:
+    return isinstance(a, torch.Tensor) and a.dim() == 0 and a.is_floating_point()
+
+
+def fe(name: str, xs: list[torch.Tensor], *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+    """``torch._foreach_<name>(xs, *args)`` (``name`` ending in ``_``: in place, returns ``xs``),
+    where a 0-d tensor scalar (a float64 per-step value, an injected hyperparameter) is used in
+    each tensor's computation dtype, as torch uses a Python float: so it never promotes a 0-d
+    parameter to float64, and a list of several dtypes is split by dtype."""
+    if not xs:
+        return xs
+    op = getattr(torch, f"_foreach_{name}")
+    if not any(_is_scalar(a) for a in (*args, *kwargs.values())):
+        out = op(xs, *args, **kwargs)
+        return xs if name.endswith("_") else list(out)
+    dtypes = {x.dtype for x in xs}
+    if len(dtypes) == 1:
+        d = opmath(xs[0].dtype)
+        cast = [a.to(d) if _is_scalar(a) else a for a in args]
+        out = op(xs, *cast, **{k: v.to(d) if _is_scalar(v) else v for k, v in kwargs.items()})
+        return xs if name.endswith("_") else list(out)
+    result: list[Any] = [None] * len(xs)
+    for dtype in dtypes:
+        ix = [i for i, x in enumerate(xs) if x.dtype == dtype]
+        part = [[a[i] for i in ix] if isinstance(a, list | tuple) else a for a in args]
+        got = fe(name, [xs[i] for i in ix], *part, **kwargs)
+        for i, g in zip(ix, got, strict=True):
+            result[i] = g
+    return xs if name.endswith("_") else result
+
+
+def foreach(name: str, xs: list[torch.Tensor], *args: Any, inplace: bool, **kwargs: Any) -> list[torch.Tensor]:
+    """``torch._foreach_<name>`` out of place, or ``_foreach_<name>_`` into ``xs`` (see :func:`fe`)."""
+    return fe(f"{name}_" if inplace else name, xs, *args, **kwargs)
+
+
+def axpy(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: Scalar, *, inplace: bool) -> list[torch.Tensor]:
+    """``xs + alpha * ys``: torch's ``add(alpha=)`` (one rounding, as torch.optim) for a number;
+    a multiply and an add for a tensor ``alpha``."""
+    if not isinstance(alpha, torch.Tensor):
+        return foreach("add", xs, ys, alpha=alpha, inplace=inplace)
+    return foreach("add", xs, fe("mul", ys, alpha), inplace=inplace)
+
+
+def addcmul(xs: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], value: Scalar, *,
+            inplace: bool) -> list[torch.Tensor]:
+    """``xs + value * a * b`` (torch's ``addcmul``; for a tensor ``value``, three ops)."""
+    if not isinstance(value, torch.Tensor):
+        return foreach("addcmul", xs, a, b, value, inplace=inplace)
+    prod = fe("mul", a, value)
+    fe("mul_", prod, b)
+    return foreach("add", xs, prod, inplace=inplace)
+
+
+def lerp(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: Scalar, *, inplace: bool) -> list[torch.Tensor]:
+    return foreach("lerp", xs, ys, weight, inplace=inplace)
+
+
+def select(xs: list[Any], idx: list[int]) -> list[Any]:
+    return [xs[i] for i in idx]
+
+
+def scatter(xs: list[Any], idx: list[int], values: list[Any]) -> list[Any]:
+    out = list(xs)
+    for i, v in zip(idx, values, strict=True):
+        out[i] = v
+    return out
+
+
+def l2(g: list[torch.Tensor], p: list[torch.Tensor], weight_decay: Scalar, idx: list[int] | None, *,
+       inplace: bool) -> list[torch.Tensor]:
+    """L2 weight decay added to the gradients (torch.optim's coupled ``weight_decay``):
+    ``g + weight_decay * p`` for the leaves ``idx`` selects (all when None). Written once for
+    every optimizer that has it."""
+    if is_zero(weight_decay) or (idx is not None and not idx):
+        return g
+    if idx is None:
+        return axpy(g, p, weight_decay, inplace=inplace)
+    return scatter(g, idx, axpy(select(g, idx), select(p, idx), weight_decay, inplace=inplace))
+
+
+def negate(g: list[torch.Tensor], maximize: bool) -> list[torch.Tensor]:
+    """torch.optim's ``maximize``: the optimizers step along ``-grad`` (a new list, never in place)."""
+    return list(fe("neg", g)) if maximize and g else g
+
+
+# -- the last op: an update, or the step into the parameters --------------------------------
+
+class Term(NamedTuple):
+    """One op into the parameters: ``p + scale * a`` (``"axpy"``, torch's ``add_(a, alpha=)``),
+    ``p + scale * a / b`` (``"addcdiv"``), ``p + scale * a * b`` (``"addcmul"``)."""
+
+    kind: Literal["axpy", "addcdiv", "addcmul"]
+    a: list[torch.Tensor]
+    b: list[torch.Tensor] | None
+    scale: Scalar
+
+
+class Direction(NamedTuple):
+    """How an optimizer's arithmetic ends, so that ``update`` and ``step`` are written once.
+
+    ``terms`` are applied to the parameters one after the other (torch's NAdam adds two);
+    ``decay``, if given, first multiplies the parameters ``decay_idx`` selects by it
+    (decoupled weight decay, ``p *= 1 - lr * wd`` as torch's AdamW does). ``update`` returns
+    ``p * decay - p + (the terms)``: the decay term uses the same rounded factor as torch.
+    """
+
+    terms: list[Term]
+    decay: Scalar | None = None
+    decay_idx: list[int] | None = None
+
+
+def _value(t: Term) -> list[torch.Tensor]:
+    """A term as its own tensors; ``(scale * a) / b`` is addcdiv's order."""
+    out = list(fe("mul", t.a, t.scale))
+    if t.kind == "addcdiv":
+        fe("div_", out, t.b)
+    elif t.kind == "addcmul":
+        fe("mul_", out, t.b)
+    return out
+
+
+def finish_update(d: Direction, p: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The update (to add to ``p``) a :class:`Direction` describes."""
+    u = _value(d.terms[0])
+    for t in d.terms[1:]:
+        fe("add_", u, _value(t))
+    if d.decay is not None and d.decay_idx:
+        idx = d.decay_idx
+        ps = select(p, idx)
+        decayed = fe("mul", ps, d.decay)
+        fe("sub_", decayed, ps)  # p * f - p is exact (Sterbenz): the same decay as torch's
+        u = scatter(u, idx, fe("add", decayed, select(u, idx)))
+    return u
+
+
+def finish_step(d: Direction, p: list[torch.Tensor], *, inplace: bool) -> list[torch.Tensor]:
+    """The new parameters a :class:`Direction` describes, with torch.optim's ops into them."""
+    p = list(p)
+    owned = inplace
+    if d.decay is not None and d.decay_idx:
+        idx = d.decay_idx
+        p = scatter(p, idx, foreach("mul", select(p, idx), d.decay, inplace=inplace))
+    for t in d.terms:
+        if isinstance(t.scale, torch.Tensor):
+            p = foreach("add", p, _value(t), inplace=owned)
+        elif t.kind == "axpy":
+            p = foreach("add", p, t.a, alpha=t.scale, inplace=owned)
+        else:
+            p = foreach(t.kind, p, t.a, t.b, t.scale, inplace=owned)
+        owned = True  # the first op made new tensors (or wrote the donated ones)
+    return p
+
+
+def optimizer(core: Callable[..., tuple[Direction, OptState]], init: Callable[[Params], OptState],
+              learning_rate: Any, needs_params: bool) -> GradientTransformation:
+    """An optimizer from its arithmetic: ``core(g, state, p, spec, lr, inplace) -> (Direction,
+    state)`` on the leaves. ``lr`` is the learning rate of this update: a Python float when
+    ``learning_rate`` is a number (so the last op is torch's, bitwise), else a float64 tensor
+    (a schedule evaluated at the update count, or an injected hyperparameter)."""
+    from ._schedules import as_schedule
+
+    constant = not callable(learning_rate)
+    schedule = as_schedule(learning_rate)
+
+    def rate(state: OptState) -> Scalar:
+        if isinstance(learning_rate, torch.Tensor):
+            return learning_rate
+        return float(learning_rate) if constant else schedule(state.count)
+
+    def update(updates: Updates, state: OptState, params: Params | None = None, *,
+               inplace: bool = False) -> tuple[Updates, OptState]:
+        g, spec = flatten(updates)
+        if params is None and needs_params:
+            raise ValueError("this optimizer (its weight decay) needs the params passed to update()")
+        p = spec.flatten_up_to(params) if params is not None else None
+        d, new_state = core(g, state, p, spec, rate(state), inplace)
+        return spec.unflatten(finish_update(d, p)), new_state
+
+    def step(grads: Updates, state: OptState, params: Params, *, inplace: bool = False) -> tuple[Params, OptState]:
+        g, spec = flatten(grads)
+        p = spec.flatten_up_to(params)
+        d, new_state = core(g, state, p, spec, rate(state), inplace)
+        return spec.unflatten(finish_step(d, p, inplace=inplace)), new_state
+
+    return GradientTransformation(init, update, step, schedule)

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from .._io import fsync
-from ..optim import _transforms
+from .. import optim as _optim
 from . import _safetensors
 from .state import TrainState
 
@@ -67,8 +67,7 @@ _TENSOR_FILE = re.compile(r"tensors(-[0-9]{5}-of-[0-9]{5})?\.safetensors")
 #: Named tuples a checkpoint may contain (optimizer states); looked up by name, never imported from the file.
 NAMED_TUPLES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (_transforms.AdamState, _transforms.SgdState, _transforms.TraceState, _transforms.CountState,
-                _transforms.EmptyState)
+    for cls in _optim.STATE_TYPES
 }
 
 
