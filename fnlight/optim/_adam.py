@@ -141,8 +141,8 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def can_fuse(tensors: list[torch.Tensor]) -> bool:
     """Whether torch's fused Adam kernel may run: eager (inductor fuses the foreach version
-    itself; no torch.func transform, which the kernel does not support), CPU or CUDA, float dtypes."""
-    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    itself), CPU or CUDA, float dtypes."""
+    return (not torch.compiler.is_compiling()
             and all(t.device.type in ("cpu", "cuda") and t.dtype in _FUSED_DTYPES for t in tensors))
 
 

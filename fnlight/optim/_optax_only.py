@@ -219,7 +219,10 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
     def core(g: list[torch.Tensor], state: FactoredState, p: list[torch.Tensor] | None, spec: Spec, lr: Any,
              inplace: bool) -> tuple[Direction, FactoredState]:
         t = (state.count - decay_offset + 1).to(torch.float32)
-        rate = (1.0 - t ** (-decay_rate)).to(torch.float64)
+        # float32, as optax. torch's scalar float32 pow differs from its vectorized one (and from XLA's) in
+        # the last bit for some steps (t = 4); a 64-element tensor takes the vectorized kernel
+        rate32 = 1.0 - (t.expand(64).contiguous() ** (-decay_rate))[0]
+        rate, keep = rate32.to(torch.float64), (1.0 - rate32).to(torch.float64)  # optax: both in float32
         rows, cols, vs = (spec.flatten_up_to(x) for x in (state.v_row, state.v_col, state.v))
         new_rows, new_cols, new_vs, u = [], [], [], []
         for gi, r, c, v in zip(g, rows, cols, vs, strict=True):
@@ -227,8 +230,8 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
             sq = gi * gi + eps
             if dims is not None:
                 d1, d0 = dims
-                nr = (rate * r + (1.0 - rate) * sq.mean(d0)).to(gi.dtype)
-                nc = (rate * c + (1.0 - rate) * sq.mean(d1)).to(gi.dtype)
+                nr = (rate * r + keep * sq.mean(d0)).to(gi.dtype)
+                nc = (rate * c + keep * sq.mean(d1)).to(gi.dtype)
                 reduced = d1 - 1 if d1 > d0 else d1
                 row_factor = (nr / nr.mean(reduced, keepdim=True)) ** -0.5
                 col_factor = nc ** -0.5
@@ -237,7 +240,7 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
                 new_cols.append(nc)
                 new_vs.append(v)
             else:
-                nv = (rate * v + (1.0 - rate) * sq).to(gi.dtype)
+                nv = (rate * v + keep * sq).to(gi.dtype)
                 u.append(gi * nv ** -0.5)
                 new_rows.append(r)
                 new_cols.append(c)
