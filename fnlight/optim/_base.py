@@ -476,7 +476,11 @@ def optimizer(core: Callable[..., tuple[Direction, OptState]], init: Callable[[P
             raise ValueError("this optimizer (its weight decay) needs the params passed to update()")
         p = spec.flatten_up_to(params) if params is not None else None
         d, new_state = core(g, state, p, spec, rate(state), inplace)
-        return spec.unflatten(finish_update(d, p)), new_state
+        if p is None:
+            return spec.unflatten(finish_update(d, p)), new_state
+        # torch's ops into the parameters, then the difference: p + (p' - p) is p' exactly (Sterbenz)
+        # unless an element crosses zero, so update + apply_updates agrees with step to the last bit
+        return spec.unflatten(fe("sub", finish_step(d, p, inplace=False), p)), new_state
 
     def step(grads: Updates, state: OptState, params: Params, *, inplace: bool = False) -> tuple[Params, OptState]:
         g, spec = flatten(grads)
