@@ -128,8 +128,9 @@ def mask_indices(mask: Mask | None, params: Params, spec: Spec, what: str = "mas
 EMBEDDING_NAMES = re.compile(r"(^|\.)(wte|wpe|embed_tokens|embed_positions|tok_embeddings|pos_embedding|"
                              r"position_embeddings?|token_type_embeddings|word_embeddings|embeddings?|"
                              r"[a-z_]*_embeddings?|embed|emb|class_token|cls_token)(\.|$)")
-_NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm,
-               torch.nn.LocalResponseNorm, *([torch.nn.RMSNorm] if hasattr(torch.nn, "RMSNorm") else []))
+_NO_DECAY_TYPES = (torch.nn.Embedding, torch.nn.EmbeddingBag, torch.nn.modules.batchnorm._NormBase,
+                   torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.LocalResponseNorm,
+                   *([torch.nn.RMSNorm] if hasattr(torch.nn, "RMSNorm") else []))
 
 
 def default_decay_mask(params_or_model: Params | torch.nn.Module) -> Any:
@@ -169,7 +170,7 @@ def default_decay_mask(params_or_model: Params | torch.nn.Module) -> Any:
 def _model_decay_mask(model: torch.nn.Module) -> Callable[[Params], dict[str, bool]]:
     no_decay: set[str] = set()
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Embedding | torch.nn.EmbeddingBag | _NORM_TYPES):
+        if isinstance(mod, _NO_DECAY_TYPES):
             no_decay.update(f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False))
     names = _model_names(model)
 
