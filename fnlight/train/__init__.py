@@ -18,6 +18,7 @@ from .checkpoint import (
 )
 from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from .loop import FitResult, Trainer
+from .lr_callbacks import LRFinder, ReduceLROnPlateau
 from .state import TrainState
 from .step import EvalStep, NonFiniteError, TorchFuncTrapError, TrainStep, make_eval_step, make_train_step
 
@@ -33,11 +34,13 @@ __all__ = [
     "FitContext",
     "FitResult",
     "JSONLLogger",
+    "LRFinder",
     "LambdaCallback",
     "LearningRateMonitor",
     "Logger",
     "ModelCheckpoint",
     "NonFiniteError",
+    "ReduceLROnPlateau",
     "Signal",
     "TensorBoardLogger",
     "TorchFuncTrapError",

@@ -29,11 +29,14 @@ from .checkpoint import step_dir
 
 
 class Signal(NamedTuple):
-    """What a callback asks of the loop: stop, save a checkpoint, log extra values."""
+    """What a callback asks of the loop: stop, save a checkpoint, log extra values, and replace
+    the state's optimizer state with ``edit_opt_state(opt_state)`` (e.g. new hyperparameters with
+    ``fnlight.optim.set_hyperparams``; the learning-rate callbacks do)."""
 
     stop: bool = False
     save: bool = False
     log: Mapping[str, float] = {}
+    edit_opt_state: Callable[[Any], Any] | None = None
 
 
 NOTHING = Signal()

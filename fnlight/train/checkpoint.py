@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
-from .._io import fsync
 from .. import optim as _optim
+from .._io import fsync
 from . import _safetensors
 from .state import TrainState
 

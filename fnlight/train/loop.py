@@ -379,6 +379,8 @@ class Trainer:
                             global_step += 1
                             totals.add(metrics, _batch_size(batch))
                             extra = self._signal(cb_states, "on_step", state, metrics, ctx)
+                            if extra.edit_opt_state is not None:
+                                state = state.replace(opt_state=extra.edit_opt_state(state.opt_state))
                             stop = stop or extra.stop
                             if self.callbacks and distributed.world_size() > 1:
                                 # step metrics differ between ranks, so may the callbacks' wishes: a rank that
@@ -414,6 +416,8 @@ class Trainer:
                         val = self._evaluate(state, eval_step, dm, "validate", self.limit_val_batches)
                         row |= {f"val/{k}": v for k, v in val.items()}
                     extra = self._signal(cb_states, "on_epoch", state, row, ctx)
+                    if extra.edit_opt_state is not None:
+                        state = state.replace(opt_state=extra.edit_opt_state(state.opt_state))
                     stop = distributed.any_true(stop or extra.stop)  # (the same on every rank: rows are reduced)
                     row |= dict(extra.log)
                     history.append({"epoch": epoch, "step": global_step, **row})
@@ -445,11 +449,14 @@ class Trainer:
     def _signal(self, cb_states: list[Any], hook: str, state: TrainState, metrics: Mapping[str, Any],
                 ctx: FitContext) -> Signal:
         """Call every callback's ``hook`` in order; merge what they ask for."""
-        stop, save, log = False, False, {}
+        stop, save, log, edit = False, False, {}, None
         for i, cb in enumerate(self.callbacks):
             cb_states[i], sig = getattr(cb, hook)(cb_states[i], state, metrics, ctx)
             stop, save, log = stop or sig.stop, save or sig.save, {**log, **sig.log}
-        return Signal(stop, save, log)
+            if sig.edit_opt_state is not None:  # in callback order
+                edit = sig.edit_opt_state if edit is None else \
+                    (lambda f, g: lambda s: g(f(s)))(edit, sig.edit_opt_state)
+        return Signal(stop, save, log, edit)
 
     @staticmethod
     def _log(loggers: list[Logger], logged: dict[str, int], kind: str, step: int, epoch: int,
