@@ -148,12 +148,12 @@ def check_replaceable(path: Path) -> None:
                               "directory; nothing was written or removed. Choose another path, or remove the file")
     foreign = []
     for name in sorted(os.listdir(path)):
-        if name != META and not TENSOR_FILE.fullmatch(name):
-            foreign.append(name)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISDIR(os.lstat(path / name).st_mode):
-                    foreign.append(name + "/")
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(path / name).st_mode)
+        except FileNotFoundError:
+            continue
+        if is_dir or (name != META and not TENSOR_FILE.fullmatch(name)):
+            foreign.append(name + "/" if is_dir else name)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise CheckpointError(f"cannot save a checkpoint to {path}: it is a directory that is not a fnlight "
@@ -278,10 +278,16 @@ def _read_doc(dfd: int, path: Path) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{path / META} is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{path / META} is corrupted: a {type(doc).__name__}, not a JSON object")
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a fnlight checkpoint ({META} has format {doc.get('format')!r})")
     recorded = doc.get("doc_sha256")
-    intact = recorded == doc_checksum(doc) if recorded is not None else not (doc.keys() - _KEYS)
+    if doc.get("format") != FORMAT:
+        if recorded is not None or any(k.startswith("doc_sha") for k in doc):  # ours, damaged
+            raise CorruptCheckpointError(f"{path / META} is corrupted: format {doc.get('format')!r}")
+        raise CheckpointError(f"{path} is not a fnlight checkpoint ({META} has format {doc.get('format')!r})")
+    try:
+        actual = doc_checksum(doc)
+    except RecursionError:
+        raise CorruptCheckpointError(f"{path / META} is malformed: it nests too deeply") from None
+    intact = recorded == actual if recorded is not None else not (doc.keys() - _KEYS)
     if doc.get("version") not in (1, VERSION):
         if intact:
             raise CheckpointError(f"{path} is not a fnlight checkpoint of version 1 or {VERSION} (version "
@@ -289,7 +295,7 @@ def _read_doc(dfd: int, path: Path) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{path / META} is corrupted: version {doc.get('version')!r} is unknown and its "
                                      "checksum does not match")
     if not intact:
-        what = f"its sha256 is {doc_checksum(doc)}, it records {recorded}" if recorded is not None else \
+        what = f"its sha256 is {actual}, it records {recorded}" if recorded is not None else \
             f"it has no doc_sha256 but unknown fields {sorted(doc.keys() - _KEYS)}"
         raise CorruptCheckpointError(f"{path / META} is corrupted: {what}")
     if "structure" not in doc or not isinstance(doc.get("meta", {}), dict) or any(
