@@ -146,8 +146,12 @@ def check_replaceable(path: Path) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise CheckpointError(f"cannot save a checkpoint to {path}: a file is there and a checkpoint is a "
                               "directory; nothing was written or removed. Choose another path, or remove the file")
+    try:
+        names = sorted(os.listdir(path))
+    except FileNotFoundError:  # another writer moved it aside meanwhile
+        return
     foreign = []
-    for name in sorted(os.listdir(path)):
+    for name in names:
         try:
             is_dir = stat.S_ISDIR(os.lstat(path / name).st_mode)
         except FileNotFoundError:
