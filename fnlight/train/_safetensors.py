@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import queue
 import struct
@@ -105,19 +106,35 @@ def write(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
+_READ_CHUNK = 1 << 24  # 16 MiB: read while the previous chunk is hashed
+
+
+def _buffer(size: int) -> tuple[torch.Tensor, memoryview]:
+    """``size`` bytes of fresh private memory as a uint8 tensor, and a view to write them.
+
+    An anonymous mapping of its own (not the allocator's heap): its memory goes back to the OS with the
+    last tensor viewing it, and the OS may back it with transparent huge pages (fewer page faults while
+    it is filled). No MADV_HUGEPAGE: under memory pressure that makes the kernel compact memory on
+    every fault, measured 2x slower on a loaded machine.
+    """
+    if size == 0:
+        return torch.empty(0, dtype=torch.uint8), memoryview(bytearray())
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(mem, dtype=torch.uint8), memoryview(mem)  # the tensor keeps `mem` alive
+
+
 def read_fd(fd: int, size: int) -> tuple[torch.Tensor, str]:
     """The first ``size`` bytes of the open file ``fd`` copied into one CPU uint8 tensor, and their sha256.
 
     The copy is the only pass over the file (each chunk is hashed by a second thread while the next is
     read), so the result never depends on the file afterwards. Raises EOFError when the file is shorter.
     """
-    buf = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buf.numpy()) if size else memoryview(b"")
+    buf, view = _buffer(size)
     hasher = _Hasher()
     try:
         done = 0
         while done < size:
-            chunk = view[done:done + _CHUNK]
+            chunk = view[done:done + _READ_CHUNK]
             got = 0
             while got < chunk.nbytes:
                 n = os.preadv(fd, [chunk[got:]], done + got)
