@@ -536,3 +536,15 @@ def test_the_trainer_resumes_past_a_flipped_bit_in_checkpoint_json(tmp_path, cap
     [line] = [r.getMessage() for r in caplog.records if r.name == "fnlight"]
     assert line.startswith(f"skipped the damaged checkpoint {newest} ({newest / 'checkpoint.json'} is corrupted")
     assert line.endswith(f"resuming from {step_dir(tmp_path / 'ck', 6)}")
+
+
+def test_an_overwrite_killed_between_its_renames_loads_the_previous_checkpoint(tmp_path, caplog):
+    state = small_state()
+    fnlight.save_checkpoint(tmp_path / "ck", state)
+    (tmp_path / "ck").rename(tmp_path / ".ck.old-0123")  # what the writer had done when it was killed
+    loaded, _ = fnlight.load_checkpoint(tmp_path / "ck", like=state)
+    assert tree_equal(loaded, state)
+    assert any("loaded the previous checkpoint" in r.getMessage() and ".ck.old-0123" in r.getMessage()
+               for r in caplog.records if r.name == "fnlight")
+    fnlight.save_checkpoint(tmp_path / "ck", state)  # the next save puts a checkpoint in place
+    assert (tmp_path / "ck" / "checkpoint.json").is_file()

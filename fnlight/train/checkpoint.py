@@ -298,5 +298,9 @@ def find_resumable(ckpt_dir: str | os.PathLike, like: Any = None, device: torch.
         except CorruptCheckpointError as e:
             skipped.append((path, " ".join(str(e).split())))
             continue
+        except CheckpointError:
+            if not os.path.lexists(path):  # deleted meanwhile (another run's keep_last): not damage
+                continue
+            raise
         return Resumable(path, state, meta, tuple(skipped))
     return Resumable(None, None, None, tuple(skipped))
