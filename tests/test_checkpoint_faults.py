@@ -9,6 +9,7 @@ import collections
 import errno
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -82,10 +83,18 @@ def test_saving_onto_a_run_directory_is_refused_and_nothing_is_removed(tmp_path)
     assert (run / "notes.txt").read_text() == "weeks of work"
     fnlight.load_checkpoint(step_dir(run, 1), like=state)
     writer = AsyncCheckpointer()
-    writer.save(run, state)  # in the background: the error comes from wait()
     with pytest.raises(CheckpointError, match="not a fnlight checkpoint"):
-        writer.wait()
+        writer.save(run, state)  # at once, not from the background
+    (tmp_path / "later").mkdir()
+    writer.save(tmp_path / "later", state)
+    (tmp_path / "later" / "notes.txt").write_text("written while the save was queued")
+    try:
+        writer.wait()  # the write may have started before the note: then the note is refused later
+    except CheckpointError:
+        pass
     writer.close()
+    assert (tmp_path / "later" / "notes.txt").read_text() == "written while the save was queued"
+    shutil.rmtree(tmp_path / "later")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 

@@ -161,8 +161,11 @@ class AsyncCheckpointer:
     def save(self, path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | None = None,
              then: Callable[[Path], Any] | None = None) -> None:
         """Copy ``state`` to host memory now and write it to ``path`` in the background;
-        ``then(path)`` runs in the background after the write (e.g. pruning old checkpoints)."""
+        ``then(path)`` runs in the background after the write (e.g. pruning old checkpoints).
+        A ``path`` that holds something other than a checkpoint is an error at once (and again
+        when the write starts, in case something appeared there meanwhile)."""
         self.wait()
+        files.check_replaceable(Path(path))
         tensors, doc = _prepare(state, meta)
         host = self._stage(tensors)
 
