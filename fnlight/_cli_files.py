@@ -13,10 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ._cli_common import CliError
-from .train.checkpoint import META, TENSORS, _encode, load_checkpoint
+from .train.checkpoint import META, TENSORS, load_checkpoint, tensor_names
 
 # -- inspect ---------------------------------------------------------------------------------------
 
@@ -33,9 +31,8 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
     """Everything ``inspect`` shows, JSON-able. Loading verifies the checksum (CheckpointError otherwise)."""
     state, meta = load_checkpoint(path)  # reads every byte: the sha256 is checked against the recorded one
     doc = json.loads((path / META).read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    _encode(state, "", tensors)  # the names the tensor file uses, in the state's order
-    rows = [{"name": k.rstrip("/"), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+    tensors = tensor_names(state)  # the names the tensor files use, in the state's order
+    rows = [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
              "bytes": t.numel() * t.element_size()} for k, t in tensors.items()]
     pipeline = meta.get("pipeline") if isinstance(meta.get("pipeline"), dict) else {}
     description = pipeline.get("description") or {}

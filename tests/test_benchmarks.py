@@ -35,7 +35,8 @@ def test_checkpoint_json(tmp_path):
                           "1", "--json", "--dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     times = json.loads(out.stdout)
-    assert {"torch_save", "torch_load", "fnlight_save", "fnlight_load", "fnlight_async_blocked"} <= set(times)
+    assert {"torch_save", "torch_save_durable", "torch_load", "fnlight_save", "fnlight_load",
+            "fnlight_async_blocked"} <= set(times)
     assert all(v > 0 for v in times.values())
     assert list(tmp_path.iterdir()) == []  # it cleans up after itself
 

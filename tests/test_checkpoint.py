@@ -25,6 +25,13 @@ from .models import data, loss_fn, mlp
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def signed(doc):
+    """``doc`` with a matching ``doc_sha256``: a crafted checkpoint, not a damaged one."""
+    from fnlight.train.checkpoint_files import doc_checksum
+
+    return {**doc, "doc_sha256": doc_checksum(doc)}
+
+
 def trained(opt=None, steps=3, **model_kw):
     model = mlp(bn=True, dropout=0.2, **model_kw)
     opt = opt or fo.chain(fo.clip_by_global_norm(1.0), fo.adamw(fo.warmup_cosine(1e-2, 2, 10), amsgrad=True))
@@ -136,10 +143,10 @@ def test_unsaveable_values_and_missing_directories_are_clear_errors(tmp_path):
 
 WRITER = r"""
 import sys, torch, fnlight
-from fnlight.train import checkpoint
+from fnlight.train import checkpoint_files
 from fnlight.train.checkpoint import AsyncCheckpointer
 path, mode = sys.argv[1], sys.argv[2]
-checkpoint.SHARD_BYTES = 1 << 21  # 4 shards, written in parallel: a kill can land between them
+checkpoint_files.SHARD_BYTES = 1 << 21  # 4 shards, written in parallel: a kill can land between them
 big = {f"w{k}": torch.zeros(500_000) for k in range(4)}
 writer = AsyncCheckpointer()
 i = 0
@@ -256,7 +263,7 @@ def test_a_malformed_tensor_file_with_a_matching_checksum_is_refused(tmp_path, d
     tf.write_bytes(raw)
     doc = json.loads(meta.read_text())
     doc["tensors_sha256"] = hashlib.sha256(raw).hexdigest()
-    meta.write_text(json.dumps(doc))
+    meta.write_text(json.dumps(signed(doc)))
     with pytest.raises(CorruptCheckpointError, match="not a valid safetensors file"):
         fnlight.load_checkpoint(tmp_path / "ck")
 
@@ -267,7 +274,7 @@ def test_a_large_state_is_sharded_and_every_shard_is_checked(tmp_path, monkeypat
 
     from safetensors.torch import load_file
 
-    from fnlight.train import checkpoint
+    from fnlight.train import checkpoint_files as checkpoint
 
     monkeypatch.setattr(checkpoint, "SHARD_BYTES", 600)  # the state below is ~3 KB: 5 shards
     _, _, _, state = trained()
@@ -302,7 +309,7 @@ def test_a_large_state_is_sharded_and_every_shard_is_checked(tmp_path, monkeypat
         fnlight.load_checkpoint(tmp_path / "ck")
     stray.unlink()
     doc["tensor_files"] = {"../../elsewhere.safetensors": "0" * 64}  # names come from the JSON: never a path
-    (tmp_path / "ck" / "checkpoint.json").write_text(json.dumps(doc))
+    (tmp_path / "ck" / "checkpoint.json").write_text(json.dumps(signed(doc)))
     with pytest.raises(CorruptCheckpointError, match="no valid list of tensor files"):
         fnlight.load_checkpoint(tmp_path / "ck")
 
@@ -310,13 +317,13 @@ def test_a_large_state_is_sharded_and_every_shard_is_checked(tmp_path, monkeypat
 @settings(max_examples=60, deadline=None)
 @given(sizes=st.lists(st.integers(0, 5000), max_size=40), shard=st.integers(1, 3000))
 def test_sharding_is_an_ordered_partition_into_at_most_max_shards(sizes, shard):
-    from fnlight.train import checkpoint
+    from fnlight.train import checkpoint_files as checkpoint
 
     tensors = {f"t{i}": torch.empty(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
     old = checkpoint.SHARD_BYTES
     checkpoint.SHARD_BYTES = shard
     try:
-        files = checkpoint._shards(tensors)
+        files = checkpoint.shards(tensors)
     finally:
         checkpoint.SHARD_BYTES = old
     assert [k for g in files.values() for k in g] == list(tensors)  # every tensor once, in order
@@ -330,7 +337,7 @@ def test_one_file_checkpoints_keep_format_version_1(tmp_path):
     so older fnlight releases read it; a sharded one is version 2."""
     import json
 
-    from fnlight.train import checkpoint
+    from fnlight.train import checkpoint_files as checkpoint
 
     _, _, _, state = trained()
     fnlight.save_checkpoint(tmp_path / "ck", state)
@@ -348,25 +355,25 @@ def test_one_file_checkpoints_keep_format_version_1(tmp_path):
     sharded = json.loads((tmp_path / "sharded" / "checkpoint.json").read_text())
     assert sharded["version"] == 2 and "tensors_sha256" not in sharded and len(sharded["tensor_files"]) > 1
     doc["tensors_sha256"] = "0" * 64
-    meta.write_text(json.dumps(doc))
+    meta.write_text(json.dumps(signed(doc)))
     with pytest.raises(CorruptCheckpointError, match="corrupted"):
         fnlight.load_checkpoint(tmp_path / "ck")
     doc["version"] = 99  # from a future fnlight
-    meta.write_text(json.dumps(doc))
+    meta.write_text(json.dumps(signed(doc)))
     with pytest.raises(CheckpointError, match="not a fnlight checkpoint of version 1 or 2 .*version 99"):
         fnlight.load_checkpoint(tmp_path / "ck")
 
 
 EXITING_WRITER = r"""
 import sys, time, torch
-from fnlight.train import checkpoint
+from fnlight.train import checkpoint_files
 from fnlight.train.checkpoint import AsyncCheckpointer
-checkpoint.SHARD_BYTES = 1 << 20  # 4 shards
-shards = checkpoint._shards
+checkpoint_files.SHARD_BYTES = 1 << 20  # 4 shards
+shards = checkpoint_files.shards
 def late_shards(tensors):  # the write starts once the main thread has ended
     time.sleep(0.5)
     return shards(tensors)
-checkpoint._shards = late_shards
+checkpoint_files.shards = late_shards
 writer = AsyncCheckpointer()
 writer.save(sys.argv[1], {f"w{k}": torch.full((300_000,), float(k)) for k in range(4)})
 # no wait() or close(): the program ends before the write starts

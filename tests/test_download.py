@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -48,10 +50,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         srv = self.server
+        # a route without a query string matches any (as a signed URL's server would)
+        path = self.path if self.path in srv.routes else self.path.partition("?")[0]
         with srv.lock:
-            n = srv.requests[self.path]
-            srv.requests[self.path] += 1
-        replies = srv.routes.get(self.path)
+            n = srv.requests[path]
+            srv.requests[path] += 1
+            srv.auth[path] = self.headers.get("Authorization")
+        replies = srv.routes.get(path)
         if replies is None:
             self.send_error(404)
             return
@@ -65,11 +70,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
         with srv.lock:
-            srv.served[self.path] += 1
+            srv.served[path] += 1
         step = -(-len(reply.body) // reply.chunks) or 1
         for i in range(0, len(reply.body), step):
-            self.wfile.write(reply.body[i:i + step])
-            self.wfile.flush()
+            try:
+                self.wfile.write(reply.body[i:i + step])
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client gave up (a deadline, a full disk)
             if reply.delay_s:
                 time.sleep(reply.delay_s / reply.chunks)
         # HTTP/1.0: the connection closes after the response, so a body shorter
@@ -86,6 +94,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.routes: dict[str, list[Reply]] = {}
         self.requests: Counter[str] = Counter()  # every GET, by path
         self.served: Counter[str] = Counter()  # GETs that sent (some of) the body
+        self.auth: dict[str, str | None] = {}  # the last Authorization header, by path
 
     def route(self, path: str, *replies: Reply) -> str:
         """Serve ``replies`` in turn at ``path`` (the last one repeats); return the URL."""
@@ -438,3 +447,84 @@ def test_missing_local_file_fails_at_once(tmp_path):
     with pytest.raises(fd.DownloadError, match="nope.csv"):
         stage.fetch(fd.Context(root=tmp_path))
     assert time.perf_counter() - t0 < 0.9  # not retried
+
+
+# -- identity, credentials, deadlines, a full disk -----------------------------------------------------------------
+
+
+def test_a_re_signed_url_keeps_the_fingerprint_and_the_cached_file(server, tmp_path):
+    base = server.route("/signed.csv", Reply(body=CSV))
+    a = _dl(base + "?X-Amz-Signature=aaa&X-Amz-Expires=60")
+    b = _dl(base + "?X-Amz-Signature=bbb&X-Amz-Expires=3600")
+    assert a.describe() == b.describe() and fd.Pipeline((a,)).fingerprint == fd.Pipeline((b,)).fingerprint
+    a.fetch(fd.Context(root=tmp_path))
+    b.fetch(fd.Context(root=tmp_path))
+    assert server.requests["/signed.csv"] == 1  # the same content, already verified
+    pipeline = lambda src: src >> fd.split({"train": 0.6, "val": 0.4}) >> fd.batch(2)  # noqa: E731
+    dm_a = fnlight.DataModule(pipeline(a), root=tmp_path, prefetch=0)
+    dm_b = fnlight.DataModule(pipeline(b), root=tmp_path, prefetch=0)
+    state = {"w": torch.zeros(2)}
+    fnlight.save_checkpoint(tmp_path / "ck", state, meta={"pipeline": {"fingerprint": dm_a.fingerprint,
+                                                                        "description": dm_a.describe()}})
+    fnlight.load_checkpoint(tmp_path / "ck", pipeline_fingerprint=dm_b.fingerprint)  # resumes: no error
+    # without a sha256 the content is not known, and the URL (redacted) stays part of the description
+    assert _dl(base + "?v=1", sha256=None).describe()["url"] == base + "?v=***"
+
+
+SECRETS = ("hunter2", "s3cr3t-token", "sig-abcdef")
+
+
+def test_credentials_never_appear_in_descriptions_checkpoints_or_errors(server, tmp_path):
+    host, port = server.server_address[:2]
+    server.route("/private.csv", Reply(body=CSV))
+    server.route("/gone.csv", Reply(status=404))
+    server.route("/flaky.csv", Reply(status=503))
+    url = f"http://alice:hunter2@{host}:{port}/private.csv?token=s3cr3t-token&Signature=sig-abcdef"
+    src = _dl(url)
+    texts = [repr(src), json.dumps(src.describe()), repr(src >> fd.batch(2))]
+    assert src.fetch(fd.Context(root=tmp_path)).read_bytes() == CSV  # the credentials are used...
+    assert server.auth["/private.csv"] == "Basic " + base64.b64encode(b"alice:hunter2").decode()
+    dm = fnlight.DataModule(src >> fd.split({"train": 0.6, "val": 0.4}) >> fd.batch(2), root=tmp_path)
+    fnlight.save_checkpoint(tmp_path / "ck", {"w": torch.zeros(1)},
+                            meta={"pipeline": {"fingerprint": dm.fingerprint, "description": dm.describe()}})
+    texts.append((tmp_path / "ck" / "checkpoint.json").read_text())
+    for bad in (dict(url=url.replace("private", "gone")), dict(url=url.replace("private", "flaky")),
+                dict(url=url, sha256=WRONG_SHA, root=tmp_path / "other"), dict(url=url, sha256=None)):
+        with pytest.raises(fd.DownloadError) as e:
+            _dl(bad.pop("url"), **bad).fetch(fd.Context(root=tmp_path / "errors"))
+        texts.append(str(e.value))
+    with pytest.raises(ValueError) as e:
+        fd.download(url.replace("http", "ftp"), sha256=CSV_SHA)
+    texts.append(str(e.value))
+    for text in texts:  # ...and never shown
+        assert not [s for s in SECRETS if s in text], text
+    assert "alice" not in texts[-1] and "***@" in texts[-1]
+
+
+def test_an_attempt_that_outlives_its_deadline_is_abandoned(server, tmp_path):
+    trickle = Reply(body=CSV * 20, chunks=50, delay_s=10.0)  # a byte every 0.2 s: no read ever times out
+    url = server.route("/slow.csv", trickle)
+    src = _dl(url, sha256=hashlib.sha256(CSV * 20).hexdigest(), retries=1, timeout_s=2.0, deadline_s=0.8)
+    t0 = time.monotonic()
+    with pytest.raises(fd.DownloadError, match=r"after 2 attempts; last error: the attempt outlived "
+                                               r"deadline_s=0.8s \(received \d+ of 620 bytes\)"):
+        src.fetch(fd.Context(root=tmp_path))
+    assert time.monotonic() - t0 < 6  # two attempts of ~1 s (and a backoff), not 20 s
+    assert server.requests["/slow.csv"] == 2 and _leftovers(src.path(fd.Context(root=tmp_path)).parent) == []
+    with pytest.raises(ValueError, match="deadline_s"):
+        fd.download(url, sha256=CSV_SHA, deadline_s=0)
+
+
+def test_a_full_disk_names_the_file_and_the_url_and_keeps_nothing(server, tmp_path):
+    from .faults import small_disk
+
+    body = os.urandom(3 << 20)
+    url = server.route("/big.bin", Reply(body=body))
+    src = _dl(url + "?token=s3cr3t-token", sha256=hashlib.sha256(body).hexdigest(), read=fd.read_npz())
+    with small_disk(tmp_path, "1m") as disk:
+        with pytest.raises(fd.DownloadError, match=r"cannot write .*big.bin \(downloading .*/big.bin\?token=\*\*\*\): "
+                                                   r"No space left on device; nothing was kept") as e:
+            src.fetch(fd.Context(root=disk))
+        assert "s3cr3t" not in str(e.value)
+        assert server.requests["/big.bin"] == 1  # a local problem: not retried
+        assert _leftovers(src.path(fd.Context(root=disk)).parent) == []

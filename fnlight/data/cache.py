@@ -7,6 +7,11 @@ any earlier hyperparameter gives a new cache instead of silently reusing an
 old one. A pipeline whose fingerprint cannot be computed, or whose source's
 content is not hashed (``from_torch``), cannot be cached on disk.
 
+Each file records the sha256 of its tree and tensors (``fnlight_sha256`` in
+its metadata) and is read into memory and verified: a truncated, damaged or
+unverifiable file is rebuilt, with a warning naming it on the "fnlight"
+logger; a file that is still damaged after being rebuilt is an error.
+
 Example:
     >>> import torch, fnlight.data as fd
     >>> def slow(x): return x * 2
@@ -16,8 +21,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
+import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +42,15 @@ from .dataset import Dataset, TensorDataset
 from .stage import Context, Plans, SplitPlan, Stage, Where, normalize_on, plans_for
 
 _CHUNK = 8192
+log = logging.getLogger("fnlight")
+
+
+class CacheError(RuntimeError):
+    """A disk cache file is damaged and rebuilding it did not help."""
+
+
+class _Damaged(Exception):
+    """A cache file that cannot be trusted (the reason is the message)."""
 
 
 def materialize(ds: Dataset) -> Any:
@@ -68,30 +87,77 @@ def _decode(spec: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tuple(items) if kind == "tuple" else items
 
 
+def _checksum(spec_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tree and of every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(spec_json.encode())
+    for name in sorted(tensors, key=int):
+        t = tensors[name].contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def _write_atomic(path: Path, data: Any) -> None:
     from safetensors.torch import save_file
 
     leaves: list[torch.Tensor] = []
-    spec = _encode(data, leaves)
+    spec = json.dumps(_encode(data, leaves))
+    tensors = {str(i): t.contiguous() for i, t in enumerate(leaves)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        save_file({str(i): t.contiguous() for i, t in enumerate(leaves)}, str(tmp),
-                  metadata={"fnlight_tree": json.dumps(spec)})
+        save_file(tensors, str(tmp), metadata={"fnlight_tree": spec, "fnlight_sha256": _checksum(spec, tensors)})
         fsync(tmp)
         os.replace(tmp, path)
         fsync(path.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e} while writing the cache file {path}") from e
+    except Exception as e:  # safetensors reports a full disk as its own error type: "... (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        raise OSError(int(code[1]) if code else errno.EIO, f"cannot write the cache file {path}: {e}") from e
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
 def _read(path: Path) -> Any:
-    from safetensors import safe_open
+    """The verified tree in ``path`` (read into memory: independent of the file afterwards); _Damaged if not."""
+    from safetensors.torch import load
 
-    with safe_open(str(path), framework="pt") as f:
-        spec = json.loads(f.metadata()["fnlight_tree"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    return _decode(spec, tensors)
+    try:
+        raw = path.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        meta = json.loads(raw[8:8 + n]).get("__metadata__") or {}
+        spec_json, recorded = meta["fnlight_tree"], meta["fnlight_sha256"]
+        tensors = load(raw)
+        if _checksum(spec_json, tensors) != recorded:
+            raise _Damaged("its checksum does not match its content")
+        return _decode(json.loads(spec_json), tensors)
+    except _Damaged:
+        raise
+    except KeyError as e:
+        raise _Damaged(f"it records no {e} (written by an older fnlight?)") from None
+    except Exception as e:  # truncated, not safetensors, bad JSON, a tree naming a missing tensor...
+        raise _Damaged(f"{type(e).__name__}: {e}") from None
+
+
+def _load_or_build(path: Path, build: Any) -> Any:
+    """The cached tree at ``path``, built (and written) when it is missing or damaged."""
+    if path.exists():
+        try:
+            return _read(path)
+        except _Damaged as e:
+            log.warning("the cache file %s is damaged (%s): rebuilding it", path, e)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        try:
+            return _read(path)  # another process may have built it while we waited for the lock
+        except _Damaged:
+            _write_atomic(path, build())
+    try:
+        return _read(path)
+    except _Damaged as e:
+        raise CacheError(f"the cache file {path} is damaged even after being rebuilt ({e}); check the disk, "
+                         "or delete the file and run again") from None
 
 
 @dataclass(frozen=True)
@@ -132,12 +198,7 @@ class Cache(Stage):
             if directory is None:
                 return plan.replace(dataset=TensorDataset(materialize(plan.dataset)))
             path = directory / f"{plan.name}.safetensors"
-            if not path.exists():
-                directory.mkdir(parents=True, exist_ok=True)
-                with FileLock(str(path) + ".lock"):
-                    if not path.exists():
-                        _write_atomic(path, materialize(plan.dataset))
-            return plan.replace(dataset=TensorDataset(_read(path)))
+            return plan.replace(dataset=TensorDataset(_load_or_build(path, lambda: materialize(plan.dataset))))
 
         return plans_for("cache", self.on, plans, update)
 

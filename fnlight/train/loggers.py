@@ -6,17 +6,32 @@
 - :class:`ConsoleLogger`: one line per epoch;
 - :class:`TensorBoardLogger`: event files (``pip install fnlight[tensorboard]``).
 
+Files are appended to (``O_APPEND``), so two runs sharing a ``run_dir`` never
+leave NUL-filled holes, and rewritten only atomically (temp file, rename). On
+resume, a line that a killed or out-of-space run left half-written (no final
+newline, or not parseable) is dropped, and said so on the "fnlight" logger;
+it is never fatal. A write that fails (a full disk) raises an OSError naming
+the file.
+
 Example:
     >>> trainer = Trainer(run_dir="runs/a", loggers=(CSVLogger(), JSONLLogger(), ConsoleLogger()))
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import logging
+import os
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
+
+log = logging.getLogger("fnlight")
 
 Rows = dict[str, int]  # rows already logged per kind ("epoch", "step"): what a resumed run keeps
 
@@ -36,6 +51,43 @@ class Logger:
         pass
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Re-raise an OSError (a full disk...) with the log file's name in it."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e} while writing the log {path}") from e
+
+
+def _whole_lines(path: Path) -> list[str]:
+    """The complete lines of a log file (without their newline); a torn last line or a line holding NULs
+    (what a killed or out-of-space writer leaves) is dropped with a message naming the file."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends with a newline, as a whole file does
+    if torn:
+        log.warning("%s: dropped its last line, cut short when an earlier run stopped mid-write (%r)", path,
+                    torn[:80])
+    kept = [line for line in lines if "\0" not in line and "\ufffd" not in line]
+    if len(kept) != len(lines):
+        log.warning("%s: dropped %d damaged line(s) (NUL bytes or invalid UTF-8)", path, len(lines) - len(kept))
+    return kept
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a kill or a full disk leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with _naming(path):
+            with open(tmp, "w", newline="") as f:
+                f.write(text)
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 class CSVLogger(Logger):
     """Epoch rows to ``metrics.csv``, step rows to ``steps.csv`` (rewritten when a new column appears)."""
 
@@ -50,11 +102,15 @@ class CSVLogger(Logger):
         for kind, name in (("epoch", "metrics.csv"), ("step", "steps.csv")):
             path = run_dir / name
             if keep and keep.get(kind) and path.exists():
-                with open(path, newline="") as f:
-                    reader = csv.DictReader(f)
-                    out._columns[kind] = list(reader.fieldnames or [])
-                    rows = [{k: _number(v) for k, v in r.items() if v != ""} for r in reader][:keep[kind]]
-                out._rows[kind] = [{"kind": kind, **r} for r in rows]
+                reader = csv.DictReader(io.StringIO("".join(line + "\n" for line in _whole_lines(path))))
+                out._columns[kind] = list(reader.fieldnames or [])
+                rows = []
+                for r in reader:
+                    if None in r or None in r.values():  # a line with more or fewer fields than the header
+                        log.warning("%s: dropped a damaged row (line %d)", path, reader.line_num)
+                        continue
+                    rows.append({k: _number(v) for k, v in r.items() if v != ""})
+                out._rows[kind] = [{"kind": kind, **r} for r in rows[:keep[kind]]]
                 out._rewrite(kind)
             elif path.exists():
                 path.unlink()  # a fresh run in a reused directory
@@ -62,10 +118,11 @@ class CSVLogger(Logger):
 
     def _rewrite(self, kind: str) -> None:
         path = self.dir / ("metrics.csv" if kind == "epoch" else "steps.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, self._columns[kind], extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self._rows[kind])
+        text = io.StringIO()
+        w = csv.DictWriter(text, self._columns[kind], extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(self._rows[kind])
+        _replace(path, text.getvalue())
 
     def log(self, row: dict[str, Any]) -> None:
         kind = row["kind"]
@@ -77,8 +134,10 @@ class CSVLogger(Logger):
             cols += new
             self._rewrite(kind)
         else:
-            with open(path, "a", newline="") as f:
-                csv.DictWriter(f, cols, extrasaction="ignore").writerow(row)
+            line = io.StringIO()
+            csv.DictWriter(line, cols, extrasaction="ignore", lineterminator="\n").writerow(row)
+            with _naming(path), open(path, "a", newline="") as f:
+                f.write(line.getvalue())  # one write of one whole line
 
 
 class JSONLLogger(Logger):
@@ -86,29 +145,43 @@ class JSONLLogger(Logger):
 
     def __init__(self) -> None:
         self._f: TextIO | None = None
+        self._path: Path | None = None
 
     def open(self, run_dir: Path, keep: Rows | None = None) -> JSONLLogger:
         path = run_dir / "metrics.jsonl"
         kept: list[str] = []
         if keep and path.exists():
             left = dict(keep)
-            for line in path.read_text().splitlines():
-                kind = json.loads(line)["kind"]
+            for i, line in enumerate(_whole_lines(path)):
+                try:
+                    kind = json.loads(line)["kind"]
+                except (ValueError, TypeError, KeyError):
+                    log.warning("%s: dropped line %d, which is not a JSON row (%r)", path, i + 1, line[:80])
+                    continue
                 if left.get(kind, 0) > 0:
                     left[kind] -= 1
                     kept.append(line + "\n")
+        if keep and path.exists():
+            _replace(path, "".join(kept))  # atomic: a kill now leaves the old lines or the kept ones
+        elif path.exists():
+            with _naming(path):
+                os.truncate(path, 0)  # a fresh run in a reused directory (in place: other writers append to it)
         out = JSONLLogger()
-        out._f = open(path, "w")  # noqa: SIM115 (closed by close())
-        out._f.writelines(kept)
+        out._path = path
+        with _naming(path):
+            out._f = open(path, "a")  # noqa: SIM115 (closed by close()); appends: never a hole
         return out
 
     def log(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        with _naming(self._path):
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            f, self._f = self._f, None
+            with contextlib.suppress(OSError):  # what could not be written was raised by log()
+                f.close()
 
 
 def _number(v: str) -> Any:

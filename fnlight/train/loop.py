@@ -13,12 +13,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +32,8 @@ from ..tree import device_put, tree_leaves, tree_map
 from .callbacks import Callback, FitContext, Signal, to_float
 from .checkpoint import (
     AsyncCheckpointer,
-    CorruptCheckpointError,
+    find_resumable,
     list_checkpoints,
-    load_checkpoint,
     save_checkpoint,
     step_dir,
 )
@@ -114,13 +113,11 @@ def _reduce_row(values: Mapping[str, float], n: int) -> Metrics:
 
 
 def _resume_point(ckpt_dir: Path, like: TrainState, fingerprint: str) -> tuple[TrainState, dict[str, Any]] | None:
-    """The newest checkpoint that loads; a corrupted one is skipped with a warning naming it."""
-    for path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            return load_checkpoint(path, like=like, pipeline_fingerprint=fingerprint)
-        except CorruptCheckpointError as e:
-            warnings.warn(f"skipping corrupted checkpoint {path}: {e}", stacklevel=3)
-    return None
+    """The newest checkpoint that loads; damaged ones are skipped, said in one line on the "fnlight" logger."""
+    found = find_resumable(ckpt_dir, like, pipeline_fingerprint=fingerprint)
+    if found.message():
+        logging.getLogger("fnlight").warning(found.message())
+    return (found.state, found.meta) if found.path is not None else None
 
 
 def _limit(limit: int | float | None, total: int) -> int:

@@ -23,9 +23,6 @@ from ..tree import register_node
 
 Tensors = dict[str, torch.Tensor]
 
-_FIELDS = ("params", "buffers", "opt_state", "step", "key")
-
-
 @dataclass(frozen=True)
 class TrainState:
     """The model's trainable parameters, its buffers (BatchNorm statistics, frozen
@@ -85,8 +82,12 @@ class TrainState:
         return sum(p.numel() for p in self.params.values())
 
 
+#: TrainState's fields in order, read from the dataclass (pytree flattening, checkpoints and comparisons use it).
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainState))
+
+
 def _flatten(s: TrainState) -> tuple[list[Any], None, tuple[str, ...]]:
-    return [getattr(s, f) for f in _FIELDS], None, _FIELDS
+    return [getattr(s, f) for f in FIELDS], None, FIELDS
 
 
 def _unflatten(aux: None, children: Any) -> TrainState:
@@ -96,7 +97,7 @@ def _unflatten(aux: None, children: Any) -> TrainState:
 register_node(TrainState, _flatten, _unflatten)
 torch_pytree.register_pytree_node(
     TrainState,
-    lambda s: ([getattr(s, f) for f in _FIELDS], None),
+    lambda s: ([getattr(s, f) for f in FIELDS], None),
     lambda children, aux: TrainState(*children),
     serialized_type_name="fnlight.TrainState",
 )
