@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,18 +78,25 @@ class TokenDataset(Dataset):
     """The tokens of a raw binary file, memory-mapped: sample ``i`` is token ``i`` (int64).
 
     The map is opened on first use in each process (a worker process reopens it
-    rather than receiving a copy), and reads touch only the pages they need.
+    rather than receiving a copy), and reads touch only the pages they need. It
+    is advised as random access (``MADV_RANDOM``): shuffled windows gain nothing
+    from the kernel's read-ahead, which would read (and map) ~32 pages around
+    each 2-page window (measured: 6x slower and 10x the resident pages).
     """
 
     def __init__(self, path: Path, dtype: str):
         self.path, self.dtype = Path(path), np.dtype(dtype)
         self._n = check_token_file(self.path, self.dtype)
-        self._map: np.memmap | None = None
+        self._map: np.ndarray | None = None
 
-    def tokens(self) -> np.memmap:
-        """The file as a read-only numpy memmap (opened once per process)."""
+    def tokens(self) -> np.ndarray:
+        """The file as a read-only numpy array over a memory map (opened once per process)."""
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self._n,))
+            with open(self.path, "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(m, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                m.madvise(mmap.MADV_RANDOM)
+            self._map = np.frombuffer(m, dtype=self.dtype, count=self._n)
         return self._map
 
     def __getstate__(self) -> dict[str, Any]:
