@@ -267,8 +267,10 @@ def permutation(k: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
     return torch.sort(bits(k, n) & ((1 << 63) - 1), dim=-1, stable=True).indices
 
 
-#: Feistel rounds of ``index_shuffle`` (Grain's index shuffle uses 4 as well).
-SHUFFLE_ROUNDS = 4
+#: Feistel rounds of ``index_shuffle``. Grain's index shuffle uses 4; with 4 rounds
+#: here, where an element of range(10) lands over 4000 keys failed a chi-square
+#: test (mean statistic 21 for 9 degrees of freedom); 6 rounds pass (9.4), as do pairs.
+SHUFFLE_ROUNDS = 6
 
 
 def _feistel(x: torch.Tensor, round_keys: list[int], left: int, right: int) -> torch.Tensor:
@@ -299,7 +301,7 @@ def index_shuffle(k: torch.Tensor, index: int | torch.Tensor, n: int) -> torch.T
     ``index_shuffle(k, torch.arange(n), n)`` is a permutation of ``range(n)``, but
     any position can be computed without the others, in constant memory: this is
     what lets a shuffle over 10**10 samples start at once (as Grain's index
-    shuffle). It is a 4-round Feistel network on the ``ceil(log2 n)``-bit
+    shuffle). It is a 6-round Feistel network on the ``ceil(log2 n)``-bit
     integers, with round keys drawn from ``k``, and cycle-walking (applying it
     again until the value is below ``n``; fewer than 2 applications on average).
     It is not ``permutation(k, n)`` (a sort of random bits, which needs all ``n``
