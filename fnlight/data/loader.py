@@ -59,7 +59,7 @@ class _Cursor:
 
     def __init__(self, batches: Sequence[torch.Tensor]):
         self.batches = batches
-        self.start, self.chunk = 0, []  # type: ignore[var-annotated]
+        self.start, self.chunk = 0, list[torch.Tensor]()
 
     def __getitem__(self, pos: int) -> torch.Tensor:
         if not isinstance(self.batches, BatchOrder):
