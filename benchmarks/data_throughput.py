@@ -35,11 +35,24 @@ Targets (from the issue): fnlight / dataloader_w0 >= 10x, fnlight /
 dataloader_w2 >= 10x, fnlight / handwritten_vectorized >= 0.8x; the same
 ratios are shown for fnlight_per_sample.
 
+Index plans that do not grow with the data (``plan.<n>.*``): for n = 1e6 and
+1e8 samples, a fresh process builds ``read_tokens(f) >> windows(64, stride=1)
+>> shuffle() >> batch(128)`` over a sparse token file of n + 64 tokens (no
+disk or memory used by the data itself) and reads the first batch of epoch 0,
+then 10 more batches. ``first_batch_s``: from making the DataModule to the
+first batch; ``peak_mb``: the growth of the process's peak resident memory
+over the same span (its baseline taken after torch is imported and the file
+made). Targets: first batch < 0.5 s and growth < 100 MB at 1e8. (Before lazy
+plans the epoch's order was materialized: over 1e8 in-memory samples the first
+batch took 74 s and 4.6 GB, against 0.12 s and 10 MB after, on the 2-core VM
+under a load of 12.)
+
 Run:
     .venv/bin/python benchmarks/data_throughput.py              # table, 5 rounds
     .venv/bin/python benchmarks/data_throughput.py --repeats 9
     .venv/bin/python benchmarks/data_throughput.py --quick      # smoke test
     .venv/bin/python benchmarks/data_throughput.py --json       # one JSON object
+    .venv/bin/python benchmarks/data_throughput.py --no-plans   # without the index-plan figures
 
 Timings use torch's default settings (its intra-op thread count included). On a
 small shared machine single epochs can be several times slower at random (torch's
@@ -50,12 +63,17 @@ under ``OMP_NUM_THREADS=1`` is a useful control.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -67,6 +85,9 @@ import fnlight.random as fr
 MEAN, STD, BATCH = 0.1307, 0.3081, 128
 DATALOADER_WARMUP_BATCHES = 20
 TARGETS = {"dataloader_w0": 10.0, "dataloader_w2": 10.0, "handwritten_vectorized": 0.8}
+PLAN_SIZES = {"1e6": 10**6, "1e8": 10**8}
+PLAN_TARGETS = {"first_batch_s": 0.5, "peak_mb": 100.0}  # at 1e8
+PLAN_BLOCK, PLAN_MORE_BATCHES = 64, 10
 
 #: runs one epoch (by number), optionally only its first ``max_batches``; returns the samples seen
 EpochFn = Callable[[int, int | None], int]
@@ -178,6 +199,69 @@ def measure(samples: int, repeats: int, log: bool) -> dict[str, list[float]]:
     return rates
 
 
+def _memory_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def plan_child(n: int) -> None:
+    """In a fresh process: time to the first batch and peak memory growth of a lazy
+    plan over ``n`` windows of a sparse token file; prints one JSON object."""
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "tokens.bin"
+        with open(f, "wb") as fh:
+            fh.truncate(2 * (n + PLAN_BLOCK))  # uint16 tokens, all zero, no disk blocks
+        gc.collect()
+        with contextlib.suppress(OSError):  # reset the peak to the current resident size (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+        base = _memory_mb("VmRSS")
+        t0 = time.perf_counter()
+        pipeline = fd.read_tokens(f) >> fd.windows(PLAN_BLOCK, stride=1) >> fd.shuffle() >> fd.batch(BATCH)
+        dm = fnlight.DataModule(pipeline, seed=0)
+        it = dm.batches("train", epoch=0)
+        x, _ = next(it)
+        first = time.perf_counter() - t0
+        assert x.shape == (BATCH, PLAN_BLOCK) and len(dm.dataset("train")) == n
+        for _, _batch in zip(range(PLAN_MORE_BATCHES), it, strict=False):
+            pass
+        it.close()
+        print(json.dumps({"first_batch_s": first, "peak_mb": _memory_mb("VmHWM") - base}))
+
+
+def measure_plans() -> dict[str, float]:
+    """``plan.<size>.first_batch_s`` and ``plan.<size>.peak_mb``, each size in its own process."""
+    out: dict[str, float] = {}
+    if not sys.platform.startswith("linux"):
+        return out  # peak memory is read from /proc
+    for label, n in PLAN_SIZES.items():
+        res = subprocess.run([sys.executable, __file__, "--plan-child", str(n)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(f"the plan measurement for {label} failed:\n{res.stderr[-3000:]}")
+        for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items():
+            out[f"plan.{label}.{k}"] = round(v, 4 if k.endswith("_s") else 1)
+    return out
+
+
+def report_plans(plans: dict[str, float]) -> None:
+    if not plans:
+        print("\n(index-plan figures need Linux's /proc; skipped)")
+        return
+    print(f"\nIndex plan: read_tokens >> windows({PLAN_BLOCK}, stride=1) >> shuffle() >> batch({BATCH}), "
+          "a fresh process per size")
+    print(f"{'samples':<10}{'first batch s':>15}{'peak growth MB':>16}")
+    for label in PLAN_SIZES:
+        print(f"{label:<10}{plans[f'plan.{label}.first_batch_s']:>15.3f}{plans[f'plan.{label}.peak_mb']:>16.1f}")
+    ok = (plans["plan.1e8.first_batch_s"] < PLAN_TARGETS["first_batch_s"]
+          and plans["plan.1e8.peak_mb"] < PLAN_TARGETS["peak_mb"])
+    print(f"targets at 1e8: first batch < {PLAN_TARGETS['first_batch_s']} s, growth < "
+          f"{PLAN_TARGETS['peak_mb']:g} MB  {'ok' if ok else 'MISSED'}")
+
+
 def report(rates: dict[str, list[float]], samples: int, repeats: int, wall: float) -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\nOne epoch of {samples} samples (1x28x28 float32), batch {BATCH}, normalize + "
@@ -201,17 +285,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5)")
     parser.add_argument("--quick", action="store_true", help="6000 samples, 1 round: a smoke test")
     parser.add_argument("--json", action="store_true", help="print one JSON object of medians")
+    parser.add_argument("--no-plans", action="store_true", help="skip the index-plan measurements")
+    parser.add_argument("--plan-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plan_child is not None:
+        plan_child(args.plan_child)
+        return
     samples = args.samples if args.samples is not None else (6000 if args.quick else 60000)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
     if samples < 1 or repeats < 1:
         parser.error("--samples and --repeats must be >= 1")
     t0 = time.perf_counter()
     rates = measure(samples, repeats, log=not args.json)
+    plans = {} if args.no_plans else measure_plans()
     if args.json:
-        print(json.dumps({k: round(statistics.median(v), 1) for k, v in rates.items()}))
+        print(json.dumps({**{k: round(statistics.median(v), 1) for k, v in rates.items()}, **plans}))
     else:
         report(rates, samples, repeats, time.perf_counter() - t0)
+        if not args.no_plans:
+            report_plans(plans)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ __all__ = [
     "bernoulli",
     "bits",
     "fold_in",
+    "index_shuffle",
     "key",
     "normal",
     "permutation",
@@ -63,6 +64,10 @@ _SALT_KEY = 0x2545F4914F6CDD1D
 _SALT_FOLD = _s64(0x8F1BBCDCCA62C1D6)
 _SALT_SPLIT = _s64(0x5851F42D4C957F2D)
 _SALT_BITS = _s64(0xD1B54A32D192ED03)
+_SALT_SHUFFLE = _s64(0x3C6EF372FE94F82B)
+# Multipliers of index_shuffle's round function (odd 64-bit constants, as in Murmur3's finalizer).
+_F1 = _s64(0xFF51AFD7ED558CCD)
+_F2 = _s64(0xC4CEB9FE1A85EC53)
 
 Shape = int | Sequence[int] | torch.Size
 
@@ -260,3 +265,82 @@ def permutation(k: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
     if n < 0:
         raise ValueError(f"permutation needs n >= 0, got {n}.")
     return torch.sort(bits(k, n) & ((1 << 63) - 1), dim=-1, stable=True).indices
+
+
+#: Feistel rounds of ``index_shuffle``. Grain's index shuffle uses 4; with 4 rounds
+#: here, where an element of range(10) lands over 4000 keys failed a chi-square
+#: test (mean statistic 21 for 9 degrees of freedom); 6 rounds pass (9.4), as do pairs.
+SHUFFLE_ROUNDS = 6
+
+
+def _feistel(x: torch.Tensor, round_keys: list[int], left: int, right: int) -> torch.Tensor:
+    """A bijection of ``range(2 ** (left + right))``: an alternating, unbalanced Feistel
+    network whose halves (``left`` and ``right`` bits, both <= 31) swap places every round.
+
+    The round function is a multiplicative hash (Murmur3's finalizer, keyed), of
+    which the top bits are kept: they are its best mixed. In-place ops: a chunk of
+    the plan is tens of thousands of indices, and allocations dominate otherwise.
+    """
+    lo, hi = x & ((1 << right) - 1), x >> right
+    wl, wr = left, right  # widths of hi and lo
+    for rk in round_keys:  # (hi, lo) -> (lo, hi ^ F(lo)): invertible whatever F is
+        if wl:
+            h = lo.add(rk).mul_(_F1)
+            h.bitwise_xor_(h >> 32).mul_(_F2)
+            h.bitwise_right_shift_(64 - wl).bitwise_and_((1 << wl) - 1)  # the top wl bits
+            hi, lo = lo, h.bitwise_xor_(hi)
+        else:  # hi is empty (n == 2): a plain swap
+            hi, lo = lo, hi
+        wl, wr = wr, wl
+    return hi.bitwise_left_shift_(wr).bitwise_or_(lo)  # even rounds: the widths are (left, right) again
+
+
+def index_shuffle(k: torch.Tensor, index: int | torch.Tensor, n: int) -> torch.Tensor:
+    """Where a keyed random permutation of ``range(n)`` sends ``index``, computed alone.
+
+    ``index_shuffle(k, torch.arange(n), n)`` is a permutation of ``range(n)``, but
+    any position can be computed without the others, in constant memory: this is
+    what lets a shuffle over 10**10 samples start at once (as Grain's index
+    shuffle). It is a 6-round Feistel network on the ``ceil(log2 n)``-bit
+    integers, with round keys drawn from ``k``, and cycle-walking (applying it
+    again until the value is below ``n``; fewer than 2 applications on average).
+    It is not ``permutation(k, n)`` (a sort of random bits, which needs all ``n``
+    at once) and its permutations are not uniform over all ``n!`` orders, only
+    statistically well mixed. ``k`` is a single key (0-d); ``index`` is an int or
+    an int64 tensor of values in ``[0, n)``.
+
+    Example:
+        >>> sorted(index_shuffle(key(0), torch.arange(10), 10).tolist())
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+        >>> int(index_shuffle(key(0), 3, 10)) == int(index_shuffle(key(0), torch.arange(10), 10)[3])
+        True
+    """
+    _check_key(k, "index_shuffle")
+    if k.dim() != 0:
+        raise ValueError(f"index_shuffle takes one key (a 0-d tensor), got shape {tuple(k.shape)}.")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**62:
+        raise ValueError(f"index_shuffle needs an int 0 <= n < 2**62, got {n!r}.")
+    x = torch.as_tensor(index, dtype=torch.int64, device=k.device)
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= n):
+        raise IndexError(f"index_shuffle: indices must lie in [0, {n}), got {index!r:.80}")
+    if n <= 1:
+        return x.clone()
+    bits_ = (n - 1).bit_length()
+    left, right = bits_ // 2, bits_ - bits_ // 2
+    round_keys = [int(v) for v in bits(fold_in(k, _SALT_SHUFFLE), (SHUFFLE_ROUNDS,)).tolist()]
+    y = _feistel(x, round_keys, left, right)
+    out = y >= n
+    if bool(out.any()):  # cycle-walk the values that left range(n), on ever fewer of them
+        y = y.clone()
+        where = out.nonzero().flatten() if y.dim() else None
+        if where is None:  # a 0-d index
+            while int(y) >= n:
+                y = _feistel(y, round_keys, left, right)
+            return y
+        walking = y[where]
+        while where.numel():
+            walking = _feistel(walking, round_keys, left, right)
+            done = walking < n
+            y[where[done]] = walking[done]
+            where, walking = where[~done], walking[~done]
+    return y

@@ -17,6 +17,10 @@ def test_data_throughput_json():
     rates = json.loads(out.stdout)
     assert {"dataloader_w0", "dataloader_w2", "handwritten_vectorized", "fnlight"} <= set(rates)
     assert all(v > 0 for v in rates.values())
+    if sys.platform.startswith("linux"):  # the index-plan figures (peak memory from /proc)
+        plan_keys = {f"plan.{n}.{k}" for n in ("1e6", "1e8") for k in ("first_batch_s", "peak_mb")}
+        assert plan_keys <= set(rates)
+        assert rates["plan.1e8.first_batch_s"] < 30 and rates["plan.1e8.peak_mb"] < 1000  # lazy: no 1e8-sized plan
 
 
 def test_step_throughput_json():

@@ -1,5 +1,6 @@
 """shuffle, batch and shard: laws of the epoch's index plan."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -81,3 +82,99 @@ def test_shard_defaults_to_the_datamodule_rank():
                     for s in (fd.shard(), fd.shard(0, 2), fd.shard(1, 2), fd.shard(0, 4))}
     assert len(fingerprints) == 1
     assert (fd.from_tensors(torch.arange(4)) >> fd.shard(drop_remainder=True)).fingerprint not in fingerprints
+
+
+# -- lazy index plans -----------------------------------------------------------
+
+class _Virtual(fd.Source):
+    """A source of ``n`` samples that hold nothing: sample ``i`` is ``i``."""
+
+    name = "virtual"
+
+    def __init__(self, n):
+        self.n = n
+
+    def load(self, ctx):
+        return _Indices(self.n)
+
+    def describe(self):
+        return {"stage": self.name, "n": self.n}
+
+
+class _Indices(fd.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def gather(self, idx, epoch=0):
+        return idx.clone()
+
+
+stage_lists = st.sampled_from([
+    lambda size, r, w: [fd.shuffle(), fd.batch(size)],
+    lambda size, r, w: [fd.shuffle(), fd.shard(r, w), fd.batch(size, drop_last=True)],
+    lambda size, r, w: [fd.shard(r, w, drop_remainder=True), fd.shuffle(), fd.batch(size)],
+    lambda size, r, w: [fd.shuffle(), fd.batch(size), fd.shard(r, w), fd.shuffle(seed=5)],
+    lambda size, r, w: [fd.batch(size), fd.shuffle()],
+])
+
+
+@given(n=st.integers(0, 300), size=st.integers(1, 17), world=st.integers(1, 4), stages=stage_lists,
+       chunk=st.sampled_from([1, 7, 64, 1 << 15]), epoch=st.integers(0, 5))
+def test_a_lazy_plan_reads_the_same_in_any_order_and_chunking(n, size, world, stages, chunk, epoch):
+    import fnlight.data.order as order_module
+
+    dm = fnlight.DataModule(_Virtual(n) >> fd.Pipeline(tuple(stages(size, world - 1, world))), seed=1, prefetch=0)
+    plan = dm.index_plan("train", epoch)
+    saved, order_module.CHUNK_SAMPLES = order_module.CHUNK_SAMPLES, chunk
+    try:
+        listed = list(plan)  # iterated in chunks
+    finally:
+        order_module.CHUNK_SAMPLES = saved
+    assert len(listed) == len(plan) == dm.num_batches("train")
+    for j in {0, len(plan) // 2, len(plan) - 1} if listed else ():
+        assert torch.equal(plan[j], listed[j]) and torch.equal(plan[j - len(plan)], listed[j])
+        assert all(torch.equal(a, b) for a, b in zip(plan[j:], listed[j:], strict=True))  # a lazy slice
+    assert all(torch.equal(a, b) for a, b in zip(plan.chunk(0, len(plan)), listed, strict=True))
+    got = [b for b in dm.batches("train", epoch)]  # the batches are the plan's indices, gathered
+    assert all(torch.equal(a, b) for a, b in zip(got, listed, strict=True))
+    if listed:
+        with pytest.raises(IndexError, match="out of range"):
+            plan[len(plan)]
+
+
+def test_the_plan_of_10_billion_samples_costs_nothing_until_read():
+    """Building the plan, the first batch and a batch near the end take milliseconds
+    and no memory (a materialized order of 10**10 would take 80 GB)."""
+    import time
+
+    n = 10**10
+    dm = fnlight.DataModule(_Virtual(n) >> fd.shuffle() >> fd.shard(1, 3) >> fd.batch(256), seed=0, prefetch=0)
+    t0 = time.perf_counter()
+    first = next(iter(dm.batches("train", epoch=7)))
+    far = next(iter(dm.batches("train", epoch=7, start=dm.num_batches("train") - 2)))  # resume near the end
+    assert time.perf_counter() - t0 < 2.0
+    per_rank = -(-n // 3)  # the epoch padded to a multiple of 3, dealt out
+    assert dm.num_batches("train") == -(-per_rank // 256)
+    assert first.shape == far.shape == (256,) and first.unique().numel() == 256
+    assert int(first.min()) >= 0 and int(first.max()) < n
+    # rank 1 of 3 reads positions 1, 4, 7, ... of the shuffled epoch: the same as a shard of a plain shuffle
+    whole = fnlight.DataModule(_Virtual(n) >> fd.shuffle() >> fd.batch(3 * 256), seed=0, prefetch=0)
+    assert torch.equal(first, whole.index_plan("train", 7)[0][1::3])
+
+
+def test_index_plan_is_lazy_and_index_batches_lists_it():
+    dm = fnlight.DataModule(fd.from_tensors(torch.arange(50)) >> fd.shuffle() >> fd.batch(8), prefetch=0)
+    plan = dm.index_plan("train", 3)
+    assert isinstance(plan, fd.order.BatchOrder) and len(plan) == 7
+    listed = dm.index_batches("train", 3)
+    assert isinstance(listed, list) and all(torch.equal(a, b) for a, b in zip(plan, listed, strict=True))
+    assert torch.equal(torch.sort(torch.cat(listed)).values, torch.arange(50))
+    # shuffle's permutation is index_shuffle of the stage key, folded with the epoch
+    from fnlight.data.stage import Where
+
+    key = fd.Context(seed=0).stage_key(Where("shuffle", 0, fd.Pipeline(())), "train")
+    expected = fnlight.random.index_shuffle(fnlight.random.fold_in(key, 3), torch.arange(50), 50)
+    assert torch.equal(torch.cat(listed), expected)

@@ -23,6 +23,7 @@ def test_golden_values_never_change():
     assert fr.uniform(k, (3,)).tolist() == golden
     assert fr.permutation(k, 6).tolist() == [4, 1, 2, 0, 3, 5]
     assert fr.randint(fr.key(1), (5,), 0, 10).tolist() == [1, 8, 6, 4, 3]
+    assert fr.index_shuffle(k, torch.arange(10), 10).tolist() == [6, 1, 4, 3, 9, 8, 2, 0, 5, 7]
 
 
 @given(seed=st.integers(0, 2**64 - 1), data=st.lists(int64s, min_size=1, max_size=20))
@@ -110,6 +111,46 @@ def test_bernoulli_randint_permutation():
     assert sorted(fr.permutation(fr.key(0), x).tolist()) == x.tolist()
 
 
+@given(seed=st.integers(0, 2**64 - 1), n=st.integers(0, 3000))
+def test_index_shuffle_is_a_bijection_computable_one_index_at_a_time(seed, n):
+    k = fr.key(seed)
+    perm = fr.index_shuffle(k, torch.arange(n), n)
+    assert torch.equal(torch.sort(perm).values, torch.arange(n))
+    if n:
+        some = torch.tensor([n - 1, 0, n // 2, n - 1])  # any positions, in any order, repeated
+        assert torch.equal(fr.index_shuffle(k, some, n), perm[some])
+        assert int(fr.index_shuffle(k, n // 3, n)) == int(perm[n // 3])  # a plain int: a 0-d result
+
+
+@pytest.mark.slow
+def test_index_shuffle_mixes_well():
+    # Where element j lands over 4000 keys is uniform (chi-square, 9 dof; the 99.99% quantile is 33.7) ...
+    n, keys = 10, fr.fold_in(fr.key(0), torch.arange(4000))
+    first = torch.stack([fr.index_shuffle(keys[e], torch.arange(n), n) for e in range(4000)])
+    for j in range(n):
+        counts = torch.bincount(first[:, j], minlength=n).double()
+        assert ((counts - 400) ** 2 / 400).sum() < 34
+    # ... and neighbours are sent far apart and independently (n = 10**6: |p(i) - p(i + 1)| averages n / 3).
+    n = 10**6
+    perm = fr.index_shuffle(fr.key(1), torch.arange(100_000), n).double()
+    assert abs((perm[1:] - perm[:-1]).abs().mean().item() / n - 1 / 3) < 0.01
+    assert abs(torch.corrcoef(torch.stack([perm[:-1], perm[1:]]))[0, 1].item()) < 0.015
+    assert abs(torch.corrcoef(torch.stack([perm, torch.arange(100_000.0)]))[0, 1].item()) < 0.015
+
+
+def test_index_shuffle_errors():
+    with pytest.raises(IndexError, match=r"in \[0, 5\)"):
+        fr.index_shuffle(fr.key(0), torch.tensor([5]), 5)
+    with pytest.raises(IndexError):
+        fr.index_shuffle(fr.key(0), -1, 5)
+    with pytest.raises(ValueError, match="0 <= n"):
+        fr.index_shuffle(fr.key(0), 0, -1)
+    with pytest.raises(ValueError, match="one key"):
+        fr.index_shuffle(fr.split(fr.key(0)), 0, 5)
+    with pytest.raises(TypeError, match="key"):
+        fr.index_shuffle(torch.tensor(0.5), 0, 5)
+
+
 def test_split_keys_are_uncorrelated():
     a, b = fr.split(fr.key(0))
     ua, ub = fr.uniform(a, (100_000,), torch.float64), fr.uniform(b, (100_000,), torch.float64)
@@ -150,6 +191,8 @@ def test_same_values_on_cuda():
     assert torch.equal(fr.fold_in(kc, torch.arange(100, device="cuda")).cpu(), fr.fold_in(k, torch.arange(100)))
     assert torch.equal(fr.uniform(kc, (1000,)).cpu(), fr.uniform(k, (1000,)))
     assert torch.equal(fr.permutation(kc, 1000).cpu(), fr.permutation(k, 1000))
+    assert torch.equal(fr.index_shuffle(kc, torch.arange(1000, device="cuda"), 1000).cpu(),
+                       fr.index_shuffle(k, torch.arange(1000), 1000))
     assert torch.equal(fr.randint(kc, (100,), 0, 7).cpu(), fr.randint(k, (100,), 0, 7))
     assert torch.allclose(fr.normal(kc, (1000,)).cpu(), fr.normal(k, (1000,)), rtol=0, atol=1e-6)
     assert math.isfinite(fr.normal(kc, (10,)).sum().item())

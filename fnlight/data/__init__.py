@@ -16,6 +16,7 @@ from .dataset import Dataset, MapDataset, ShapeError, Splits, SubsetDataset, Ten
 from .digits import digits
 from .download import ChecksumError, Download, DownloadError, download
 from .loader import BatchIterator, WorkerError
+from .read_tokens import ReadTokens, TokenDataset, read_tokens
 from .readers import Reader, read_csv, read_npz, read_safetensors
 from .shard import Shard, shard
 from .shuffle import Shuffle, shuffle
@@ -24,6 +25,7 @@ from .split import Split, split
 from .stage import Context, Pipeline, SplitPlan, Stage
 from .to_device import ToDevice, to_device
 from .transform import Transform, TransformError, transform
+from .windows import WindowDataset, Windows, windows
 
 __all__ = [
     "Batch",
@@ -40,6 +42,7 @@ __all__ = [
     "FromTorch",
     "MapDataset",
     "Pipeline",
+    "ReadTokens",
     "Reader",
     "ShapeError",
     "Shard",
@@ -52,9 +55,12 @@ __all__ = [
     "SubsetDataset",
     "TensorDataset",
     "ToDevice",
+    "TokenDataset",
     "TorchDataset",
     "Transform",
     "TransformError",
+    "WindowDataset",
+    "Windows",
     "WorkerError",
     "batch",
     "cache",
@@ -65,10 +71,12 @@ __all__ = [
     "read_csv",
     "read_npz",
     "read_safetensors",
+    "read_tokens",
     "shard",
     "shuffle",
     "split",
     "to_device",
     "transform",
+    "windows",
 ]
 assert sorted(__all__) == __all__

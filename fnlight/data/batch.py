@@ -13,8 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
+from .order import BatchOrder, Order
 from .stage import Context, OrderOp, Plans, SplitPlan, Stage, Where, normalize_on, plans_for
 
 
@@ -22,13 +21,10 @@ class _BatchOp(OrderOp):
     def __init__(self, size: int, drop_last: bool):
         self.size, self.drop_last = size, drop_last
 
-    def __call__(self, seq: Any, epoch: int) -> list[torch.Tensor]:
-        if not isinstance(seq, torch.Tensor):
+    def __call__(self, seq: Order | BatchOrder, epoch: int) -> BatchOrder:
+        if not isinstance(seq, Order):
             raise ValueError("batch() appears twice in the order of a split")
-        out = list(seq.split(self.size)) if len(seq) else []  # split() of empty gives [empty]
-        if out and self.drop_last and len(out[-1]) < self.size:
-            out.pop()
-        return out
+        return BatchOrder(seq, self.size, self.drop_last)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from ._describe import fingerprint_of
 from .batch import batch as batch_stage
 from .dataset import Dataset
 from .loader import BatchIterator
+from .order import BatchOrder
 from .shuffle import shuffle as shuffle_stage
 from .sources import from_torch
 from .stage import Context, Pipeline, Plans, SplitPlan, Stage, default_root
@@ -70,7 +71,7 @@ class DataModule:
     workers: int = 0
     rank: int | None = None
     world_size: int | None = None
-    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)  # plans and batch counts
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)  # the plans, per context
     _lock: Any = field(default_factory=threading.Lock, init=False, repr=False)
     _live: Any = field(default_factory=weakref.WeakSet, init=False, repr=False)
 
@@ -180,19 +181,19 @@ class DataModule:
         return self.plan(split).dataset
 
     # -- iterating ----------------------------------------------------------
+    def index_plan(self, split: str, epoch: int = 0) -> BatchOrder:
+        """The lazy index plan of ``split`` in ``epoch``: a sequence of the batches'
+        index tensors, each computed when it is read (see :mod:`fnlight.data.order`)."""
+        return self.plan(split).index_plan(epoch)
+
     def index_batches(self, split: str, epoch: int = 0) -> list[torch.Tensor]:
-        """The sample indices of every batch of ``split`` in ``epoch``."""
+        """The sample indices of every batch of ``split`` in ``epoch``, as a list
+        (materialized: for inspection; iteration uses :meth:`index_plan`)."""
         return self.plan(split).index_batches(epoch)
 
     def num_batches(self, split: str) -> int:
-        """The number of batches of ``split`` in an epoch (the same for every epoch).
-
-        Memoized: the Trainer asks every epoch, and the answer costs an epoch's index plan.
-        """
-        key = (self.context, "num_batches", split)
-        if key not in self._memo:
-            self._memo[key] = len(self.index_batches(split, 0))
-        return self._memo[key]
+        """The number of batches of ``split`` in an epoch (the same for every epoch)."""
+        return len(self.index_plan(split, 0))
 
     def batches(self, split: str, epoch: int = 0, start: int = 0) -> BatchIterator:
         """The batches of ``split`` in ``epoch``, from position ``start`` on.
@@ -202,7 +203,7 @@ class DataModule:
         nothing but (epoch, position).
         """
         plan = self.plan(split)
-        all_batches = plan.index_batches(epoch)
+        all_batches = plan.index_plan(epoch)
         if not 0 <= start <= len(all_batches):
             raise ValueError(f"start={start} is out of range: split {split!r} has {len(all_batches)} batches")
         prefetch = self.prefetch

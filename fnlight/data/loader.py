@@ -14,13 +14,14 @@ import os
 import queue
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
 import torch.multiprocessing as tmp
 
+from .order import BatchOrder
 from .stage import SplitPlan
 
 _POLL_S = 0.1
@@ -52,7 +53,24 @@ def _raise(f: _Failure, where: str) -> None:
     raise exc
 
 
-def _produce(plan: SplitPlan, epoch: int, batches: list[torch.Tensor], out: queue.Queue,
+class _Cursor:
+    """The index tensors of a lazy plan read in order, computed a chunk at a time
+    (one vectorized pass per chunk: per-batch torch calls would cost more than small batches)."""
+
+    def __init__(self, batches: Sequence[torch.Tensor]):
+        self.batches = batches
+        self.start, self.chunk = 0, list[torch.Tensor]()
+
+    def __getitem__(self, pos: int) -> torch.Tensor:
+        if not isinstance(self.batches, BatchOrder):
+            return self.batches[pos]
+        if not self.start <= pos < self.start + len(self.chunk):
+            stop = min(len(self.batches), pos + self.batches.batches_per_chunk())
+            self.start, self.chunk = pos, self.batches.chunk(pos, stop)
+        return self.chunk[pos - self.start]
+
+
+def _produce(plan: SplitPlan, epoch: int, batches: Sequence[torch.Tensor], out: queue.Queue,
              stop: threading.Event) -> None:
     """The prefetch thread: compute batches in order into a bounded queue."""
     for idx in batches:
@@ -111,9 +129,11 @@ class BatchIterator(Iterator[Any]):
     stops its thread or processes at once.
     """
 
-    def __init__(self, plan: SplitPlan, epoch: int, batches: list[torch.Tensor], prefetch: int = 2,
+    def __init__(self, plan: SplitPlan, epoch: int, batches: Sequence[torch.Tensor], prefetch: int = 2,
                  workers: int = 0, mp_context: str | None = None):
         self.plan, self.epoch, self._batches = plan, epoch, batches
+        self._index = _Cursor(batches)
+        self._in_flight: dict[int, torch.Tensor] = {}  # index tensors sent to workers, by position
         self._next = 0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -144,7 +164,9 @@ class BatchIterator(Iterator[Any]):
 
     def _fill(self) -> None:
         while self._sent < len(self._batches) and self._sent < self._next + self._window:
-            self._tasks.put((self._sent, self._batches[self._sent]))
+            idx = self._index[self._sent]
+            self._in_flight[self._sent] = idx
+            self._tasks.put((self._sent, idx))
             self._sent += 1
 
     def _from_workers(self, pos: int) -> Any:
@@ -163,7 +185,7 @@ class BatchIterator(Iterator[Any]):
         value = self._buffer.pop(pos)
         if isinstance(value, _Failure):
             _raise(value, f"data worker, batch {pos}")
-        return self.plan.device_batch(value, self._batches[pos], self.epoch)
+        return self.plan.device_batch(value, self._in_flight.pop(pos), self.epoch)
 
     # -- iteration ----------------------------------------------------------
     def __iter__(self) -> BatchIterator:
@@ -188,7 +210,7 @@ class BatchIterator(Iterator[Any]):
                 if isinstance(item, _Failure):
                     _raise(item, f"prefetch thread, batch {pos}")
             else:
-                item = self.plan.get_batch(self._batches[pos], self.epoch)
+                item = self.plan.get_batch(self._index[pos], self.epoch)
         except BaseException:
             self.close()
             raise

@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
+from .order import Affine, BatchOrder, Order
 from .stage import Context, OrderOp, Plans, SplitPlan, Stage, Where, normalize_on, plans_for
 
 
@@ -31,15 +30,12 @@ class _ShardOp(OrderOp):
     def __init__(self, rank: int, world: int, drop_remainder: bool):
         self.rank, self.world, self.drop = rank, world, drop_remainder
 
-    def __call__(self, seq: Any, epoch: int) -> Any:
+    def __call__(self, seq: Order | BatchOrder, epoch: int) -> Order | BatchOrder:
         n = len(seq)
         total = n - n % self.world if self.drop else n + (-n) % self.world
-        pick = torch.arange(self.rank, max(total, self.rank), self.world)
-        if not self.drop and n:
-            pick = pick % n  # the padding repeats the order from its start
-        if isinstance(seq, torch.Tensor):
-            return seq[pick]
-        return [seq[i] for i in pick.tolist()]
+        # position p of this rank is position rank + p * world of the epoch; the
+        # padding (modulo n) repeats the order from its start
+        return seq.remap(total // self.world, Affine(self.rank, self.world, 0 if self.drop else n))
 
 
 @dataclass(frozen=True)

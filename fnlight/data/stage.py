@@ -29,6 +29,7 @@ import torch
 from .. import random as fr
 from ._describe import describe_value, fingerprint_of
 from .dataset import Dataset, Splits
+from .order import BatchOrder, Order
 
 DEFAULT_SPLIT = "train"
 
@@ -71,10 +72,11 @@ class Where:
 
 
 class OrderOp:
-    """A step of the epoch's index plan: maps a 1-D LongTensor of sample indices
-    (before ``batch``) or a list of index batches (after it) to a new one."""
+    """A step of the epoch's index plan: maps a lazy :class:`~fnlight.data.order.Order`
+    of sample indices (before ``batch``) or a :class:`~fnlight.data.order.BatchOrder`
+    (after it) to a new one, without computing any index."""
 
-    def __call__(self, seq: torch.Tensor | list[torch.Tensor], epoch: int) -> Any:
+    def __call__(self, seq: Order | BatchOrder, epoch: int) -> Order | BatchOrder:
         raise NotImplementedError
 
 
@@ -129,17 +131,22 @@ class SplitPlan:
         """The finished batch at ``idx``."""
         return self.device_batch(self.host_batch(idx, epoch), idx, epoch)
 
-    def index_batches(self, epoch: int) -> list[torch.Tensor]:
-        """The index tensors of every batch of ``epoch``, in order."""
+    def index_plan(self, epoch: int) -> BatchOrder:
+        """The lazy sequence of the index tensors of ``epoch``'s batches (computed on demand)."""
         if self.batch is None:
             raise ValueError(
                 f"split {self.name!r} has no batch() stage; add one, e.g. "
                 "`pipeline >> fnlight.data.batch(64)`."
             )
-        seq: Any = torch.arange(len(self.dataset))
+        seq: Order | BatchOrder = Order(len(self.dataset))
         for op in self.order:
             seq = op(seq, epoch)
+        assert isinstance(seq, BatchOrder)
         return seq
+
+    def index_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The index tensors of every batch of ``epoch``, in order (materialized)."""
+        return list(self.index_plan(epoch))
 
 
 Plans = dict[str, SplitPlan]
