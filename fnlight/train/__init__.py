@@ -19,7 +19,16 @@ from .checkpoint import (
 from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from .loop import FitResult, Trainer
 from .state import TrainState
-from .step import EvalStep, NonFiniteError, TorchFuncTrapError, TrainStep, make_eval_step, make_train_step
+from .step import (
+    EvalStep,
+    GraphBreakError,
+    GraphBreakWarning,
+    NonFiniteError,
+    TorchFuncTrapError,
+    TrainStep,
+    make_eval_step,
+    make_train_step,
+)
 
 __all__ = [
     "AsyncCheckpointer",
@@ -32,6 +41,8 @@ __all__ = [
     "EvalStep",
     "FitContext",
     "FitResult",
+    "GraphBreakError",
+    "GraphBreakWarning",
     "JSONLLogger",
     "LambdaCallback",
     "LearningRateMonitor",
