@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import os
 import re
+import sysconfig
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -86,6 +87,7 @@ def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
 #: Dynamo's ``graph_breaks`` artifact logs (off unless TORCH_LOGS=graph_breaks): where a break happened
 _GRAPH_BREAK_LOGS = tuple(f"torch._dynamo.{m}.__graph_breaks" for m in ("symbolic_convert", "convert_frame", "exc"))
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+_LIBRARY_FILES = tuple(dict.fromkeys(sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "purelib", "platlib")))
 _OWN_FILES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
 
 
@@ -99,14 +101,9 @@ class _DynamoWatch(logging.Handler):
         self.locations: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        frames = _FRAME.findall(record.getMessage())
-        # Dynamo's user stack starts above the step (the caller's frames): keep what runs inside it
-        inside = next((i for i, (file, _, _) in enumerate(frames) if file.startswith(_OWN_FILES[1])), -1)
-        user = [f"{file}:{line} ({fn})" for file, line, fn in frames[inside + 1:] if not file.startswith(_OWN_FILES)]
-        if user:  # the innermost frame (where it broke) and the outermost one (the user's call into it)
-            where = user[-1] if len(user) == 1 else f"{user[-1]}, called from {user[0]}"
-            if where not in self.locations:
-                self.locations.append(where)
+        where = _where(_FRAME.findall(record.getMessage()))
+        if where and where not in self.locations:
+            self.locations.append(where)
 
     def __enter__(self) -> _DynamoWatch:
         from torch._dynamo.utils import counters
@@ -166,12 +163,23 @@ def _graph_break_message(reasons: list[str], locations: list[str], fullgraph: bo
     return "\n".join(lines)
 
 
+def _where(frames: list[tuple[str, Any, str]]) -> str | None:
+    """Where in the user's code a graph break happened, from Dynamo's user stack (file, line, function;
+    outermost first): the innermost frame, the innermost one in the user's own files (not the standard
+    library or installed packages), and the outermost one inside the step (the loss_fn)."""
+    # Dynamo's user stack may start above the step (the caller's frames): keep what runs inside it
+    inside = next((i for i, (file, _, _) in enumerate(frames) if file.startswith(_OWN_FILES[1])), -1)
+    user = [f for f in frames[inside + 1:] if not f[0].startswith(_OWN_FILES)]
+    if not user:
+        return None
+    mine = [f for f in user if not f[0].startswith(_LIBRARY_FILES)]
+    picks = dict.fromkeys([user[-1], *mine[-1:], user[0]])
+    return " <- ".join(f"{file}:{line} ({fn})" for file, line, fn in picks)
+
+
 def _exc_locations(e: BaseException) -> list[str]:
-    stack = getattr(e, "real_stack", None) or []
-    frames = [f"{f.filename}:{f.lineno} ({f.name})" for f in stack if not f.filename.startswith(_OWN_FILES)]
-    if not frames:
-        return []
-    return [frames[-1] if len(frames) == 1 else f"{frames[-1]}, called from {frames[0]}"]
+    where = _where([(f.filename, f.lineno, f.name) for f in getattr(e, "real_stack", None) or []])
+    return [where] if where else []
 
 
 class _ForeachNormShim(logging.Filter):
