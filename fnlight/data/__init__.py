@@ -15,6 +15,7 @@ from .datamodule import DataModule
 from .dataset import Dataset, MapDataset, ShapeError, Splits, SubsetDataset, TensorDataset, TorchDataset
 from .digits import digits
 from .download import ChecksumError, Download, DownloadError, download
+from .hf import FromHF, HFDataset, from_hf
 from .loader import BatchIterator, WorkerError
 from .readers import Reader, read_csv, read_npz, read_safetensors
 from .shard import Shard, shard
@@ -36,8 +37,10 @@ __all__ = [
     "Download",
     "DownloadError",
     "FingerprintError",
+    "FromHF",
     "FromTensors",
     "FromTorch",
+    "HFDataset",
     "MapDataset",
     "Pipeline",
     "Reader",
@@ -60,6 +63,7 @@ __all__ = [
     "cache",
     "digits",
     "download",
+    "from_hf",
     "from_tensors",
     "from_torch",
     "read_csv",
