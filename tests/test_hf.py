@@ -98,3 +98,71 @@ def test_clear_errors():
     ragged = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8]]})
     with pytest.raises(fd.ShapeError, match=r"column 'input_ids'.*different shapes.*padding='max_length'"):
         batches(fd.from_hf(ragged) >> fd.batch(3))
+
+
+def tiny_gpt2(loss_type=None):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    if loss_type:
+        model.loss_type = loss_type
+    return model
+
+
+def hf_loss(model_fn, batch, key):
+    return model_fn(**batch).loss
+
+
+@pytest.mark.slow
+def test_a_hugging_face_step_compiles_to_one_graph_once_its_loss_type_is_set():
+    """Without model.loss_type, transformers logs a warning inside the loss: a graph break, which
+    fnlight reports with the fix; with it, the step is one graph."""
+    import warnings
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import fnlight.optim as fo
+
+    ids = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    opt = fo.adamw(1e-3)
+    unset = tiny_gpt2()
+    step = fnlight.make_train_step(unset, hf_loss, opt, compile={"backend": "aot_eager"})
+    fix = r'(?s)modeling_utils.py:\d+.*model.loss_type = "ForCausalLM"'
+    with pytest.warns(fnlight.train.GraphBreakWarning, match=fix):
+        step(fnlight.TrainState.create(unset, opt), batch)
+    counter = CompileCounterWithBackend("aot_eager")
+    model = tiny_gpt2("ForCausalLM")
+    state = fnlight.TrainState.create(model, opt)
+    step = fnlight.make_train_step(model, hf_loss, opt, compile={"backend": counter, "fullgraph": True})
+    eager = fnlight.make_train_step(model, hf_loss, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fnlight.train.GraphBreakWarning)
+        a, ma = step(state, batch)
+    b, mb = eager(state, batch)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(ma["loss"], mb["loss"])
+    for k in a.params:
+        torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_hf_gpt2_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "examples/hf_gpt2.py", "--max-steps", "8", "--layers", "1", "--width", "32", "--block", "16",
+         "--chars", "4000", "--run-dir", str(tmp_path / "run")],
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "FNLIGHT_HOME": str(tmp_path),
+             "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, last = out.stdout.strip().splitlines()
+    assert first.startswith("GPT-2 with 13,888 parameters; 498 rows of 16 tokens"), first
+    m = __import__("re").fullmatch(r"val loss (\S+) -> (\S+) after 8 steps", last)
+    assert m and float(m.group(2)) < float(m.group(1)), last
