@@ -446,3 +446,22 @@ def test_argument_checks():
         m = mlp()
         fnlight.make_train_step(m, lambda mf, b, k: mf(b[0]), fo.sgd(0.1))(fnlight.TrainState.create(m, fo.sgd(0.1)),
                                                                            batches(1)[0])
+
+
+def test_a_loss_fn_returning_a_model_output_is_told_to_return_its_loss():
+    from transformers.modeling_outputs import CausalLMOutput
+
+    m = mlp()
+    state = fnlight.TrainState.create(m, fo.sgd(0.1))
+
+    def returns_output(model_fn, batch, key):
+        x, y = batch
+        logits = model_fn(x)
+        return CausalLMOutput(loss=F.cross_entropy(logits, y), logits=logits)
+
+    step = fnlight.make_train_step(m, returns_output, fo.sgd(0.1))
+    with pytest.raises(TypeError, match=r"CausalLMOutput.*return its \.loss, e\.g\. `return model_fn\(\*\*batch\)\.loss`"):
+        step(state, batches(1)[0])
+    fixed = fnlight.make_train_step(m, lambda mf, b, k: returns_output(mf, b, k).loss, fo.sgd(0.1))
+    reference = fnlight.make_train_step(m, lambda mf, b, k: F.cross_entropy(mf(b[0]), b[1]), fo.sgd(0.1))
+    assert tree_equal(fixed(state, batches(1)[0])[0], reference(state, batches(1)[0])[0])

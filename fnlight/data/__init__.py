@@ -15,6 +15,7 @@ from .datamodule import DataModule
 from .dataset import Dataset, MapDataset, ShapeError, Splits, SubsetDataset, TensorDataset, TorchDataset
 from .digits import digits
 from .download import ChecksumError, Download, DownloadError, download
+from .hf import FromHF, HFDataset, from_hf
 from .loader import BatchIterator, WorkerError
 from .read_tokens import ReadTokens, TokenDataset, read_tokens
 from .readers import Reader, read_csv, read_npz, read_safetensors
@@ -38,8 +39,10 @@ __all__ = [
     "Download",
     "DownloadError",
     "FingerprintError",
+    "FromHF",
     "FromTensors",
     "FromTorch",
+    "HFDataset",
     "MapDataset",
     "Pipeline",
     "ReadTokens",
@@ -66,6 +69,7 @@ __all__ = [
     "cache",
     "digits",
     "download",
+    "from_hf",
     "from_tensors",
     "from_torch",
     "read_csv",

@@ -22,7 +22,16 @@ from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardL
 from .loop import FitResult, Trainer
 from .lr_callbacks import LRFinder, ReduceLROnPlateau
 from .state import TrainState
-from .step import EvalStep, NonFiniteError, TorchFuncTrapError, TrainStep, make_eval_step, make_train_step
+from .step import (
+    EvalStep,
+    GraphBreakError,
+    GraphBreakWarning,
+    NonFiniteError,
+    TorchFuncTrapError,
+    TrainStep,
+    make_eval_step,
+    make_train_step,
+)
 
 __all__ = [
     "AsyncCheckpointer",
@@ -35,6 +44,8 @@ __all__ = [
     "EvalStep",
     "FitContext",
     "FitResult",
+    "GraphBreakError",
+    "GraphBreakWarning",
     "JSONLLogger",
     "LRFinder",
     "LambdaCallback",

@@ -28,17 +28,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import logging
+import os
+import re
+import sysconfig
+import types
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch.func import functional_call, grad_and_value
 
 from .. import distributed
 from .. import random as fr
-from ..optim import GradientTransformation, global_norm
+from ..optim import GradientTransformation, clip_by_global_norm
 from ..optim import step as optim_step
 from ..tree import tree_leaves, tree_map
 from .state import Tensors, TrainState
@@ -55,6 +60,148 @@ class TorchFuncTrapError(RuntimeError):
 
 class NonFiniteError(FloatingPointError):
     """The loss or the gradients were NaN or infinite."""
+
+
+class GraphBreakWarning(UserWarning):
+    """``compile=True`` could not compile the whole step into one graph, so part of it runs eagerly
+    (often slower than ``compile=False``). Issued once per step, on its first call."""
+
+
+class GraphBreakError(RuntimeError):
+    """``compile={"fullgraph": True}`` and the step cannot be compiled into one graph."""
+
+
+def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (bound) with a code object of its own.
+
+    Dynamo keeps its compiled graphs, its recompile count and its "run this frame eagerly from now
+    on" marks per code object. Without a copy, every step of the process shares ``_whole``'s code:
+    a step whose graph broke inside ``torch.func.grad`` (which makes Dynamo give the frame up) would
+    make every later compiled step of the process run eagerly too.
+    """
+    f = method.__func__  # type: ignore[attr-defined]
+    copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(copy, method.__self__)  # type: ignore[attr-defined]
+
+
+#: Dynamo's ``graph_breaks`` artifact logs (off unless TORCH_LOGS=graph_breaks): where a break happened
+_GRAPH_BREAK_LOGS = tuple(f"torch._dynamo.{m}.__graph_breaks" for m in ("symbolic_convert", "convert_frame", "exc"))
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+_LIBRARY_FILES = tuple(dict.fromkeys(sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "purelib", "platlib")))
+_OWN_FILES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
+
+
+class _DynamoWatch(logging.Handler):
+    """During one call: the graph breaks and unsupported frames Dynamo counts (its ``counters``), and
+    the user code they happened in (its ``graph_breaks`` log, enabled for the call and kept quiet)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.reasons: list[str] = []
+        self.locations: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        where = _where(_FRAME.findall(record.getMessage()))
+        if where and where not in self.locations:
+            self.locations.append(where)
+
+    def __enter__(self) -> _DynamoWatch:
+        from torch._dynamo.utils import counters
+
+        self._counters = counters
+        self._before = {c: dict(counters[c]) for c in ("graph_break", "unimplemented")}
+        self._logs = [(log, log.level, log.handlers, log.propagate)
+                      for log in map(logging.getLogger, _GRAPH_BREAK_LOGS)]
+        for log, _, handlers, _ in self._logs:
+            # printed only where the user asked for them (TORCH_LOGS=graph_breaks), as without fnlight
+            shown = log.isEnabledFor(logging.DEBUG)
+            log.handlers = [*handlers, self] if shown else [self]
+            log.propagate = log.propagate and shown
+            log.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for log, level, handlers, propagate in self._logs:
+            log.handlers, log.propagate = handlers, propagate
+            log.setLevel(level)
+        for c, before in self._before.items():
+            for key, n in self._counters[c].items():
+                reason = str(key).strip().splitlines()[0]
+                if n > before.get(key, 0) and reason not in self.reasons:
+                    self.reasons.append(reason)
+
+
+#: (what a reason or location mentions, the known fix)
+_FIXES = (
+    ("transformers", 'a Hugging Face model: set its loss type before making the step, e.g. '
+                     'model.loss_type = "ForCausalLM" (without it, transformers logs a warning inside the loss, '
+                     'which breaks the graph); with it a GPT-2 step compiles to one graph'),
+    ("logging", "a logging call inside the step: remove it, or add the function to "
+                "torch._dynamo.config.ignore_logging_functions"),
+    ("print", "a print() inside the step: remove it, or return the value as a metric"),
+    ("item", "a tensor read on the host (tensor.item(), .tolist(), an `if` on a tensor's value): keep values "
+             "as tensors (torch.where instead of `if`), or set torch._dynamo.config.capture_scalar_outputs = True"),
+    ("data-dependent", "data-dependent control flow: use torch.where / torch.cond instead of Python branches"),
+)
+
+
+def _graph_break_message(reasons: list[str], locations: list[str], fullgraph: bool = False) -> str:
+    if fullgraph:
+        head = "compile={'fullgraph': True}: torch.compile cannot compile this step into one graph"
+    else:
+        head = ("compile=True could not compile this step into one graph: torch.compile runs part of it eagerly, "
+                "which is often slower than compile=False")
+    lines = [f"{head}. Dynamo's reason(s):", *(f"  - {r}" for r in reasons[:6])]
+    if locations:
+        lines += ["in:", *(f"  - {w}" for w in locations[:4])]
+    text = " ".join(reasons + locations).lower()
+    fixes = [fix for needle, fix in _FIXES if needle in text]
+    lines += ["Known fixes:", *(f"  - {f}" for f in fixes)] if fixes else []
+    if not fullgraph:
+        lines.append("This step runs eagerly from now on (as with compile=False). compile={'fullgraph': True} makes "
+                     "this an error; TORCH_LOGS=graph_breaks prints the tracebacks.")
+    return "\n".join(lines)
+
+
+def _where(frames: list[tuple[str, Any, str]]) -> str | None:
+    """Where in the user's code a graph break happened, from Dynamo's user stack (file, line, function;
+    outermost first): the innermost frame, the innermost one in the user's own files (not the standard
+    library or installed packages), and the outermost one inside the step (the loss_fn)."""
+    # Dynamo's user stack may start above the step (the caller's frames): keep what runs inside it
+    inside = next((i for i, (file, _, _) in enumerate(frames) if file.startswith(_OWN_FILES[1])), -1)
+    user = [f for f in frames[inside + 1:] if not f[0].startswith(_OWN_FILES)]
+    if not user:
+        return None
+    mine = [f for f in user if not f[0].startswith(_LIBRARY_FILES)]
+    picks = dict.fromkeys([user[-1], *mine[-1:], user[0]])
+    return " <- ".join(f"{file}:{line} ({fn})" for file, line, fn in picks)
+
+
+def _exc_locations(e: BaseException) -> list[str]:
+    where = _where([(f.filename, f.lineno, f.name) for f in getattr(e, "real_stack", None) or []])
+    return [where] if where else []
+
+
+class _ForeachNormShim(logging.Filter):
+    """Drops inductor's "aten._foreach_norm.Scalar is missing a c-shim implementation" warning,
+    which every CPU compile of clipping (``clip_by_global_norm``'s ``_foreach_norm``) prints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("_foreach_norm" in msg and "c-shim" in msg)
+
+
+_INDUCTOR_IR_LOG = logging.getLogger("torch._inductor.ir")
+
+
+@contextlib.contextmanager
+def _quiet_foreach_norm() -> Iterator[None]:
+    shim = _ForeachNormShim()
+    _INDUCTOR_IR_LOG.addFilter(shim)
+    try:
+        yield
+    finally:
+        _INDUCTOR_IR_LOG.removeFilter(shim)
 
 
 _TRAPS = (
@@ -174,14 +321,18 @@ def _step_key(state: TrainState) -> torch.Tensor:
     return fr.fold_in(state.key, step)
 
 
-def _all_finite(loss: torch.Tensor, grads: list[torch.Tensor]) -> bool:
-    """One host read: is the loss finite and every gradient finite?"""
+def _finite(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """The step's one non-finite check: a bool tensor, true when the loss and every gradient are finite.
+
+    Eager, the AMP helper checks all gradients in one foreach pass per device and dtype (and scales
+    them by 1: unchanged); in a compiled graph inductor fuses the per-tensor checks instead.
+    """
+    if torch.compiler.is_compiling():
+        return torch.stack([torch.isfinite(loss), *(torch.isfinite(g).all() for g in grads)]).all()
     found = torch.zeros((), device=loss.device)
-    if grads:
-        # the AMP helper checks all tensors in one foreach pass (and scales them by 1: unchanged)
-        for (_, _), group in _by_device_dtype(grads).items():
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones((), device=group[0].device))
-    return bool(torch.isfinite(loss)) and not bool(found)
+    for group in _by_device_dtype(grads).values():
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones((), device=group[0].device))
+    return torch.isfinite(loss) & (found == 0)
 
 
 def _by_device_dtype(tensors: list[torch.Tensor]) -> dict[tuple[Any, Any], list[torch.Tensor]]:
@@ -209,6 +360,12 @@ def _split(out: Any) -> tuple[torch.Tensor, Metrics]:
         loss, metrics = out
     else:
         loss, metrics = out, {}
+    if not isinstance(loss, torch.Tensor) and (getattr(loss, "loss", None) is not None
+                                               or isinstance(loss, Mapping) and "loss" in loss):
+        raise TypeError(
+            f"loss_fn returned a {type(loss).__name__} (a model's output, such as a Hugging Face ModelOutput), not "
+            "a loss tensor: return its .loss, e.g. `return model_fn(**batch).loss` (or "
+            "`out = model_fn(**batch); return out.loss, {'ppl': out.loss.exp()}` with metrics)")
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise TypeError(f"loss_fn must return a scalar loss tensor or (loss, metrics_dict), got {got}")
@@ -236,9 +393,32 @@ def _autocast(precision: Precision, device: torch.device) -> contextlib.Abstract
     return contextlib.nullcontext()
 
 
+class _Fns(NamedTuple):
+    """A step's functions for one device type (compiled with ``compile=...``)."""
+
+    gradients: Callable[..., Any]  # phase 1, one micro-batch: (params, buffers, batch, key, device) -> grads, aux
+    update: Callable[..., Any]  # phase 2: (grads, opt_state, params) -> (params, opt_state)
+    whole: Callable[..., Any] | None  # both phases in one compiled graph, with the finite flag
+
+
+@dataclass
+class _Cache:
+    """What a step builds on its first calls (its only mutable part): the functions per device type,
+    and whether its first compiled call was checked for graph breaks."""
+
+    fns: dict[str, _Fns] = dataclasses.field(default_factory=dict)
+    checked: bool = False
+    fell_back: bool = False  # the first compiled call broke the graph: the step runs eagerly since
+
+
 @dataclass(frozen=True, eq=False)
 class TrainStep:
-    """``train_step(state, batch) -> (state, metrics)``; see :func:`make_train_step`."""
+    """``train_step(state, batch) -> (state, metrics)``; see :func:`make_train_step`.
+
+    A step has two phases: gradients (``_gradients``: micro-batches, ranks) and apply (``_apply``:
+    one non-finite check, clipping with :func:`fnlight.optim.clip_by_global_norm`, the optimizer).
+    Compiled, with ``accumulate=1`` and ``on_nonfinite="raise"`` on one rank, both run as one graph.
+    """
 
     model: torch.nn.Module
     loss_fn: LossFn
@@ -269,32 +449,44 @@ class TrainStep:
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
-        object.__setattr__(self, "_built", {})  # device type -> (gradients, update, whole step); see _fns
+        object.__setattr__(self, "_clipper", clip_by_global_norm(self.clip) if self.clip is not None else None)
+        object.__setattr__(self, "_cache", _Cache())
 
-    def _fns(self, device: torch.device) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any] | None]:
-        """The gradient, update and (compiled, when possible) whole-step functions for ``device``'s type."""
-        fns = self._built.get(device.type)
+    def _fns(self, device: torch.device) -> _Fns:
+        fns = self._cache.fns.get(device.type)
         if fns is None:
-            fns = self._built[device.type] = self._build(device.type)
+            fns = self._cache.fns[device.type] = self._build(device.type)
         return fns
 
-    def _build(self, device_type: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any] | None]:
-        grads = grad_and_value(self._loss, has_aux=True)
-        update, whole = self._update, None
-        if not self.compile:
-            return functools.partial(self._eager_grads, grads), update, whole
-        # Compile around the torch.func transform, never inside it (as torch's docs require).
+    def _build(self, device_type: str) -> _Fns:
+        if not self.compile or self._cache.fell_back:
+            return _Fns(self._eager_grads, self._update, None)
+        # Compile around the torch.func transform, never inside it (as torch's docs require), and
+        # each step its own copy of the code (see _own_code).
         options = _compile_options(self.compile, device_type)
-        grads, update = torch.compile(grads, **options), torch.compile(update, **options)
-        if self.accumulate == 1 and self.on_nonfinite == "raise":
-            # One graph for gradients, finite flag and update: one guard check and no Python
-            # in between. The update is computed before the flag is read, which "raise" allows.
-            whole = torch.compile(self._whole, **options)
-        return grads, update, whole
+
+        def compiled(method: Callable[..., Any]) -> Callable[..., Any]:
+            return torch.compile(_own_code(method), **options)
+
+        # One graph for both phases: one guard check and no Python in between. The update is
+        # computed before the finite flag is read, which on_nonfinite="raise" allows.
+        whole = compiled(self._whole) if self.accumulate == 1 and self.on_nonfinite == "raise" else None
+        return _Fns(compiled(self._grad_and_value), compiled(self._update), whole)
 
     def donating(self) -> TrainStep:
-        """The same step with ``donate=True`` (what the Trainer drives internally)."""
-        return self if self.donate else dataclasses.replace(self, donate=True)
+        """The same step with ``donate=True`` (what the Trainer drives internally).
+
+        A compiled step is its own donating variant: it returns itself, so that the graph compiled
+        for the user's step (cold compiles take seconds to minutes) is the one the Trainer runs,
+        instead of compiling a second, in-place graph. (Pass ``donate=True`` with ``compile=True``
+        to compile the in-place graph from the start.)
+
+        Example:
+            >>> fast = make_train_step(model, loss_fn, opt).donating()  # its input state must not be reused
+        """
+        if self.donate or self.compile:
+            return self
+        return dataclasses.replace(self, donate=True)
 
     # -- the pure parts -----------------------------------------------------
     def _loss(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
@@ -311,12 +503,16 @@ class TrainStep:
                 "the graph when its inputs do not require grad: use use_reentrant=False.)")
         return loss.float(), {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
 
-    def _eager_grads(self, transformed: Callable[..., Any], params: Tensors, buffers: Tensors, batch: Any,
-                     key: torch.Tensor, device: torch.device) -> tuple[Tensors, tuple[torch.Tensor, Metrics]]:
+    def _grad_and_value(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
+                        device: torch.device) -> tuple[Tensors, tuple[torch.Tensor, Metrics]]:
+        return grad_and_value(self._loss, has_aux=True)(params, buffers, batch, key, device)
+
+    def _eager_grads(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
+                     device: torch.device) -> tuple[Tensors, tuple[torch.Tensor, Metrics]]:
         """Gradients, loss and metrics for the eager step: with ``torch.autograd.grad``, as a plain
-        ``loss.backward()`` loop computes them, when nothing around the step needs ``transformed``
-        (``grad_and_value(self._loss)``): no torch.func transform or compile is active, no input
-        requires grad (so no outer graph to connect to) and no inference tensors are involved.
+        ``loss.backward()`` loop computes them, when nothing around the step needs ``_grad_and_value``:
+        no torch.func transform or compile is active, no input requires grad (so no outer graph to
+        connect to) and no inference tensors are involved.
 
         grad_and_value wraps every tensor and dispatches every op through its own autograd level:
         ~0.5 ms a step for a 784-256-256-10 MLP on a 2-core CPU, a quarter of a plain PyTorch step.
@@ -328,7 +524,7 @@ class TrainStep:
                 or torch.is_inference_mode_enabled() or any(p.is_inference() for p in params.values()) \
                 or any(isinstance(t, torch.Tensor) and t.requires_grad
                        for t in tree_leaves((params, buffers, batch, key))):
-            return transformed(params, buffers, batch, key, device)
+            return self._grad_and_value(params, buffers, batch, key, device)
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         with torch.enable_grad():  # as grad_and_value: gradients even under an outer no_grad
             loss, metrics = self._loss(leaves, buffers, batch, key, device)
@@ -340,22 +536,18 @@ class TrainStep:
         grads = {k: torch.zeros_like(params[k]) if g is None else g for k, g in zip(leaves, found, strict=True)}
         return grads, (loss.detach(), metrics)
 
-    def _update(self, grads: Tensors, opt_state: Any, params: Tensors, norm: torch.Tensor) -> tuple[Tensors, Any]:
-        if self.clip is not None:
-            factor = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
-            keys = list(grads)
-            grads = dict(zip(keys, torch._foreach_mul([grads[k] for k in keys], factor), strict=True))
+    def _update(self, grads: Tensors, opt_state: Any, params: Tensors) -> tuple[Tensors, Any]:
+        """Phase 2's arithmetic: clip (``clip_by_global_norm``'s), then the optimizer's step."""
+        if self._clipper is not None:
+            # out of place: autograd may hand the same gradient tensor to several parameters
+            grads, _ = self._clipper.update(grads, self._clipper.init(grads))
         return optim_step(self.optimizer, grads, opt_state, params, inplace=self.donate)
 
     def _whole(self, params: Tensors, buffers: Tensors, opt_state: Any, batch: Any, key: torch.Tensor,
                device: torch.device) -> tuple[Tensors, Any, torch.Tensor, Metrics, torch.Tensor]:
-        grads, (loss, metrics) = grad_and_value(self._loss, has_aux=True)(params, buffers, batch, key, device)
-        g = list(grads.values())
-        finite = torch.isfinite(loss)
-        if g:
-            finite = finite & torch.stack([torch.isfinite(t).all() for t in g]).all()
-        norm = global_norm(g) if g and self.clip is not None else torch.zeros(())
-        params, opt_state = self._update(grads, opt_state, params, norm)
+        grads, (loss, metrics) = self._grad_and_value(params, buffers, batch, key, device)
+        finite = _finite(loss, list(grads.values()))
+        params, opt_state = self._update(grads, opt_state, params)
         return params, opt_state, loss, metrics, finite
 
     # -- the step -------------------------------------------------------------
@@ -371,32 +563,45 @@ class TrainStep:
         # BatchNorm updates its statistics in place: it gets copies (small), which become the
         # new buffers; so even a donated state is intact when a non-finite step is skipped.
         buffers = {k: v.clone() for k, v in state.buffers.items()}
-        _, update_fn, whole_fn = self._fns(device)
-        if whole_fn is not None and distributed.world_size() == 1:  # (ranks must all-reduce in between)
-            with _rng_scope(step_key, device), _explain_traps():
-                params, opt_state, loss, metrics, finite = whole_fn(
-                    state.params, buffers, state.opt_state, batch, step_key, device)
-            if not bool(finite):
-                raise _nonfinite(loss, state)
-            new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
-            return new, {"loss": loss, **metrics}
+        fns = self._fns(device)
+        if not self.compile or self._cache.fell_back:
+            grads, loss, metrics = self._gradients(fns, state.params, buffers, batch, step_key, device)
+            return self._apply(fns, state, buffers, grads, loss, metrics)
+        with self._compiling():
+            if fns.whole is not None and distributed.world_size() == 1:  # (ranks must all-reduce in between)
+                with _rng_scope(step_key, device), _explain_traps():
+                    params, opt_state, loss, metrics, finite = fns.whole(
+                        state.params, buffers, state.opt_state, batch, step_key, device)
+                if not bool(finite):
+                    raise _nonfinite(loss, state)
+                new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
+                return new, {"loss": loss, **metrics}
+            grads, loss, metrics = self._gradients(fns, state.params, buffers, batch, step_key, device)
+            return self._apply(fns, state, buffers, grads, loss, metrics)
+
+    def _gradients(self, fns: _Fns, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
+                   device: torch.device) -> tuple[Tensors, torch.Tensor, Metrics]:
+        """Phase 1: the gradients of the batch (averaged over micro-batches and ranks), loss and metrics."""
         if self.accumulate == 1:
-            grads, loss, metrics = self._micro(state.params, buffers, batch, step_key, device)
+            grads, loss, metrics = self._micro(fns, params, buffers, batch, key, device)
         else:
-            grads, loss, metrics = self._accumulated(state.params, buffers, batch, step_key, device)
+            grads, loss, metrics = self._accumulated(fns, params, buffers, batch, key, device)
         if distributed.world_size() > 1:
             grads = distributed.all_reduce_mean(grads)
-        # The global norm is needed only to clip; otherwise a cheaper check finds non-finite values.
-        norm = global_norm(list(grads.values())) if grads and self.clip is not None else torch.zeros(())
-        finite = bool(torch.isfinite(loss) & torch.isfinite(norm)) if self.clip is not None else \
-            _all_finite(loss, list(grads.values()))
+        return grads, loss, metrics
+
+    def _apply(self, fns: _Fns, state: TrainState, buffers: Tensors, grads: Tensors, loss: torch.Tensor,
+               metrics: Metrics) -> tuple[TrainState, Metrics]:
+        """Phase 2: the non-finite check (read on the host before anything is updated, so a donated
+        state is intact when the step is skipped), then clipping and the optimizer."""
+        finite = bool(_finite(loss, list(grads.values())))
         if distributed.world_size() > 1:  # every rank must take the same decision, or the replicas diverge
-            finite = distributed.all_true(finite, device)
+            finite = distributed.all_true(finite, state.step.device)
         if not finite:
             if self.on_nonfinite == "raise":
                 raise _nonfinite(loss, state)
             return state.replace(step=state.step + 1), {"loss": loss, **metrics, "skipped": torch.ones(())}
-        params, opt_state = update_fn(grads, state.opt_state, state.params, norm)
+        params, opt_state = fns.update(grads, state.opt_state, state.params)
         if distributed.world_size() > 1 and buffers:
             # BatchNorm statistics are averaged across ranks (as Flax averages batch_stats), so that
             # every rank holds the same state and a checkpoint does not depend on who wrote it.
@@ -409,16 +614,42 @@ class TrainStep:
             metrics = {**metrics, "skipped": torch.zeros(())}
         return new, {"loss": loss, **metrics}
 
-    def _micro(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
+    @contextlib.contextmanager
+    def _compiling(self) -> Iterator[None]:
+        """Around a compiled call: the first one is watched for graph breaks (see
+        :class:`GraphBreakWarning`); a break under ``fullgraph=True`` becomes a :class:`GraphBreakError`;
+        inductor's warning about ``_foreach_norm`` (clipping's) is silenced."""
+        fullgraph = isinstance(self.compile, Mapping) and bool(self.compile.get("fullgraph"))
+        watch = _DynamoWatch() if not self._cache.checked else None
+        try:
+            with _quiet_foreach_norm(), watch or contextlib.nullcontext():
+                yield
+        except torch._dynamo.exc.Unsupported as e:
+            if fullgraph:
+                raise GraphBreakError(_graph_break_message(
+                    [str(e).strip().splitlines()[0]], (watch.locations if watch else []) or _exc_locations(e),
+                    fullgraph=True)) from e
+            raise
+        finally:
+            self._cache.checked = True
+        if watch is not None and watch.reasons:
+            # Dynamo gives up the gradient computation at a break inside torch.func.grad and runs it
+            # in functorch's eager mode, slower than the eager step: run that from now on.
+            self._cache.fell_back = True
+            self._cache.fns.clear()
+            warnings.warn(GraphBreakWarning(_graph_break_message(watch.reasons, watch.locations)),
+                          stacklevel=4)
+
+    def _micro(self, fns: _Fns, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
                device: torch.device) -> tuple[Tensors, torch.Tensor, Metrics]:
         with _rng_scope(key, device), _explain_traps():
-            grads, (loss, metrics) = self._fns(device)[0](params, buffers, batch, key, device)
+            grads, (loss, metrics) = fns.gradients(params, buffers, batch, key, device)
         # The gradient of a parameter used only through a broadcast (``p.sum()``) is an expanded
         # tensor, whose elements share memory: the in-place kernels that follow cannot write it.
         grads = {k: g.contiguous() if g.numel() > 1 and 0 in g.stride() else g for k, g in grads.items()}
         return grads, loss, metrics
 
-    def _accumulated(self, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
+    def _accumulated(self, fns: _Fns, params: Tensors, buffers: Tensors, batch: Any, key: torch.Tensor,
                      device: torch.device) -> tuple[Tensors, torch.Tensor, Metrics]:
         """Gradients of k micro-batches, weighted by their sizes: for a mean-reduced
         loss this equals the gradient of the whole batch."""
@@ -432,7 +663,7 @@ class TrainStep:
         metrics: Metrics = {}
         for i, chunk in enumerate(chunks):
             w = _batch_size(chunk) / n
-            g, l_i, m_i = self._micro(params, buffers, chunk, fr.fold_in(key, i), device)
+            g, l_i, m_i = self._micro(fns, params, buffers, chunk, fr.fold_in(key, i), device)
             keys = list(g)
             scaled = torch._foreach_mul([g[k] for k in keys], w)
             if total:
