@@ -17,7 +17,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
-from .loop import FitResult, Trainer
+from .loop import FitResult, Interrupted, Trainer
 from .state import TrainState
 from .step import EvalStep, NonFiniteError, TorchFuncTrapError, TrainStep, make_eval_step, make_train_step
 
@@ -32,6 +32,7 @@ __all__ = [
     "EvalStep",
     "FitContext",
     "FitResult",
+    "Interrupted",
     "JSONLLogger",
     "LambdaCallback",
     "LearningRateMonitor",

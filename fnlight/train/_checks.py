@@ -152,3 +152,9 @@ def noted(where: Callable[[], str]) -> Iterator[None]:
             with contextlib.suppress(AttributeError, TypeError):  # (an exception type with __slots__)
                 setattr(e, NOTED, True)
         raise
+
+
+def check_train_step_args(loss_fn: Any, optimizer: Any) -> None:
+    """What ``make_train_step`` checks before building anything (see the functions above)."""
+    check_loss_fn(loss_fn)
+    check_optimizer(optimizer)

@@ -48,7 +48,37 @@ from .state import TrainState
 from .step import TrainStep, _batch_size
 
 Metrics = dict[str, float]
-log = logging.getLogger("fnlight")  # progress, resume, early stop and interrupt lines
+log = logging.getLogger("fnlight")  # resume, early stop and interrupt lines
+progress_log = logging.getLogger("fnlight.progress")  # one line per epoch when no progress bar is shown
+
+
+class _DefaultHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Prints fnlight's lines on stderr while nobody has configured logging (as ``logging.lastResort``
+    does for warnings, but from INFO): once the root logger or ``fnlight`` has another handler, that
+    one decides. ``logging.getLogger("fnlight").setLevel(logging.WARNING)`` keeps only warnings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("fnlight: %(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr  # the current one (tests and notebooks replace sys.stderr)
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers or any(h is not self for h in log.handlers):
+            return
+        super().emit(record)
+
+
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
+if not any(isinstance(h, _DefaultHandler) for h in log.handlers):
+    log.addHandler(_DefaultHandler())
 
 
 @dataclass(frozen=True)
@@ -332,6 +362,32 @@ def next_version(root: str | os.PathLike) -> Path:
             return path
         except FileExistsError:
             n += 1
+
+
+def set_aside(run_dir: str | os.PathLike) -> Path | None:
+    """Move everything in ``run_dir`` into ``run_dir/previous/<n>/`` (n counting up from 0), so that a new run
+    can start there while the old one stays loadable (``fnlight test --ckpt run_dir/previous/0``). What
+    ``fnlight fit --no-resume`` does. Returns where it went; None when there was nothing to move.
+
+    Example:
+        >>> set_aside("runs/mlp")
+        PosixPath('runs/mlp/previous/0')
+    """
+    run = Path(run_dir)
+    items = sorted(p for p in run.iterdir() if p.name != "previous") if run.is_dir() else []
+    if not items:
+        return None
+    n = 0
+    while True:
+        dest = run / "previous" / str(n)
+        try:
+            dest.mkdir(parents=True)  # atomic: two runs never share it
+            break
+        except FileExistsError:
+            n += 1
+    for p in items:
+        os.rename(p, dest / p.name)  # the same file system: nothing is copied, nothing half-moved
+    return dest
 
 
 def _clone(state: TrainState) -> TrainState:
@@ -838,7 +894,7 @@ class _Fit:
         """One line per epoch through ``logging`` (logger ``fnlight``) when no progress bar is shown."""
         if self.lead and not bar_shown:
             values = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "time_s")
-            log.info("epoch %d (step %d): %s  (%.1f s)", epoch, self.step, values, row.get("time_s", 0.0))
+            progress_log.info("epoch %d (step %d): %s  (%.1f s)", epoch, self.step, values, row.get("time_s", 0.0))
 
     # -- close ---------------------------------------------------------------------------------
     def close(self) -> None:
