@@ -192,6 +192,33 @@ def test_epochs_follow_lightning_and_a_mid_epoch_checkpoint_resumes_exactly_the_
         assert resumed.seen == full.seen[12:], keep
 
 
+@pytest.mark.parametrize("how", ["max_steps", "should_stop"])
+def test_a_checkpoint_after_max_steps_or_should_stop_mid_epoch_continues_that_epoch(tmp_path, how):
+    """Lightning counts the epoch that max_steps (or should_stop) ended as done; resuming must still train
+    the rest of it, exactly as the uninterrupted run does."""
+    full = Recorder()
+    lightning_trainer(max_epochs=3).fit(full, datamodule=fl.to_lightning(ids_datamodule()))
+
+    class Stopping(Recorder):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if self.global_step == 13:
+                self.trainer.should_stop = True
+
+    cut = Recorder() if how == "max_steps" else Stopping()
+    last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    limits = {"max_steps": 13} if how == "max_steps" else {}
+    lightning_trainer(max_epochs=3, enable_checkpointing=True, callbacks=[last], **limits).fit(
+        cut, datamodule=fl.to_lightning(ids_datamodule()))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert (saved["ToLightning"]["epoch"], saved["ToLightning"]["position"]) == (1, 3) and saved["epoch"] == 2
+    assert cut.seen == full.seen[:13]
+    resumed = Recorder()
+    lightning_trainer(max_epochs=3).fit(resumed, datamodule=fl.to_lightning(ids_datamodule()),
+                                        ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.seen == full.seen[13:]  # epoch 1 from its batch 3, then epoch 2
+    assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(resumed.lin.bias, full.lin.bias)
+
+
 def test_a_checkpoint_taken_during_a_step_resumes_at_that_batch(tmp_path):
     """On an exception inside training_step, Lightning saves a checkpoint in which that batch is not
     trained: the data position is Lightning's count of trained batches, not of batches handed out."""

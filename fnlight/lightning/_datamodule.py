@@ -139,6 +139,7 @@ class ToLightning(pl.LightningDataModule):
         self.fnlight_datamodule().close()
 
     def train_dataloader(self) -> TrainLoader:
+        self._continue_stopped_epoch()
         return TrainLoader(self, self.fnlight_datamodule().split_for("fit"))
 
     def val_dataloader(self) -> BatchLoader | list[Any]:
@@ -200,6 +201,32 @@ class ToLightning(pl.LightningDataModule):
             return int(getattr(fit_loop.epoch_loop.batch_progress.current, what))
         except AttributeError:  # no trainer, or another Lightning version: our own count stands
             return None
+
+    def _continue_stopped_epoch(self) -> None:
+        """Resuming from a checkpoint written when ``max_steps`` or ``should_stop`` ended a run mid-epoch:
+        Lightning has counted that epoch as done (its epoch progress says E + 1, its batch progress that
+        epoch E's last batch was not reached), while the data position says (E, P). Count it as not done,
+        as in a checkpoint taken mid-epoch, so that Lightning continues epoch E at batch P: exactly the
+        batches an uninterrupted run sees. (Called from ``train_dataloader``, which Lightning calls after
+        restoring its loops and before resetting them.)"""
+        pending = self._cursor.pending
+        if pending is None:
+            return
+        epoch, position = pending
+        try:
+            fit_loop = self.trainer.fit_loop  # type: ignore[union-attr]
+            if self.trainer.state.fn != "fit":  # type: ignore[union-attr]
+                return
+            epochs, batches = fit_loop.epoch_progress, fit_loop.epoch_loop.batch_progress
+            if (epochs.current.completed != epoch + 1 or epochs.current.processed != epoch + 1
+                    or batches.is_last_batch or batches.current.completed != position or position == 0):
+                return
+        except AttributeError:  # no trainer, or another Lightning version
+            return
+        for progress in (epochs.current, epochs.total):
+            progress.processed -= 1
+            progress.completed -= 1
+        fit_loop.restarting = True  # (Lightning had decided that a finished epoch needs no restart)
 
     def _check_resume(self, epoch: int, start: int) -> None:
         ready = self._lightning_count("ready", epoch)
