@@ -325,8 +325,34 @@ def test_errors_in_metrics_fn_callbacks_and_the_pipeline_say_where(tmp_path):
     bad_dm = dm.replace(pipeline=dm.pipeline >> fd.transform(broken, on="train"))
     with pytest.raises(KeyError, match="no such column") as info:
         fnlight.Trainer(loggers=(), run_dir=tmp_path).fit(state, step, bad_dm)
+    # (a transform after batch(): no single sample fails)
     assert info.value.__notes__[-1] == ("while producing batch 0 of split 'train' (epoch 0) in the data pipeline "
                                         "(a transform, collate or reader)")
+
+    # a per-sample transform that fails on one sample: the note names its index in the split
+    def picky(sample):
+        x, y = sample
+        if int(y) == 13:
+            raise ValueError("sample 13 is bad")
+        return x, y
+
+    ids = (fd.from_tensors(torch.linspace(-1, 1, 40)[:, None], torch.arange(40)) >> fd.split({"train": 0.5, "val": 0.5},
+           seed=0))
+    good = fnlight.DataModule(ids >> fd.shuffle() >> fd.batch(4), seed=0)
+    j = [int(good.dataset("train")[k][1]) for k in range(20)].index(13)  # its index in the train split
+    b = next(b for b, idx in enumerate(good.index_batches("train", 0)) if j in idx.tolist())
+    bad = fnlight.DataModule(ids >> fd.transform(picky, on="train") >> fd.shuffle() >> fd.batch(4), seed=0)
+    lin = torch.nn.Linear(1, 1)
+
+    def lin_loss(model_fn, batch, key):
+        return model_fn(batch[0]).pow(2).mean()
+
+    opt = fo.sgd(0.1)
+    with pytest.raises(ValueError, match="sample 13 is bad") as info:
+        fnlight.Trainer(loggers=(), run_dir=tmp_path, max_epochs=2).fit(
+            fnlight.TrainState.create(lin, opt), fnlight.make_train_step(lin, lin_loss, opt), bad)
+    assert info.value.__notes__[-1] == (f"while producing batch {b} of split 'train' (epoch 0) in the data pipeline "
+                                        f"(a transform, collate or reader); it fails on sample {j} of the split")
 
 
 # -- checked when the step is built ----------------------------------------------------------------

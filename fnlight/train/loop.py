@@ -591,8 +591,7 @@ class Trainer:
         with batches, self._progress(n, stage) as bar:
             it = iter(batches)
             for i in range(n):
-                with noted(lambda: f"while producing batch {i} of split {split!r} for {stage} in the data "  # noqa: B023
-                           "pipeline (a transform, collate or reader)"):
+                with noted(lambda: _data_where(dm, split, 0, i, stage)):  # noqa: B023
                     batch = next(it, None)
                 if batch is None:
                     break
@@ -635,8 +634,7 @@ class Trainer:
         with _deterministic(self.deterministic), torch.no_grad(), batches, self._progress(n, "predict") as bar:
             it = iter(batches)
             for i in range(n):
-                with noted(lambda: f"while producing batch {i} of split {split!r} for predict in the data "  # noqa: B023
-                           "pipeline (a transform, collate or reader)"):
+                with noted(lambda: _data_where(dm, split, 0, i, "predict")):  # noqa: B023
                     batch = next(it, None)
                 if batch is None:
                     break
@@ -792,8 +790,7 @@ class _Fit:
         with batches, t._progress(n - done, f"epoch {epoch}") as bar:
             it = iter(batches)
             for i in range(done, n):
-                with noted(lambda: f"while producing batch {i} of split {split!r} (epoch {epoch}) in the "  # noqa: B023
-                           "data pipeline (a transform, collate or reader)"):
+                with noted(lambda: _data_where(dm, split, epoch, i)):  # noqa: B023
                     batch = next(it, None)
                 if batch is None:
                     break
@@ -913,6 +910,22 @@ class _Fit:
         return FitResult(state, self.history, self.run_dir, self.callbacks.states(), self.t.callbacks,
                          self.checkpoints.dir if self.checkpoints is not None else None, self.resumed.path,
                          self.stopped, self.finished_before)
+
+
+def _data_where(dm: DataModule, split: str, epoch: int, i: int, stage: str | None = None) -> str:
+    """Where producing a batch failed; with the sample, when one sample alone fails (a per-sample transform).
+
+    Only called on an error: it reads the batch's samples again, one by one, to find the one that fails."""
+    text = f"while producing batch {i} of split {split!r} " + (f"for {stage}" if stage else f"(epoch {epoch})") + \
+        " in the data pipeline (a transform, collate or reader)"
+    with contextlib.suppress(Exception):  # (never hide the error being reported)
+        ds = dm.dataset(split)
+        for j in dm.index_batches(split, epoch)[i].tolist():
+            try:
+                ds[j]
+            except Exception:  # noqa: BLE001
+                return text + f"; it fails on sample {j} of the split"
+    return text
 
 
 def _reason_text(reason: str | None) -> str:
