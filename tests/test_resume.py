@@ -78,11 +78,13 @@ def test_resuming_on_different_data_is_refused(tmp_path):
         trainer(tmp_path).fit(state, step, dm.replace(seed=4))
 
 
-def test_resume_false_starts_over(tmp_path):
+def test_resume_false_starts_over(tmp_path, caplog):
     dm, state, step, _ = setup()
     trainer(tmp_path, max_steps=3, ckpt_every_n_steps=1).fit(state, step, dm)
     fresh = trainer(tmp_path, max_steps=2, resume=False).fit(state, step, dm)
     assert int(fresh.state.step) == 2
+    assert "resume=False, but" in caplog.text and "holds checkpoints of an earlier run (newest step_000000003)" \
+        in caplog.text
     shutil.rmtree(tmp_path / "ck")
     with pytest.raises(ValueError, match="ckpt_every_n_steps"):
         fnlight.Trainer(ckpt_dir=tmp_path, ckpt_every_n_steps=0)

@@ -581,7 +581,6 @@ class Trainer:
                               if run.checkpoints is not None else None)
         return run.result(state)
 
-
     # -- evaluation -----------------------------------------------------------
     def _evaluate(self, state: TrainState, eval_step: Callable[[TrainState, Any], Any], dm: DataModule,
                   stage: str, limit: int | float | None) -> Metrics:
@@ -716,6 +715,10 @@ class _Fit:
         # (so ranks need not share a file system for resuming).
         if self.checkpoints is not None and t.resume and self.lead:
             self.resumed = _resume_point(self.checkpoints.dir, state, self.fingerprint)
+        elif self.checkpoints is not None and self.lead and list_checkpoints(self.checkpoints.dir):
+            log.warning("resume=False, but %s holds checkpoints of an earlier run (newest %s): this run's will be "
+                        "mixed with them (move them aside first with fnlight.train.loop.set_aside, or give another "
+                        "ckpt_dir)", self.checkpoints.dir, list_checkpoints(self.checkpoints.dir)[-1].name)
         meta = self.resumed.meta
         if distributed.world_size() > 1:
             meta = distributed.broadcast_object(meta)
@@ -788,6 +791,8 @@ class _Fit:
         done = min(self.position, n)  # batches of this epoch trained so far
         batches = dm.batches(split, epoch, start=done)
         with batches, t._progress(n - done, f"epoch {epoch}") as bar:
+            if self.val:  # the latest validation metrics, next to the loss
+                bar.set_postfix({f"val/{k}": f"{v:.4g}" for k, v in self.val.items()}, refresh=False)
             it = iter(batches)
             for i in range(done, n):
                 with noted(lambda: _data_where(dm, split, epoch, i)):  # noqa: B023
