@@ -214,7 +214,8 @@ def _launch(ctx: click.Context, devices: int) -> int:
                    + ("" if len(e.failures) == devices else "; the other ranks were stopped"), err=True)
         return _exit_code(cause.exitcode) or 1
     except SignalException as e:  # the launcher itself was interrupted (the agent has stopped the ranks)
-        click.echo(f"fnlight fit: interrupted by {signal.Signals(e.sigval).name}; the ranks were stopped", err=True)
+        click.echo(f"fnlight fit: interrupted by {signal.Signals(e.sigval).name}, which was passed on to the ranks "
+                   "(they stop at the same step and rank 0 saves it: run the same command to resume)", err=True)
         return 128 + int(e.sigval)
     finally:
         if not had_omp:
@@ -378,8 +379,8 @@ class _ConsoleLines(logging.Handler):
     stderr; the per-epoch progress lines are left out (the console logger prints the epochs)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name == "fnlight.progress":
-            return
+        if record.name == "fnlight.progress" or record.getMessage().startswith("interrupted by"):
+            return  # (the console logger prints the epochs; the command its own interrupt line)
         click.echo(("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage(),
                    err=record.levelno >= logging.WARNING)
 

@@ -152,3 +152,33 @@ def test_an_error_in_the_experiments_code_is_a_few_lines(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert "in the train step (loss_fn broken_loss.<locals>.loss)" in debug.stderr  # the note, under the traceback
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_fit_with_two_devices_saves_once_and_the_same_command_resumes_bitwise(tmp_path):
+    """Ctrl-C reaches the launcher and both ranks (one process group); the launcher passes it on again: the
+    ranks take the two deliveries for one, stop at the same step, rank 0 saves, and the command exits 130."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full = subprocess.run(fit_cmd(tmp_path / "full", "--devices", "2"), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    run = tmp_path / "run"
+    proc = subprocess.Popen(fit_cmd(run, "--devices", "2"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((run / "checkpoints").glob("step_*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted by SIGINT at step ")]
+    assert len(lines) == 1 and "Aborted" not in err, err[-3000:]
+    step = int(lines[0].split(" at step ")[1].split(",")[0])
+    assert (run / "checkpoints" / f"step_{step:09d}").is_dir()
+    again = subprocess.run(fit_cmd(run, "--devices", "2"), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and f"(resumed at step {step})" in again.stdout, again.stderr[-3000:]
+    a, _ = fnlight.load_checkpoint(newest(run))
+    b, _ = fnlight.load_checkpoint(newest(tmp_path / "full"))
+    assert int(a.step) == int(b.step) and tree_equal(a, b)

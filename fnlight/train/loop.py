@@ -188,8 +188,14 @@ class _SignalFlag:
     Python's own KeyboardInterrupt does; checkpoints are written atomically, so none is left damaged).
     Handlers can only be set in the main thread: elsewhere it records nothing."""
 
+    #: Under torchrun (its agent forwards the signal it gets to the ranks, which a Ctrl-C or a scheduler's
+    #: signal to the process group has reached already), the same signal again within this many seconds
+    #: is that one delivered twice, not a second one.
+    FORWARDED_WITHIN_S = 1.0
+
     def __init__(self, signums: tuple[int, ...]) -> None:
-        self.signums, self.received, self._saved = signums, 0, {}
+        self.signums, self.received, self._saved, self._at = signums, 0, {}, 0.0
+        self._launched = "TORCHELASTIC_RUN_ID" in os.environ
 
     def __enter__(self) -> _SignalFlag:
         if self.signums and threading.current_thread() is threading.main_thread():
@@ -199,9 +205,12 @@ class _SignalFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.received:
-            self.received = signum
-            log.warning("received %s: stopping after the current step (again to abort now)",
-                        signal.Signals(signum).name)
+            self.received, self._at = signum, time.monotonic()
+            if distributed.rank() == 0:
+                log.warning("received %s: stopping after the current step (again to abort now)",
+                            signal.Signals(signum).name)
+            return
+        if self._launched and signum == self.received and time.monotonic() - self._at < self.FORWARDED_WITHIN_S:
             return
         self._restore()
         signal.raise_signal(signum)
