@@ -324,24 +324,76 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 
 
 def recorded_hparams(ckpt: Path, target: Target) -> tuple[dict[str, Any], Path | None]:
-    """The hyperparameters the checkpoint's run was trained with, when it trained this same target."""
+    """The hyperparameters that produced the checkpoint, and where they were read: the checkpoint's own
+    (``fit`` records them in each one), else its run's ``experiment.json``. Used when the run trained this
+    same TARGET (or, for a checkpoint outside a run, always: the factory takes only the names it knows)."""
     run = run_dir_of(ckpt)
-    if run is None:
-        return {}, None
-    record = read_record(run)
-    if record.get("target") == target.spec and isinstance(record.get("overrides"), dict):
+    record = read_record(run) if run is not None else {}
+    if record and record.get("target") != target.spec:
+        return {}, None  # another experiment's run: its hyperparameters mean something else
+    try:
+        own = json.loads((ckpt / META).read_text()).get("meta", {}).get("hparams")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        own = None
+    if isinstance(own, dict) and own:
+        return own, ckpt
+    if run is not None and isinstance(record.get("overrides"), dict):
         return record["overrides"], run / RECORD
     return {}, None
 
 
+def all_hparams(target: Target, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Every argument the TARGET's factory was called with (defaults included), as JSON reads them back
+    (a value JSON cannot hold as its ``repr``): what ``fit`` records in each checkpoint.
+
+    Example:
+        >>> all_hparams(load_target(None), {"hidden": 64})["hidden"], all_hparams(load_target(None), {})["lr"]
+        (64, 0.002)
+    """
+    values = {} if isinstance(target.obj, Experiment) else {**hparams_of(target.obj), **overrides}
+    return json.loads(json.dumps(values, default=repr))
+
+
 def write_record(run_dir: Path, target: Target, exp: Experiment, overrides: Mapping[str, Any]) -> None:
-    """``<run_dir>/experiment.json``: the target, the hyperparameters given, and all of them (defaults included)."""
-    all_hparams = {} if isinstance(target.obj, Experiment) else {**hparams_of(target.obj), **overrides}
-    doc = {"target": target.spec, "name": exp.name, "overrides": dict(overrides), "hparams": all_hparams,
-           "seed": exp.seed, "max_epochs": exp.max_epochs}
+    """``<run_dir>/experiment.json``: the target, the hyperparameters given, and all of them (defaults included).
+    Written atomically (a temp file renamed into place)."""
+    doc = {"target": target.spec, "name": exp.name, "overrides": dict(overrides),
+           "hparams": all_hparams(target, overrides), "seed": exp.seed, "max_epochs": exp.max_epochs}
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RECORD).write_text(json.dumps(doc, indent=1, default=repr) + "\n")
+    tmp = run_dir / f".{RECORD}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(doc, indent=1, default=repr) + "\n")
+    os.replace(tmp, run_dir / RECORD)
 
 
 def format_hparams(hparams: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in hparams.items())
+
+
+# -- errors from the experiment's own code ----------------------------------------------------------
+
+#: fnlight, torch, click and the standard library: not where the user's line is
+_LIBRARY_DIRS = tuple(str(Path(m.__file__).resolve().parent) for m in (click, torch) if m.__file__) + \
+    (str(Path(__file__).resolve().parent), str(Path(json.__file__).resolve().parent.parent))
+
+
+def user_error_lines(err: BaseException) -> list[str]:
+    """An error raised in the user's code, in a few lines: ``error: Type: message``, the user's file:line
+    (the innermost frame outside fnlight, torch and the standard library), fnlight's note on where it
+    happened, and how to see the whole traceback.
+
+    Example:
+        >>> user_error_lines(err)
+        ['error: ZeroDivisionError: my bug', '  at my_exp.py:12 in loss', "  in the train step ... step 3", ...]
+    """
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    mine = [f for f in frames if not Path(f.filename).resolve().is_relative_to(Path(sys.prefix).resolve())
+            and not any(str(Path(f.filename).resolve()).startswith(d) for d in _LIBRARY_DIRS)]
+    frame = (mine or frames or [None])[-1]
+    lines = [f"error: {type(err).__name__}: {err}" if str(err) else f"error: {type(err).__name__}"]
+    if frame is not None:
+        lines.append(f"  at {frame.filename}:{frame.lineno} in {frame.name}")
+    lines += [f"  {note}" for note in getattr(err, "__notes__", [])]
+    lines.append("  (fnlight --debug ... prints the whole traceback)")
+    return lines

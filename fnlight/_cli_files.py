@@ -44,6 +44,7 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
         "epoch": meta.get("epoch"), "position": meta.get("position"),
         "pipeline": {"fingerprint": pipeline.get("fingerprint"), "stages": stages, "seed": description.get("seed")},
         "history": history, "callbacks": sorted(meta.get("callbacks") or {}),
+        "hparams": meta.get("hparams"), "finished": meta.get("finished"),
         "tensors": rows, "total_bytes": sum(r["bytes"] for r in rows),
         "num_params": sum(t.numel() for k, t in tensors.items() if k.startswith("params/")),
         # sha256: the tensor file's when there is one (None for shards); tensor_files: every file's
@@ -76,6 +77,10 @@ def format_info(info: dict[str, Any]) -> list[str]:
         lines.append(f"history     {len(info['history'])} epoch(s); last: {_metrics_text(info['history'][-1])}")
     if info["callbacks"]:
         lines.append(f"callbacks   {', '.join(info['callbacks'])}")
+    if info["hparams"]:
+        lines.append("hparams     " + " ".join(f"{k}={json.dumps(v)}" for k, v in info["hparams"].items()))
+    if info["finished"]:
+        lines.append(f"finished    {info['finished']} (the run ended here)")
     rows = info["tensors"]
     width = max([len(r["name"]) for r in rows] + [6])
     shapes = [str(r["shape"]) for r in rows]

@@ -26,14 +26,15 @@ missing or corrupted checkpoint, unknown device), printed as one line
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-import shutil
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from . import __version__, distributed
 from ._cli_common import (
     CliError,
     Target,
+    all_hparams,
     check_device_available,
     configure,
     format_hparams,
@@ -53,12 +55,24 @@ from ._cli_common import (
     read_record,
     recorded_hparams,
     resolve_checkpoint,
+    user_error_lines,
     write_record,
 )
 from .data import DownloadError, FingerprintError
 from .experiment import Experiment, digits_datamodule  # noqa: F401  (digits_datamodule: tests import it from here)
-from .train import CheckpointError, ConsoleLogger, CSVLogger, JSONLLogger, Trainer, TrainState, load_checkpoint
+from .train import (
+    CheckpointError,
+    ConsoleLogger,
+    CSVLogger,
+    Interrupted,
+    JSONLLogger,
+    Trainer,
+    TrainState,
+    load_checkpoint,
+)
+from .train._checks import NOTED
 from .train.checkpoint import list_checkpoints
+from .train.loop import next_version, set_aside
 from .train.step import _batch_size
 from .tree import device_put
 
@@ -80,6 +94,12 @@ class _Main(click.Group):
             if ctx.params.get("debug"):
                 traceback.print_exc()
             raise CliError(str(e)) from e
+        except Exception as e:
+            if not getattr(e, NOTED, False) or ctx.params.get("debug"):
+                raise  # fnlight's own bug, or --debug: the whole traceback
+            # an error in the experiment's own code (its loss_fn, metrics_fn, a transform, a callback...)
+            click.echo("\n".join(user_error_lines(e)), err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,7 +214,8 @@ def _launch(ctx: click.Context, devices: int) -> int:
                    + ("" if len(e.failures) == devices else "; the other ranks were stopped"), err=True)
         return _exit_code(cause.exitcode) or 1
     except SignalException as e:  # the launcher itself was interrupted (the agent has stopped the ranks)
-        click.echo(f"fnlight fit: interrupted by {signal.Signals(e.sigval).name}; the ranks were stopped", err=True)
+        click.echo(f"fnlight fit: interrupted by {signal.Signals(e.sigval).name}, which was passed on to the ranks "
+                   "(they stop at the same step and rank 0 saves it: run the same command to resume)", err=True)
         return 128 + int(e.sigval)
     finally:
         if not had_omp:
@@ -283,24 +304,19 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
     lead, world = distributed.rank() == 0, distributed.world_size()
     # (after init: the data is sharded, and the learning-rate schedule counted, for this rank)
     exp, hparams = configure(tgt, sets, seed=seed, max_epochs=max_epochs)
-    if run_dir is not None:
-        run = Path(run_dir)
-    else:
-        from .train.loop import _next_version
-
-        run = distributed.broadcast_object(_next_version(Path("runs")) if lead else None)
+    run = Path(run_dir) if run_dir is not None else \
+        distributed.broadcast_object(next_version("runs") if lead else None)
     ckpt_dir = run / "checkpoints"
-    found = list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
-    if found and not resume and lead:
-        shutil.rmtree(ckpt_dir)  # else the old run's later steps would count as the newest, and survive pruning
-        click.echo(f"--no-resume: deleted {len(found)} checkpoint(s) of the previous run in {ckpt_dir}", err=True)
-    found = found if resume else []
-    if lead:
-        before = read_record(run).get("overrides") if found else None
+    if lead and not resume:
+        aside = set_aside(run)  # kept, not deleted: a new run that fails at step 0 loses nothing
+        if aside is not None:
+            click.echo(f"--no-resume: the previous run is kept in {aside} (delete it when no longer needed)",
+                       err=True)
+    if lead and resume and ckpt_dir.is_dir() and list_checkpoints(ckpt_dir):
+        before = read_record(run).get("overrides")
         if before is not None and before != json.loads(json.dumps(hparams, default=repr)):
             click.echo(f"note: resuming {run}, trained with {format_hparams(before) or 'the defaults'}, with "
                        f"{format_hparams(hparams) or 'the defaults'} now", err=True)
-        write_record(run, tgt, exp, hparams)
     trainer = Trainer(max_epochs=exp.max_epochs, max_steps=max_steps, run_dir=run, device=device,
                       loggers=(CSVLogger(), JSONLLogger(), ConsoleLogger()), ckpt_dir=ckpt_dir, resume=resume,
                       keep_last=3, async_save=True)
@@ -309,27 +325,76 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
                 f"data fingerprint {exp.datamodule.fingerprint[:16]}, device {trainer.torch_device}{ranks}")
     if hparams:
         _echo_rank0(f"hyperparameters: {format_hparams(hparams)}")
-    if found:
-        _echo_rank0(f"resuming from {found[-1]}")
+    recorded = []
+
+    def record(_: Path) -> None:  # experiment.json: once this run has a checkpoint, never before
+        if not recorded:
+            write_record(run, tgt, exp, hparams)
+            recorded.append(True)
+
     t0 = time.perf_counter()
     try:
-        result, test = exp.run(trainer, compile=compile_, precision=precision)
+        with _lines_to_console(lead):
+            result, test = exp.run(trainer, hparams=all_hparams(tgt, hparams), on_checkpoint=record,
+                                   compile=compile_, precision=precision)
     except CheckpointError as e:
-        raise CliError(f"cannot resume from {ckpt_dir} (--no-resume starts afresh; or give another --run-dir): "
-                       f"{e}") from e
+        raise CliError(f"cannot resume from {ckpt_dir} (--no-resume starts afresh, keeping this run aside; or "
+                       f"give another --run-dir): {e}") from e
+    except Interrupted as e:
+        _echo_rank0(f"interrupted by {e.signal.name} at step {e.step}, epoch {e.epoch}; "
+                    + (f"checkpoint {e.checkpoint}; run the same command to resume" if e.checkpoint is not None
+                       else "nothing saved"), err=True)
+        _close_group()
+        ctx.exit(e.exit_code)
     wall = time.perf_counter() - t0
     last = {k: v for k, v in (result.history[-1] if result.history else {}).items()
             if k not in ("epoch", "step", "time_s")}
-    if last:
+    if last and not result.already_finished:
         _echo_rank0(f"final epoch {result.history[-1]['epoch']}: {_metrics_line(last)}")
     if test:
         _echo_rank0(_metrics_line(test, "test "))
     steps = int(result.state.step)
-    _echo_rank0(f"{steps} steps in {wall:.1f} s" + (f" (resumed at step {int(found[-1].name[5:])})" if found else "")
-                + f"; run directory: {result.run_dir}")
+    resumed_at = int(result.resumed_from.name[5:]) if result.resumed_from is not None else None
+    if result.already_finished:
+        _echo_rank0(f"already finished at step {steps} ({_reason(result.finished)}); nothing trained (raise "
+                    f"--max-epochs or --max-steps to continue); run directory: {result.run_dir}")
+    else:
+        _echo_rank0(f"{steps} steps in {wall:.1f} s" + (f" (resumed at step {resumed_at})" if resumed_at is not None
+                                                        else "") + f"; run directory: {result.run_dir}")
+    _close_group()
+
+
+def _reason(finished: str | None) -> str:
+    return {"max_epochs": "max_epochs reached", "max_steps": "max_steps reached"}.get(finished or "", finished or "")
+
+
+def _close_group() -> None:
     if distributed.is_initialized():
         distributed.barrier()  # no rank tears the group down while another still needs it
         torch.distributed.destroy_process_group()
+
+
+class _ConsoleLines(logging.Handler):
+    """fnlight's log lines on the console while a command runs: notes (resume...) on stdout, warnings on
+    stderr; the per-epoch progress lines are left out (the console logger prints the epochs)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "fnlight.progress" or record.getMessage().startswith("interrupted by"):
+            return  # (the console logger prints the epochs; the command its own interrupt line)
+        click.echo(("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage(),
+                   err=record.levelno >= logging.WARNING)
+
+
+@contextlib.contextmanager
+def _lines_to_console(on: bool) -> Iterator[None]:
+    handler = _ConsoleLines()
+    logger = logging.getLogger("fnlight")
+    if on:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 # -- validate / test / predict ---------------------------------------------------------------------

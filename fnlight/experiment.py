@@ -98,14 +98,18 @@ class Experiment:
         """A plain ``nn.Module`` (a copy of the template) holding the state's weights, in eval mode."""
         return state.write_to(copy.deepcopy(self.model).to(state.step.device)).eval()
 
-    def run(self, trainer: Trainer, **step_options: Any) -> tuple[FitResult, dict[str, float]]:
+    def run(self, trainer: Trainer, *, hparams: Mapping[str, Any] | None = None,
+            on_checkpoint: Callable[[Any], Any] | None = None, **step_options: Any,
+            ) -> tuple[FitResult, dict[str, float]]:
         """Fit (validating when there is a validate split), then test: ``(fit result, test metrics)``.
 
-        The test metrics are ``{}`` when the datamodule has no test split.
+        ``hparams`` and ``on_checkpoint`` go to :meth:`Trainer.fit`, ``step_options`` to
+        :meth:`train_step`. The test metrics are ``{}`` when the datamodule has no test split.
         """
         eval_step = self.eval_step(step_options.get("precision", "32"))
         result = trainer.fit(self.init_state(), self.train_step(**step_options), self.datamodule,
-                             eval_step=eval_step if self.has_stage("validate") else None)
+                             eval_step=eval_step if self.has_stage("validate") else None, hparams=hparams,
+                             on_checkpoint=on_checkpoint)
         test = trainer.test(result.state, eval_step, self.datamodule) if self.has_stage("test") else {}
         return result, test
 

@@ -8,6 +8,7 @@ OUT_DIR/rank<r>.json: the hash of (params, buffers) after every step and the his
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -58,8 +59,18 @@ def main() -> None:
     trainer = fnlight.Trainer(max_epochs=args.epochs, run_dir=f"{args.out}/run", ckpt_dir=f"{args.out}/ck",
                               ckpt_every_n_steps=2, log_every_n_steps=1, progress=False,
                               callbacks=(fnlight.LambdaCallback(on_step=on_step),))
-    result = trainer.fit(state, fnlight.make_train_step(model, loss_fn, opt), dm,
-                         fnlight.make_eval_step(model, metrics_fn))
+    try:
+        result = trainer.fit(state, fnlight.make_train_step(model, loss_fn, opt), dm,
+                             fnlight.make_eval_step(model, metrics_fn))
+    except fnlight.train.Interrupted as e:  # a signal on any rank: every rank stops at the same step
+        with open(f"{args.out}/interrupted{rank}.json", "w") as f:
+            json.dump({"signal": e.signal.name, "step": e.step, "epoch": e.epoch, "position": e.position,
+                       "checkpoint": str(e.checkpoint)}, f)
+        distributed.barrier()
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+        sys.exit(e.exit_code)
     with open(f"{args.out}/rank{rank}.json", "w") as f:
         json.dump({"hashes": hashes, "history": result.history, "world": distributed.world_size(),
                    "final": fnlight.tree.tree_hash(result.state)}, f)

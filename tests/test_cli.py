@@ -73,6 +73,16 @@ def raises(hidden: int = 3) -> Experiment:
     raise ZeroDivisionError("no experiment today")
 
 
+def broken_loss(seed: int = 0) -> Experiment:
+    """Its loss_fn fails at the first step (an error in the user's own code)."""
+    exp = digits(seed=seed, hidden=16, max_epochs=1)
+
+    def loss(model_fn, batch, key):
+        return model_fn(batch[0]).sum() / 0 + [][1]
+
+    return dataclasses.replace(exp, loss_fn=loss)
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 def invoke(*args: str):
@@ -131,15 +141,32 @@ def test_fit_in_a_process_prints_a_summary_and_resumes(tmp_path):
 def test_no_resume_starts_afresh(run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
+    before = sorted(p.name for p in copy.iterdir())
     res = invoke("fit", "--max-steps", "5", *SMALL, "--run-dir", copy, "--no-resume")
     assert res.exit_code == 0, res.output
-    assert "deleted 2 checkpoint(s)" in res.output and "resuming" not in res.output
-    assert "5 steps in" in res.output and "resumed" not in res.output
+    assert f"--no-resume: the previous run is kept in {copy / 'previous' / '0'}" in res.output
+    assert "resuming" not in res.output and "5 steps in" in res.output and "resumed" not in res.output
     assert [p.name for p in (copy / "checkpoints").iterdir()] == ["step_000000005"]
-    # resuming with other hyperparameters: said, and a shape mismatch is one line
+    # the previous run, whole and loadable where it was put
+    assert sorted(p.name for p in (copy / "previous" / "0").iterdir()) == before
+    res = invoke("test", "--ckpt", copy / "previous" / "0")
+    assert res.exit_code == 0 and "step 30" in res.output, res.output
+    # resuming with other hyperparameters: said, and a shape mismatch is one line that changes no file of the run
+    files = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     res = invoke("fit", "--max-steps", "8", "--set", "hidden=8", "--run-dir", copy)
     assert_one_line_error(res, "cannot resume from", "does not match the expected state")
     assert "--no-resume starts afresh" in res.output and "trained with hidden=16" in res.output
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
+
+
+def test_no_resume_that_crashes_at_step_0_keeps_the_previous_run_loadable(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    res = invoke("fit", "tests.test_cli:broken_loss", "--run-dir", copy, "--no-resume")
+    assert res.exit_code == 1, res.output
+    assert not (copy / "experiment.json").exists() and not (copy / "checkpoints").exists()  # nothing recorded
+    res = invoke("test", "--ckpt", copy / "previous" / "0")
+    assert res.exit_code == 0 and "step 30" in res.output, res.output
 
 
 def test_fit_seed_and_max_epochs_go_to_the_factory(tmp_path):

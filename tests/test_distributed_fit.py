@@ -110,3 +110,25 @@ def test_a_dead_rank_stops_the_other_and_the_run_resumes_to_the_same_state(tmp_p
     g0, g1 = report(full, 0), report(full, 1)
     assert g0["hashes"] == g1["hashes"] and len(g0["hashes"]) == 5  # only epoch 4 ran: 36 samples per rank
     assert [r["step"] for r in g0["history"]] == [5, 10, 15, 24, 29]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_rank_0_saves(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    finish_ranks(launch(full, 2, "--batch", "8"))
+    procs = launch(cut, 2, "--batch", "8", "--slow")
+    deadline = time.monotonic() + 120
+    while not list((cut / "ck").glob("step_*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((cut / "ck").glob("step_*")), [p.communicate()[1][-2000:] for p in procs]
+    os.kill(procs[1].pid, signal.SIGTERM)  # rank 1 only (as a scheduler that signals one node)
+    outs = [p.communicate(timeout=90) for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [o[1][-2000:] for o in outs]
+    i0, i1 = (json.loads((cut / f"interrupted{r}.json").read_text()) for r in (0, 1))
+    assert i0 == i1 and i0["signal"] == "SIGTERM" and 0 < i0["step"] < 15
+    saved = cut / "ck" / f"step_{i0['step']:09d}"
+    assert i0["checkpoint"] == str(saved) and saved.is_dir()  # rank 0 wrote it, where both stopped
+    _, meta = fnlight.load_checkpoint(saved)
+    assert (meta["epoch"], meta["position"]) == (i0["epoch"], i0["position"])
+    finish_ranks(launch(cut, 2, "--batch", "8"))  # the same command again
+    assert report(cut, 0)["final"] == report(cut, 1)["final"] == report(full, 0)["final"]
+    assert no_time(report(cut, 0)["history"]) == no_time(report(full, 0)["history"])

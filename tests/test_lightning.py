@@ -177,19 +177,47 @@ def test_epochs_follow_lightning_and_a_mid_epoch_checkpoint_resumes_exactly_the_
         assert resumed.seen == full.seen[step:], f"resuming from {path.name}"
         assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(resumed.lin.bias, full.lin.bias)
 
-    # The position is in the datamodule's state and in the train loader's (Lightning keeps both); with either
-    # alone, or with neither (a checkpoint of another datamodule), Lightning's batch count of the epoch stands.
-    for keep in ("datamodule", "loader", "neither"):
+    # The position is written once, as the datamodule's state (the train loader has no state of its own); a
+    # checkpoint without it (of another datamodule) resumes at Lightning's own batch count of the epoch.
+    ckpt = torch.load(tmp_path / "step=12.ckpt", weights_only=False)
+    assert not ckpt["loops"]["fit_loop"]["state_dict"].get("combined_loader")
+    assert sum(repr(v).count("'position'") for v in ckpt.values()) == 1  # written once
+    for keep in ("datamodule", "neither"):
         ckpt = torch.load(tmp_path / "step=12.ckpt", weights_only=False)
         if keep != "datamodule":
             del ckpt["ToLightning"]
-        if keep != "loader":
-            del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
         torch.save(ckpt, tmp_path / f"{keep}.ckpt")
         resumed = Recorder()
         lightning_trainer(max_epochs=epochs).fit(resumed, datamodule=fl.to_lightning(ids_datamodule()),
                                                  ckpt_path=tmp_path / f"{keep}.ckpt")
         assert resumed.seen == full.seen[12:], keep
+
+
+@pytest.mark.parametrize("how", ["max_steps", "should_stop"])
+def test_a_checkpoint_after_max_steps_or_should_stop_mid_epoch_continues_that_epoch(tmp_path, how):
+    """Lightning counts the epoch that max_steps (or should_stop) ended as done; resuming must still train
+    the rest of it, exactly as the uninterrupted run does."""
+    full = Recorder()
+    lightning_trainer(max_epochs=3).fit(full, datamodule=fl.to_lightning(ids_datamodule()))
+
+    class Stopping(Recorder):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if self.global_step == 13:
+                self.trainer.should_stop = True
+
+    cut = Recorder() if how == "max_steps" else Stopping()
+    last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    limits = {"max_steps": 13} if how == "max_steps" else {}
+    lightning_trainer(max_epochs=3, enable_checkpointing=True, callbacks=[last], **limits).fit(
+        cut, datamodule=fl.to_lightning(ids_datamodule()))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert (saved["ToLightning"]["epoch"], saved["ToLightning"]["position"]) == (1, 3) and saved["epoch"] == 2
+    assert cut.seen == full.seen[:13]
+    resumed = Recorder()
+    lightning_trainer(max_epochs=3).fit(resumed, datamodule=fl.to_lightning(ids_datamodule()),
+                                        ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.seen == full.seen[13:]  # epoch 1 from its batch 3, then epoch 2
+    assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(resumed.lin.bias, full.lin.bias)
 
 
 def test_a_checkpoint_taken_during_a_step_resumes_at_that_batch(tmp_path):
@@ -221,8 +249,8 @@ def test_state_dict_outside_lightning_and_a_foreign_checkpoint():
     assert len(loader) == 10
     it = iter(loader)
     first = [next(it) for _ in range(3)]
-    state = loader.state_dict()
-    assert state == ldm.state_dict() and (state["epoch"], state["position"]) == (2, 3)
+    state = ldm.state_dict()
+    assert not hasattr(loader, "state_dict") and (state["epoch"], state["position"]) == (2, 3)
     rest = list(it)
 
     other = fl.to_lightning(ids_datamodule())
@@ -538,3 +566,64 @@ def test_lightning_interop_example_runs(tmp_path):
     assert "lightning.Trainer on to_lightning(dm): test accuracy" in lines
     assert "fnlight.Trainer on the same LightningModule: test accuracy" in lines
     assert "from_lightning: fnlight.Trainer on a LightningDataModule's data: test accuracy" in lines
+
+
+def test_from_datasets_takes_lightnings_names_and_refuses_lists_of_datasets():
+    class DummyDS(torch.utils.data.Dataset):  # as in Lightning's own datamodule tests
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return torch.full((2,), float(i)), i
+
+    dm = fnlight.DataModule.from_datasets(train_dataset=DummyDS(), val_dataset=DummyDS(), batch_size=16, seed=0)
+    assert dm.num_batches("train") == 4 and dm.num_batches("val") == 4
+    x, ids = next(iter(dm.batches("val", 0)))
+    assert ids.tolist() == list(range(16)) and x.shape == (16, 2)  # one dataset per split, samples as they are
+    with pytest.raises(TypeError, match="train is a list of 2 datasets; Lightning makes one dataloader of each, "
+                                        "but a fnlight stage reads one split: concatenate them"):
+        fnlight.DataModule.from_datasets(train_dataset=[DummyDS(), DummyDS()])
+    with pytest.raises(TypeError, match="val is a dict of 2 datasets"):
+        fnlight.DataModule.from_datasets(val={"a": DummyDS(), "b": DummyDS()})
+    with pytest.raises(TypeError, match="give train= or train_dataset=, not both"):
+        fnlight.DataModule.from_datasets(train=DummyDS(), train_dataset=DummyDS())
+    # a list of samples is one dataset
+    assert fnlight.DataModule.from_datasets(train=[(torch.zeros(2), 0)] * 6, batch_size=3).num_batches("train") == 2
+
+    # to_lightning's class has Lightning's from_datasets, served by a fnlight DataModule, and trains
+    ldm = fl.ToLightning.from_datasets(train_dataset=DummyDS(), val_dataset=DummyDS(), batch_size=16, seed=0)
+    assert isinstance(ldm, fl.ToLightning) and ldm.hparams["batch_size"] == 16 and ldm.hparams["seed"] == 0
+
+    class Fit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch[1].tolist())
+            return self.lin(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    model = Fit()
+    lightning_trainer(max_epochs=1).fit(model, datamodule=ldm)
+    assert sorted(i for b in model.seen for i in b) == list(range(64))
+
+
+def test_hparams_describe_the_datamodule():
+    ldm = fl.to_lightning(ids_datamodule(seed=3))
+    hp = dict(ldm.hparams)
+    assert hp["seed"] == 3 and hp["batch_size"] == 8 and hp["fingerprint"] == ids_datamodule(seed=3).fingerprint
+    assert [s["stage"] for s in hp["pipeline"]["stages"]] == ["from_tensors", "split", "shuffle", "batch"]
+    assert hp["stages"]["fit"] == "train"
+
+
+def test_overfit_batches_are_the_same_batches_every_epoch():
+    model = Recorder()
+    lightning_trainer(max_epochs=3, overfit_batches=2, num_sanity_val_steps=0).fit(
+        model, datamodule=fl.to_lightning(ids_datamodule()))
+    per_epoch = [[ids for e, _, ids in model.seen if e == epoch] for epoch in range(3)]
+    assert len(per_epoch[0]) == 2 and per_epoch[0] == per_epoch[1] == per_epoch[2]
+    assert per_epoch[0] == [ids.tolist() for _, ids in list(ids_datamodule().batches("train", 0))[:2]]

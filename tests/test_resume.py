@@ -20,7 +20,7 @@ def setup():
 
 
 def trainer(tmp, steps_taken=None, **kw):
-    cbs = (fnlight.EarlyStopping("val/loss", patience=100),)
+    cbs = (fnlight.EarlyStopping("train/loss", patience=100),)  # (its state is resumed too)
     if steps_taken is not None:  # counts the steps this fit really runs
         cbs += (fnlight.LambdaCallback(on_step=lambda s, m: steps_taken.append(int(s.step))),)
     return fnlight.Trainer(max_epochs=4, run_dir=tmp / "run", ckpt_dir=tmp / "ck", callbacks=cbs, loggers=(), **kw)
@@ -80,11 +80,13 @@ def test_resuming_on_different_data_is_refused(tmp_path):
         trainer(tmp_path).fit(state, step, dm.replace(seed=4))
 
 
-def test_resume_false_starts_over(tmp_path):
+def test_resume_false_starts_over(tmp_path, caplog):
     dm, state, step, _ = setup()
     trainer(tmp_path, max_steps=3, ckpt_every_n_steps=1).fit(state, step, dm)
     fresh = trainer(tmp_path, max_steps=2, resume=False).fit(state, step, dm)
     assert int(fresh.state.step) == 2
+    assert "resume=False, but" in caplog.text and "holds checkpoints of an earlier run (newest step_000000003)" \
+        in caplog.text
     shutil.rmtree(tmp_path / "ck")
     with pytest.raises(ValueError, match="ckpt_every_n_steps"):
         fnlight.Trainer(ckpt_dir=tmp_path, ckpt_every_n_steps=0)
@@ -142,10 +144,14 @@ def test_model_checkpoint_errors(tmp_path):
                         callbacks=(fnlight.ModelCheckpoint("val/los"),)).fit(state, step, dm, eval_step)
     with pytest.raises(ValueError, match="save_top_k"):
         fnlight.ModelCheckpoint(save_top_k=0)
+    with pytest.raises(KeyError, match="'val/loss', which no step of this fit produces .val/ metrics need an "
+                                       "eval_step given to fit.; the epoch metrics are train/acc, train/loss"):
+        fnlight.Trainer(max_epochs=1, run_dir=tmp_path, ckpt_dir=tmp_path / "ck2", loggers=(),
+                        callbacks=(fnlight.ModelCheckpoint(),)).fit(state, step, dm)  # no eval step: never a val/loss
     with pytest.raises(ValueError, match="no best checkpoint"):
-        best = fnlight.ModelCheckpoint()
-        result = fnlight.Trainer(max_epochs=1, run_dir=tmp_path, ckpt_dir=tmp_path / "ck2", loggers=(),
-                                 callbacks=(best,)).fit(state, step, dm)  # no eval step: never a val/loss
+        best = fnlight.ModelCheckpoint("val/loss")
+        result = fnlight.Trainer(max_epochs=2, val_every_n_epochs=5, run_dir=tmp_path, ckpt_dir=tmp_path / "ck3",
+                                 loggers=(), callbacks=(best,)).fit(state, step, dm, eval_step)  # never validated
         best.best_path(result)
 
 

@@ -37,6 +37,14 @@ from .stage import Context, Pipeline, Plans, SplitPlan, Stage, default_root
 DEFAULT_STAGES: Mapping[str, str] = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}
 
 
+def _several_datasets(value: Any) -> bool:
+    """A list, tuple or mapping of torch datasets (Lightning's several dataloaders for one stage), rather
+    than one dataset (which may itself be a list of samples)."""
+    items = list(value.values()) if isinstance(value, Mapping) else value if isinstance(value, list | tuple) \
+        else None
+    return bool(items) and all(isinstance(v, torch.utils.data.Dataset) for v in items)
+
+
 @dataclass(frozen=True, eq=False)
 class DataModule:
     """Batches of a pipeline's splits, by (split, epoch, position).
@@ -87,19 +95,40 @@ class DataModule:
     @classmethod
     def from_datasets(cls, train: Any = None, val: Any = None, test: Any = None, predict: Any = None,
                       batch_size: int = 1, shuffle: bool = True, num_workers: int = 0,
-                      fingerprint: str | None = None, **kwargs: Any) -> DataModule:
+                      fingerprint: str | None = None, *, train_dataset: Any = None, val_dataset: Any = None,
+                      test_dataset: Any = None, predict_dataset: Any = None, **kwargs: Any) -> DataModule:
         """A DataModule over map-style torch datasets (Lightning's ``from_datasets``).
 
+        Each split is one dataset, given as ``train=`` or under Lightning's name
+        ``train_dataset=`` (``val``, ``test``, ``predict`` alike); the train split is
+        shuffled (``shuffle=False``: not), as Lightning's ``from_datasets`` does.
         ``fingerprint`` names the datasets' content (see :func:`~fnlight.data.from_torch`);
-        ``num_workers`` is ``workers`` under Lightning's name.
+        ``num_workers`` is ``workers`` under Lightning's name. Lightning's lists or dicts
+        of datasets (several dataloaders for one stage) are refused: a fnlight stage
+        reads one split (concatenate them with ``torch.utils.data.ConcatDataset``, or
+        name each as a split of its own with :func:`~fnlight.data.from_torch`).
 
         Example:
             >>> import torch
             >>> tds = torch.utils.data.TensorDataset(torch.rand(10, 2), torch.arange(10))
             >>> dm = DataModule.from_datasets(train=tds, val=tds, batch_size=4)
+            >>> dm = DataModule.from_datasets(train_dataset=tds, batch_size=4)   # Lightning's names
         """
-        named = {k: v for k, v in dict(train=train, val=val, test=test, predict=predict).items()
-                 if v is not None}
+        named: dict[str, Any] = {}
+        for name, ours, theirs in (("train", train, train_dataset), ("val", val, val_dataset),
+                                   ("test", test, test_dataset), ("predict", predict, predict_dataset)):
+            if ours is not None and theirs is not None:
+                raise TypeError(f"from_datasets: give {name}= or {name}_dataset=, not both")
+            ds = ours if ours is not None else theirs
+            if ds is None:
+                continue
+            if _several_datasets(ds):
+                raise TypeError(
+                    f"from_datasets: {name} is a {type(ds).__name__} of {len(ds)} datasets; Lightning makes one "
+                    "dataloader of each, but a fnlight stage reads one split: concatenate them "
+                    "(torch.utils.data.ConcatDataset([...])) or give each a split of its own "
+                    f"(fnlight.data.from_torch({name}_a=..., {name}_b=...) with DataModule(stages=...))")
+            named[name] = ds
         kwargs.setdefault("workers", num_workers)
         pipeline = from_torch(fingerprint=fingerprint, **named) >> batch_stage(batch_size)
         if shuffle and "train" in named:

@@ -64,8 +64,9 @@ class TrainLoader(BatchLoader):
     first batch, not at ``iter()``: Lightning calls ``iter()`` before it has
     restored its epoch counters from a checkpoint.
 
-    Its ``state_dict`` is the owner's (Lightning saves both), so a resumed run
-    starts the interrupted epoch at the batch after the last one trained.
+    The position in the epoch is saved once per checkpoint, as the owner's
+    ``state_dict`` (the loader has none of its own), so a resumed run starts the
+    interrupted epoch at the batch after the last one trained.
     """
 
     @property
@@ -84,17 +85,14 @@ class TrainLoader(BatchLoader):
             self.owner._check_resume(epoch, start)
         else:  # a checkpoint without our state (another datamodule's): Lightning's count of the epoch's batches
             start = self.owner._lightning_count("ready", epoch) or 0
-        with dm.batches(self.split, epoch, start=start) as it:
+        # Lightning's overfit_batches means the same batches every epoch (it turns a DataLoader's shuffling
+        # off): epoch 0's, whatever the epoch
+        data_epoch = 0 if self.owner._overfitting() else epoch
+        with dm.batches(self.split, data_epoch, start=start) as it:
             cursor.served = [epoch, start]
             for batch in it:
                 cursor.served[1] += 1  # counted when handed over: a checkpoint after this batch skips it
                 yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.owner.state_dict()
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.owner.load_state_dict(state_dict)
 
 
 class ToLightning(pl.LightningDataModule):
@@ -107,6 +105,24 @@ class ToLightning(pl.LightningDataModule):
         self.datamodule = datamodule
         self._cursor = _Cursor()
         self._ranked: tuple[tuple[int, int], DataModule] | None = None
+        # what Lightning's loggers record as the datamodule's hyperparameters (its hparams)
+        self.save_hyperparameters(_describable_hparams(datamodule), logger=True)
+
+    @classmethod
+    def from_datasets(cls, train_dataset: Any = None, val_dataset: Any = None, test_dataset: Any = None,
+                      predict_dataset: Any = None, batch_size: int = 1, num_workers: int = 0,
+                      **datamodule_kwargs: Any) -> ToLightning:
+        """Lightning's ``LightningDataModule.from_datasets``, served by a fnlight DataModule: one
+        map-style dataset per stage, the train split shuffled (by the DataModule's ``seed``), batches
+        of ``batch_size``; ``datamodule_kwargs`` go to :class:`~fnlight.DataModule` (``seed``,
+        ``fingerprint``...). Lists or dicts of datasets are refused with an explanation.
+
+        Example:
+            >>> ldm = ToLightning.from_datasets(train_dataset=tds, val_dataset=vds, batch_size=32, seed=0)
+        """
+        return cls(DataModule.from_datasets(train_dataset=train_dataset, val_dataset=val_dataset,
+                                            test_dataset=test_dataset, predict_dataset=predict_dataset,
+                                            batch_size=batch_size, num_workers=num_workers, **datamodule_kwargs))
 
     def fnlight_datamodule(self) -> DataModule:
         """The DataModule for this process: with the trainer's rank and world size under DDP,
@@ -139,6 +155,7 @@ class ToLightning(pl.LightningDataModule):
         self.fnlight_datamodule().close()
 
     def train_dataloader(self) -> TrainLoader:
+        self._continue_stopped_epoch()
         return TrainLoader(self, self.fnlight_datamodule().split_for("fit"))
 
     def val_dataloader(self) -> BatchLoader | list[Any]:
@@ -201,6 +218,38 @@ class ToLightning(pl.LightningDataModule):
         except AttributeError:  # no trainer, or another Lightning version: our own count stands
             return None
 
+    def _overfitting(self) -> bool:
+        try:
+            return bool(self.trainer.overfit_batches)  # type: ignore[union-attr]
+        except (AttributeError, RuntimeError):  # no trainer attached
+            return False
+
+    def _continue_stopped_epoch(self) -> None:
+        """Resuming from a checkpoint written when ``max_steps`` or ``should_stop`` ended a run mid-epoch:
+        Lightning has counted that epoch as done (its epoch progress says E + 1, its batch progress that
+        epoch E's last batch was not reached), while the data position says (E, P). Count it as not done,
+        as in a checkpoint taken mid-epoch, so that Lightning continues epoch E at batch P: exactly the
+        batches an uninterrupted run sees. (Called from ``train_dataloader``, which Lightning calls after
+        restoring its loops and before resetting them.)"""
+        pending = self._cursor.pending
+        if pending is None:
+            return
+        epoch, position = pending
+        try:
+            fit_loop = self.trainer.fit_loop  # type: ignore[union-attr]
+            if self.trainer.state.fn != "fit":  # type: ignore[union-attr]
+                return
+            epochs, batches = fit_loop.epoch_progress, fit_loop.epoch_loop.batch_progress
+            if (epochs.current.completed != epoch + 1 or epochs.current.processed != epoch + 1
+                    or batches.is_last_batch or batches.current.completed != position or position == 0):
+                return
+        except AttributeError:  # no trainer, or another Lightning version
+            return
+        for progress in (epochs.current, epochs.total):
+            progress.processed -= 1
+            progress.completed -= 1
+        fit_loop.restarting = True  # (Lightning had decided that a finished epoch needs no restart)
+
     def _check_resume(self, epoch: int, start: int) -> None:
         ready = self._lightning_count("ready", epoch)
         if ready is not None and ready != start:
@@ -225,6 +274,23 @@ class ToLightning(pl.LightningDataModule):
         return f"{type(self).__name__}({self.datamodule!r})"
 
     __str__ = __repr__  # (Lightning's __str__ builds every dataloader)
+
+
+def _describable_hparams(dm: DataModule) -> dict[str, Any]:
+    """The DataModule's hyperparameters as Lightning's loggers record them: seed, batch size, the stage
+    mapping, the pipeline's description and fingerprint (None where the data cannot be fingerprinted)."""
+    try:
+        description: Any = dm.pipeline.describe()
+    except FingerprintError:
+        description = None
+    try:
+        fingerprint: str | None = dm.fingerprint
+    except FingerprintError:
+        fingerprint = None
+    stages = (description or {}).get("stages", []) if isinstance(description, dict) else []
+    sizes = [st.get("size") for st in stages if isinstance(st, dict) and st.get("stage") == "batch"]
+    return {"seed": dm.seed, "batch_size": sizes[-1] if sizes else None, "stages": dict(dm.stages),
+            "pipeline": description, "fingerprint": fingerprint}
 
 
 def to_lightning(datamodule: DataModule) -> ToLightning:

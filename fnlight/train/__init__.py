@@ -19,7 +19,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
-from .loop import FitResult, Trainer
+from .loop import FitResult, Interrupted, Trainer
 from .lr_callbacks import LRFinder, ReduceLROnPlateau
 from .state import TrainState
 from .step import (
@@ -46,6 +46,7 @@ __all__ = [
     "FitResult",
     "GraphBreakError",
     "GraphBreakWarning",
+    "Interrupted",
     "JSONLLogger",
     "LRFinder",
     "LambdaCallback",

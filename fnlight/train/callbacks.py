@@ -51,6 +51,8 @@ class FitContext:
     datamodule: Any
     run_dir: Any
     epoch: int = 0
+    #: the metric groups this fit produces at some epoch end ("train/", and "val/" with an eval step)
+    groups: frozenset[str] = frozenset({"train/", "val/"})
 
 
 class Callback:
@@ -70,13 +72,17 @@ class Callback:
         return set()
 
 
-def _monitored(monitor: str, metrics: Mapping[str, Any], who: str) -> float | None:
-    """The monitored value, None when its group was not computed this epoch (no validation)."""
+def _monitored(monitor: str, metrics: Mapping[str, Any], who: str, ctx: FitContext) -> float | None:
+    """The monitored value, None when its group was not computed this epoch (no validation this epoch);
+    an error when no epoch of this fit will ever have it."""
     if monitor not in metrics:
         prefix = monitor.split("/")[0] + "/" if "/" in monitor else None
-        if prefix is not None and not any(k.startswith(prefix) for k in metrics):
+        if prefix is not None and prefix in ctx.groups and not any(k.startswith(prefix) for k in metrics):
             return None  # e.g. no validation this epoch (val_every_n_epochs > 1)
-        raise KeyError(f"{who} monitors {monitor!r}, but the epoch metrics are {sorted(metrics)}")
+        hint = " (val/ metrics need an eval_step given to fit)" if prefix == "val/" and prefix not in ctx.groups \
+            else ""
+        raise KeyError(f"{who} monitors {monitor!r}, which no step of this fit produces{hint}; the epoch "
+                         f"metrics are {', '.join(sorted(k for k in metrics if k != 'time_s'))}")
     return float(metrics[monitor])
 
 
@@ -105,7 +111,7 @@ class EarlyStopping(Callback):
         return {"best": math.inf if self.mode == "min" else -math.inf, "wait": 0, "stopped_epoch": -1}
 
     def on_epoch(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
-        value = _monitored(self.monitor, metrics, "EarlyStopping")
+        value = _monitored(self.monitor, metrics, "EarlyStopping", ctx)
         if value is None:
             return cb_state, NOTHING
         if self.check_finite and not math.isfinite(value):
@@ -160,7 +166,7 @@ class ModelCheckpoint(Callback):
                              "give Trainer(ckpt_dir=...)")
         if (ctx.epoch + 1) % self.every_n_epochs:
             return cb_state, NOTHING
-        value = _monitored(self.monitor, metrics, "ModelCheckpoint")
+        value = _monitored(self.monitor, metrics, "ModelCheckpoint", ctx)
         if value is None or not math.isfinite(value):
             return cb_state, NOTHING
         best = [list(e) for e in cb_state["best_k"]]

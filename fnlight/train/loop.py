@@ -13,11 +13,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,9 +32,11 @@ import torch
 from .. import distributed
 from ..data.datamodule import DataModule
 from ..tree import device_put, tree_leaves, tree_map
+from ._checks import check_state_matches, noted
 from .callbacks import Callback, FitContext, Signal, to_float
 from .checkpoint import (
     AsyncCheckpointer,
+    Resumable,
     find_resumable,
     list_checkpoints,
     save_checkpoint,
@@ -42,6 +47,37 @@ from .state import TrainState
 from .step import TrainStep, _batch_size
 
 Metrics = dict[str, float]
+log = logging.getLogger("fnlight")  # resume, early stop and interrupt lines
+progress_log = logging.getLogger("fnlight.progress")  # one line per epoch when no progress bar is shown
+
+
+class _DefaultHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Prints fnlight's lines on stderr while nobody has configured logging (as ``logging.lastResort``
+    does for warnings, but from INFO): once the root logger or ``fnlight`` has another handler, that
+    one decides. ``logging.getLogger("fnlight").setLevel(logging.WARNING)`` keeps only warnings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("fnlight: %(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr  # the current one (tests and notebooks replace sys.stderr)
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers or any(h is not self for h in log.handlers):
+            return
+        super().emit(record)
+
+
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
+if not any(isinstance(h, _DefaultHandler) for h in log.handlers):
+    log.addHandler(_DefaultHandler())
 
 
 @dataclass(frozen=True)
@@ -54,6 +90,12 @@ class FitResult:
     callback_states: tuple[Any, ...] = ()
     callbacks: tuple[Callback, ...] = ()
     ckpt_dir: Path | None = None
+    #: the checkpoint this fit resumed from (None: it started afresh)
+    resumed_from: Path | None = None
+    #: why training ended: "max_epochs", "max_steps" or "stopped by <callback>"
+    finished: str | None = None
+    #: the run had finished before this call, which trained nothing
+    already_finished: bool = False
 
     def callback_state(self, callback: Callback) -> Any:
         """The final state of one of the trainer's callbacks (the object itself)."""
@@ -112,13 +154,162 @@ def _reduce_row(values: Mapping[str, float], n: int) -> Metrics:
     return {k: v / count for k, v in zip(keys, sums, strict=True)}
 
 
-def _resume_point(ckpt_dir: Path, like: TrainState, fingerprint: str) -> tuple[TrainState, dict[str, Any]] | None:
-    """The newest checkpoint that loads; damaged ones are skipped, said in one line on the "fnlight" logger."""
-    found = find_resumable(ckpt_dir, like, pipeline_fingerprint=fingerprint)
-    if found.message():
-        logging.getLogger("fnlight").warning(found.message())
-    return (found.state, found.meta) if found.path is not None else None
+class Interrupted(Exception):
+    """``fit`` was stopped by a signal (SIGTERM, SIGINT, SIGUSR1...) after saving where it was.
 
+    Raised after the checkpoint is on disk and the loggers are closed; ``fit`` on the same
+    ``ckpt_dir`` resumes from it bitwise. ``exit_code`` is what a shell reports for the signal
+    (128 + its number: 143 for SIGTERM, 130 for SIGINT).
+
+    Example:
+        >>> try:
+        ...     trainer.fit(state, train_step, dm)
+        ... except fnlight.train.Interrupted as e:
+        ...     print(e.signal.name, e.step, e.checkpoint)
+        ...     sys.exit(e.exit_code)
+    """
+
+    def __init__(self, signum: int, step: int, epoch: int, position: int, checkpoint: Path | None) -> None:
+        self.signal, self.step, self.epoch, self.position, self.checkpoint = \
+            signal.Signals(signum), step, epoch, position, checkpoint
+        where = f"step {step}, epoch {epoch}" + (f" (batch {position} of the epoch)" if position else "")
+        saved = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint (the Trainer has no ckpt_dir)"
+        super().__init__(f"interrupted by {self.signal.name} at {where}; {saved}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signal)
+
+
+class _SignalFlag:
+    """While entered, the first of ``signums`` is recorded (training stops after the step in progress);
+    a second one restores the previous handlers and is re-raised at once (a second Ctrl-C aborts, as
+    Python's own KeyboardInterrupt does; checkpoints are written atomically, so none is left damaged).
+    Handlers can only be set in the main thread: elsewhere it records nothing."""
+
+    #: Under torchrun (its agent forwards the signal it gets to the ranks, which a Ctrl-C or a scheduler's
+    #: signal to the process group has reached already), the same signal again within this many seconds
+    #: is that one delivered twice, not a second one.
+    FORWARDED_WITHIN_S = 1.0
+
+    def __init__(self, signums: tuple[int, ...]) -> None:
+        self.signums, self.received, self._saved, self._at = signums, 0, {}, 0.0
+        self._launched = "TORCHELASTIC_RUN_ID" in os.environ
+
+    def __enter__(self) -> _SignalFlag:
+        if self.signums and threading.current_thread() is threading.main_thread():
+            for s in self.signums:
+                self._saved[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.received:
+            self.received, self._at = signum, time.monotonic()
+            if distributed.rank() == 0:
+                log.warning("received %s: stopping after the current step (again to abort now)",
+                            signal.Signals(signum).name)
+            return
+        if self._launched and signum == self.received and time.monotonic() - self._at < self.FORWARDED_WITHIN_S:
+            return
+        self._restore()
+        signal.raise_signal(signum)
+
+    def _restore(self) -> None:
+        for s, handler in self._saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._saved = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+class _Callbacks:
+    """The trainer's callbacks, each with its state beside it; checkpoints key the states by ``<type>#<n>``
+    (the n-th callback of that type), so adding or removing callbacks between runs is fine."""
+
+    def __init__(self, callbacks: tuple[Callback, ...]) -> None:
+        seen: dict[str, int] = {}
+        self.entries: list[list[Any]] = []  # [id, callback, state]
+        for cb in callbacks:
+            name = type(cb).__qualname__
+            self.entries.append([f"{name}#{seen.get(name, 0)}", cb, cb.init()])
+            seen[name] = seen.get(name, 0) + 1
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        for entry in self.entries:
+            entry[2] = saved.get(entry[0], entry[2])
+
+    def snapshot(self) -> dict[str, Any]:
+        return {cb_id: cb_state for cb_id, _, cb_state in self.entries}
+
+    def states(self) -> tuple[Any, ...]:
+        return tuple(cb_state for _, _, cb_state in self.entries)
+
+    def keep(self) -> set[int]:
+        """Steps whose checkpoints some callback (ModelCheckpoint) pins."""
+        return {s for _, cb, cb_state in self.entries for s in cb.keep(cb_state)}
+
+    def signal(self, hook: str, state: TrainState, metrics: Mapping[str, Any], ctx: FitContext,
+               where: str) -> tuple[Signal, str | None]:
+        """Call every callback's ``hook`` in order; merge what they ask for, and name the first to ask to stop."""
+        stop, save, logged, stopper = False, False, {}, None
+        for entry in self.entries:
+            cb_id, cb = entry[0], entry[1]
+            with noted(lambda: f"in callback {cb_id} ({type(cb).__name__}.{hook}) {where}"):  # noqa: B023
+                entry[2], sig = getattr(cb, hook)(entry[2], state, metrics, ctx)
+            if sig.stop and stopper is None:
+                stopper = cb_id.split("#")[0]
+            stop, save, logged = stop or sig.stop, save or sig.save, {**logged, **sig.log}
+        return Signal(stop, save, logged), stopper
+
+
+class _Checkpoints:
+    """The checkpoint policy of one fit: when to save (every n steps, every n epochs, when asked, where
+    training stops), what to keep (the newest ``keep_last`` and those callbacks pin), and the writer
+    (synchronous, or in the background). Only rank 0 writes."""
+
+    def __init__(self, trainer: Trainer, callbacks: _Callbacks, lead: bool,
+                 on_checkpoint: Callable[[Path], Any] | None) -> None:
+        assert trainer.ckpt_dir is not None
+        self.dir = Path(trainer.ckpt_dir)
+        self.every_steps = trainer.ckpt_every_n_steps
+        self.every_epochs = trainer.ckpt_every_n_epochs or (1 if not trainer.ckpt_every_n_steps else None)
+        self.keep_last, self.callbacks, self.lead, self.on_checkpoint = \
+            trainer.keep_last, callbacks, lead, on_checkpoint
+        self.writer = AsyncCheckpointer() if trainer.async_save and lead else None
+        self.saved: tuple[int, int] | None = None  # (step, position) of the last save
+        self.last: Path | None = None
+
+    def due_after_step(self, step: int, asked: bool) -> bool:
+        return asked or bool(self.every_steps and step % self.every_steps == 0)
+
+    def due_after_epoch(self, epochs_done: int, step: int, asked: bool, last: bool) -> bool:
+        scheduled = self.every_epochs is not None and epochs_done % self.every_epochs == 0
+        return asked or scheduled or (last and self.saved != (step, 0))  # the final state is saved too
+
+    def save(self, state: TrainState, step: int, meta: dict[str, Any]) -> Path:
+        self.saved, path = (step, meta["position"]), step_dir(self.dir, step)
+        self.last = path
+        if not self.lead:
+            return path
+        pinned = {step_dir(self.dir, s) for s in self.callbacks.keep()}
+
+        def then(_: Path) -> None:  # after the new checkpoint is in place, never before
+            for old in list_checkpoints(self.dir)[:-self.keep_last] if self.keep_last else []:
+                if old not in pinned:
+                    shutil.rmtree(old, ignore_errors=True)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(path)
+
+        if self.writer is not None:
+            self.writer.save(path, state, meta=meta, then=then)
+        else:
+            then(save_checkpoint(path, state, meta=meta))
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()  # the last checkpoint is on disk when fit returns
 
 def _limit(limit: int | float | None, total: int) -> int:
     if limit is None:
@@ -132,8 +323,15 @@ def _limit(limit: int | float | None, total: int) -> int:
     return min(limit, total)
 
 
-def _next_version(root: Path) -> Path:
-    """``root/version_<n>`` with n one more than the largest existing (as Lightning)."""
+def next_version(root: str | os.PathLike) -> Path:
+    """A new directory ``root/version_<n>``, n one more than the largest existing (as Lightning): where a run
+    without a ``run_dir`` goes.
+
+    Example:
+        >>> next_version("runs")
+        PosixPath('runs/version_3')
+    """
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
     n = max(taken, default=-1) + 1
@@ -144,6 +342,32 @@ def _next_version(root: Path) -> Path:
             return path
         except FileExistsError:
             n += 1
+
+
+def set_aside(run_dir: str | os.PathLike) -> Path | None:
+    """Move everything in ``run_dir`` into ``run_dir/previous/<n>/`` (n counting up from 0), so that a new run
+    can start there while the old one stays loadable (``fnlight test --ckpt run_dir/previous/0``). What
+    ``fnlight fit --no-resume`` does. Returns where it went; None when there was nothing to move.
+
+    Example:
+        >>> set_aside("runs/mlp")
+        PosixPath('runs/mlp/previous/0')
+    """
+    run = Path(run_dir)
+    items = sorted(p for p in run.iterdir() if p.name != "previous") if run.is_dir() else []
+    if not items:
+        return None
+    n = 0
+    while True:
+        dest = run / "previous" / str(n)
+        try:
+            dest.mkdir(parents=True)  # atomic: two runs never share it
+            break
+        except FileExistsError:
+            n += 1
+    for p in items:
+        os.rename(p, dest / p.name)  # the same file system: nothing is copied, nothing half-moved
+    return dest
 
 
 def _clone(state: TrainState) -> TrainState:
@@ -217,6 +441,14 @@ class Trainer:
         resume: start from the newest valid checkpoint in ``ckpt_dir`` (its
             state, epoch, position in the epoch, callback states and history), so
             an interrupted run ends bitwise where an uninterrupted one would.
+        handle_signals: signals that stop ``fit`` cleanly: the step in progress
+            finishes, a checkpoint is saved at that position (mid-epoch), the
+            loggers are flushed and :class:`Interrupted` is raised (a second one
+            aborts at once). Default SIGTERM (preemption: SLURM, Kubernetes, spot
+            instances), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before a
+            requeue); ``()`` leaves signals alone. The previous handlers are back
+            when ``fit`` returns. With several ranks, a signal on any rank stops
+            them all at the same step.
     """
 
     max_epochs: int | None = 1
@@ -242,6 +474,7 @@ class Trainer:
     keep_last: int | None = None
     async_save: bool = False
     resume: bool = True
+    handle_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
 
     def __post_init__(self) -> None:
         if self.max_epochs is None and self.max_steps is None:
@@ -254,6 +487,16 @@ class Trainer:
                 raise ValueError(f"{name} must be a {'non-negative' if name.startswith('max') else 'positive'} "
                                  f"int, got {v!r}")
         object.__setattr__(self, "callbacks", tuple(self.callbacks))
+        object.__setattr__(self, "handle_signals", tuple(self.handle_signals or ()))
+        for name in self.handle_signals:
+            if not isinstance(name, str) or not name.startswith("SIG") or not hasattr(signal, name):
+                raise ValueError(f"handle_signals: unknown signal {name!r} (give names such as 'SIGTERM', or () to "
+                                 "leave signals alone)")
+
+    @property
+    def signal_numbers(self) -> tuple[int, ...]:
+        """The numbers of ``handle_signals`` (those this platform has)."""
+        return tuple(int(getattr(signal, name)) for name in self.handle_signals)
 
     # -- helpers ----------------------------------------------------------------
     @property
@@ -281,187 +524,42 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------
     def fit(self, state: TrainState, train_step: Callable[[TrainState, Any], tuple[TrainState, Any]],
-            datamodule: DataModule, eval_step: Callable[[TrainState, Any], Any] | None = None) -> FitResult:
+            datamodule: DataModule, eval_step: Callable[[TrainState, Any], Any] | None = None, *,
+            hparams: Mapping[str, Any] | None = None,
+            on_checkpoint: Callable[[Path], Any] | None = None) -> FitResult:
         """Train ``state`` with ``train_step`` on the fit split of ``datamodule``.
 
         Returns the final state and one metrics row per epoch (``train/...`` means
         weighted by batch size, and ``val/...`` when ``eval_step`` is given).
+
+        Args:
+            hparams: the hyperparameters that produced this run (JSON-able), recorded in every
+                checkpoint (``fnlight inspect`` shows them), as Lightning's ``save_hyperparameters``.
+            on_checkpoint: called on rank 0 with the path of each checkpoint once it is on disk.
+
+        With a ``ckpt_dir`` it resumes from the newest checkpoint that loads (skipping damaged
+        ones, with a warning); a run that had finished (``max_epochs``/``max_steps`` reached, or
+        stopped by a callback) trains nothing, unless the limits were raised. SIGTERM, SIGINT and
+        SIGUSR1 (``handle_signals``) stop it after the step in progress: it saves a checkpoint
+        there, closes the loggers and raises :class:`Interrupted`.
+
+        Example:
+            >>> result = Trainer(max_epochs=5, ckpt_dir="runs/a/ckpt").fit(state, step, dm, hparams={"lr": 1e-3})
         """
-        dm = self._datamodule(datamodule)
-        dm.prepare()  # downloads once (rank 0 while the others wait), before any rank reads
-        lead = distributed.rank() == 0  # only rank 0 writes logs and checkpoints
-        if self.run_dir is not None:
-            run_dir = Path(self.run_dir)
-        else:
-            run_dir = distributed.broadcast_object(_next_version(Path("runs")) if lead else None)
-        if lead:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        step_fn = train_step.donating() if self.donate and isinstance(train_step, TrainStep) else train_step
-        cb_states = [cb.init() for cb in self.callbacks]
-        split, history = dm.split_for("fit"), []
-        epoch, position, partial = 0, 0, None
-        ckpt_dir = Path(self.ckpt_dir) if self.ckpt_dir is not None else None
-        every_epochs = self.ckpt_every_n_epochs or (1 if ckpt_dir and not self.ckpt_every_n_steps else None)
-        fingerprint = dm.fingerprint if ckpt_dir is not None else None  # a checkpoint records its data
-        # Rank 0 reads the checkpoint; the others get its meta here and its state from the broadcast below
-        # (so ranks need not share a file system for resuming).
-        found = _resume_point(ckpt_dir, state, fingerprint) if ckpt_dir is not None and self.resume and lead \
-            else None
-        meta = found[1] if found is not None else None
-        if distributed.world_size() > 1:
-            meta = distributed.broadcast_object(meta)
-        if found is not None:
-            state = found[0]  # fresh tensors: nobody else holds them
-        elif step_fn is not train_step and distributed.world_size() == 1:
-            state = _clone(state)  # the loop donates only states it made itself (the broadcast makes new ones)
-        if meta is not None:
-            # a mid-epoch checkpoint holds the partial sums of all ranks: rank 0 carries them on
-            epoch, position, partial = meta["epoch"], meta["position"], meta["totals"] if lead else None
-            saved = meta["callbacks"]  # by callback identity, so adding or removing callbacks is fine
-            cb_states = [saved.get(k, s) for k, s in zip(self._callback_ids(), cb_states, strict=True)]
-            history = list(meta["history"])
-        state = device_put(state, self.torch_device)
-        if distributed.world_size() > 1:
-            state = distributed.broadcast(state)  # every rank starts from rank 0's state
-        global_step = int(state.step)
-        logged = dict(meta["logged"]) if meta is not None else {"epoch": 0, "step": 0}
-        loggers = [lg.open(run_dir, logged if meta is not None else None)
-                   for lg in (self.loggers if self.loggers is not None else (CSVLogger(), JSONLLogger()))] \
-            if lead else []
-
-        writer = AsyncCheckpointer() if ckpt_dir is not None and self.async_save and lead else None
-        saved_at = -1
-
-        def save(epoch: int, position: int, totals: _WeightedMean) -> None:
-            nonlocal saved_at
-            totals = totals.reduced() if position else totals  # (a collective: every rank comes here)
-            saved_at = global_step
-            if not lead:
-                return
-            meta = {"epoch": epoch, "position": position, "callbacks": dict(zip(self._callback_ids(), cb_states,
-                                                                                strict=True)), "history": history,
-                    "totals": totals.snapshot(), "logged": logged,
-                    "pipeline": {"fingerprint": fingerprint, "description": dm.describe()}}
-            pinned = {step_dir(ckpt_dir, s) for cb, c in zip(self.callbacks, cb_states, strict=True)
-                      for s in cb.keep(c)}
-
-            def prune(_: Path) -> None:  # after the new checkpoint is in place, never before
-                for old in list_checkpoints(ckpt_dir)[:-self.keep_last] if self.keep_last else []:
-                    if old not in pinned:
-                        shutil.rmtree(old, ignore_errors=True)
-
-            path = step_dir(ckpt_dir, global_step)
-            if writer is not None:
-                writer.save(path, state, meta=meta, then=prune)
-            else:
-                prune(save_checkpoint(path, state, meta=meta))
-
-        max_epochs = self.max_epochs if self.max_epochs is not None else math.inf
-        max_steps = self.max_steps if self.max_steps is not None else math.inf
-        stop = global_step >= max_steps
-        try:
-            with _deterministic(self.deterministic):
-                while epoch < max_epochs and not stop:
-                    ctx = FitContext(self, train_step, dm, run_dir, epoch)
-                    totals, t0 = _WeightedMean.restore(partial if position else None), time.perf_counter()
-                    n = _limit(self.limit_train_batches, dm.num_batches(split))
-                    if n == 0 and self.max_epochs is None:
-                        raise ValueError(f"the {split!r} split yields no training batches (after limit_train_batches),"
-                                         " so max_steps can never be reached")
-                    done = min(position, n)  # batches of this epoch trained so far
-                    batches = dm.batches(split, epoch, start=done)
-                    with batches, self._progress(n - done, f"epoch {epoch}") as bar:
-                        for i, batch in zip(range(done, n), batches, strict=False):
-                            state, metrics = step_fn(state, device_put(batch, self.torch_device))
-                            global_step += 1
-                            totals.add(metrics, _batch_size(batch))
-                            extra = self._signal(cb_states, "on_step", state, metrics, ctx)
-                            if extra.edit_opt_state is not None:
-                                state = state.replace(opt_state=extra.edit_opt_state(state.opt_state))
-                            stop = stop or extra.stop
-                            if self.callbacks and distributed.world_size() > 1:
-                                # step metrics differ between ranks, so may the callbacks' wishes: a rank that
-                                # stopped or saved alone would leave the others waiting in a collective
-                                n_stop, n_save = distributed.all_reduce_sum([float(stop), float(extra.save)])
-                                stop, extra = n_stop > 0, extra._replace(save=n_save > 0)
-                            if global_step % self.log_every_n_steps == 0:
-                                row = _reduce_row({k: to_float(v) for k, v in metrics.items()}, _batch_size(batch))
-                                row |= dict(extra.log)
-                                self._log(loggers, logged, "step", global_step, epoch, row)
-                                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", refresh=False)
-                            if (eval_step is not None and self.val_every_n_steps
-                                    and global_step % self.val_every_n_steps == 0):
-                                val = self._evaluate(state, eval_step, dm, "validate", self.limit_val_batches)
-                                self._log(loggers, logged, "step", global_step, epoch,
-                                          {f"val/{k}": v for k, v in val.items()})
-                            if ckpt_dir is not None and (extra.save or (
-                                    self.ckpt_every_n_steps and global_step % self.ckpt_every_n_steps == 0)):
-                                save(epoch, i + 1, totals)
-                            bar.update()
-                            done = i + 1
-                            if stop or global_step >= max_steps:
-                                stop = True
-                                break
-                    if done < n and ckpt_dir is not None and saved_at != global_step:
-                        # Stopped mid-epoch (max_steps or a callback): save where, so that a resume (say with
-                        # a larger max_steps) finishes this epoch instead of skipping the rest of it.
-                        save(epoch, done, totals)
-                    position = 0
-                    row = {f"train/{k}": v for k, v in totals.reduced().result().items()}
-                    row["time_s"] = time.perf_counter() - t0
-                    if eval_step is not None and (epoch + 1) % self.val_every_n_epochs == 0:
-                        val = self._evaluate(state, eval_step, dm, "validate", self.limit_val_batches)
-                        row |= {f"val/{k}": v for k, v in val.items()}
-                    extra = self._signal(cb_states, "on_epoch", state, row, ctx)
-                    if extra.edit_opt_state is not None:
-                        state = state.replace(opt_state=extra.edit_opt_state(state.opt_state))
-                    stop = distributed.any_true(stop or extra.stop)  # (the same on every rank: rows are reduced)
-                    row |= dict(extra.log)
-                    history.append({"epoch": epoch, "step": global_step, **row})
-                    self._log(loggers, logged, "epoch", global_step, epoch, row)
-                    epoch += 1
-                    scheduled = every_epochs is not None and epoch % every_epochs == 0
-                    last = (stop or epoch >= max_epochs) and saved_at != global_step  # the final state is saved too
-                    if ckpt_dir is not None and done == n and (extra.save or scheduled or last):
-                        save(epoch, 0, _WeightedMean())
-        finally:
+        run = _Fit(self, train_step, self._datamodule(datamodule), eval_step, hparams, on_checkpoint)
+        state = run.start(state)  # start, or resume where the newest checkpoint left off
+        if run.finished_before:
+            return run.result(state)
+        with _SignalFlag(self.signal_numbers) as signals, _deterministic(self.deterministic):
             try:
-                if writer is not None:
-                    writer.close()  # the last checkpoint is on disk when fit returns
+                while run.epoch < run.max_epochs and run.stopped is None and not run.interrupted:
+                    state = run.train_epoch(state, signals)
             finally:
-                for lg in loggers:
-                    lg.close()
-        return FitResult(state, history, run_dir, tuple(cb_states), self.callbacks, ckpt_dir)
-
-    def _callback_ids(self) -> list[str]:
-        """``<type>#<n>``: the n-th callback of that type (what checkpoints key callback states by)."""
-        seen: dict[str, int] = {}
-        ids = []
-        for cb in self.callbacks:
-            name = type(cb).__qualname__
-            ids.append(f"{name}#{seen.get(name, 0)}")
-            seen[name] = seen.get(name, 0) + 1
-        return ids
-
-    def _signal(self, cb_states: list[Any], hook: str, state: TrainState, metrics: Mapping[str, Any],
-                ctx: FitContext) -> Signal:
-        """Call every callback's ``hook`` in order; merge what they ask for."""
-        stop, save, log, edit = False, False, {}, None
-        for i, cb in enumerate(self.callbacks):
-            cb_states[i], sig = getattr(cb, hook)(cb_states[i], state, metrics, ctx)
-            stop, save, log = stop or sig.stop, save or sig.save, {**log, **sig.log}
-            if sig.edit_opt_state is not None:  # in callback order
-                edit = sig.edit_opt_state if edit is None else \
-                    (lambda f, g: lambda s: g(f(s)))(edit, sig.edit_opt_state)
-        return Signal(stop, save, log, edit)
-
-    @staticmethod
-    def _log(loggers: list[Logger], logged: dict[str, int], kind: str, step: int, epoch: int,
-             values: Mapping[str, float]) -> None:
-        logged[kind] += 1
-        row = {"kind": kind, "step": step, "epoch": epoch, **values}
-        for lg in loggers:
-            lg.log(row)
+                run.close()
+        if run.interrupted:
+            raise Interrupted(run.interrupted, run.step, run.epoch, run.position, run.checkpoints.last
+                              if run.checkpoints is not None else None)
+        return run.result(state)
 
     # -- evaluation -----------------------------------------------------------
     def _evaluate(self, state: TrainState, eval_step: Callable[[TrainState, Any], Any], dm: DataModule,
@@ -470,8 +568,15 @@ class Trainer:
         totals = _WeightedMean()
         batches, n = self._batches(dm, split, 0, limit)
         with batches, self._progress(n, stage) as bar:
-            for _, batch in zip(range(n), batches, strict=False):
-                totals.add(eval_step(state, device_put(batch, self.torch_device)), _batch_size(batch))
+            it = iter(batches)
+            for i in range(n):
+                with noted(lambda: _data_where(dm, split, 0, i, stage)):  # noqa: B023
+                    batch = next(it, None)
+                if batch is None:
+                    break
+                with noted(lambda: f"in the eval step ({_fn_name(eval_step, 'metrics_fn')}) for {stage}, "  # noqa: B023
+                           f"batch {i} of split {split!r}"):  # noqa: B023
+                    totals.add(eval_step(state, device_put(batch, self.torch_device)), _batch_size(batch))
                 bar.update()
         return totals.reduced().result()
 
@@ -506,8 +611,15 @@ class Trainer:
         outs = []
         batches, n = self._batches(dm, split, 0, self.limit_predict_batches)
         with _deterministic(self.deterministic), torch.no_grad(), batches, self._progress(n, "predict") as bar:
-            for _, batch in zip(range(n), batches, strict=False):
-                outs.append(predict_fn(state, device_put(batch, self.torch_device)))
+            it = iter(batches)
+            for i in range(n):
+                with noted(lambda: _data_where(dm, split, 0, i, "predict")):  # noqa: B023
+                    batch = next(it, None)
+                if batch is None:
+                    break
+                with noted(lambda: f"in predict_fn {getattr(predict_fn, '__qualname__', '')} on batch {i} of "  # noqa: B023
+                           f"split {split!r}"):
+                    outs.append(predict_fn(state, device_put(batch, self.torch_device)))
                 bar.update()
         if distributed.world_size() > 1:
             return self._gather_predictions(outs, dm.index_batches(split, 0)[:n])
@@ -536,3 +648,291 @@ class Trainer:
         first[1:] = sorted_idx[1:] != sorted_idx[:-1]  # padding repeats a sample: keep it once
         pick = order[first]
         return tree_map(lambda t: distributed.all_gather_cat(t)[pick], local)
+
+
+class _Fit:
+    """One call of :meth:`Trainer.fit`: the run's position, history, callbacks, checkpoint policy and
+    loggers (mutable, and never outliving the call; the Trainer itself stays a frozen configuration)."""
+
+    def __init__(self, trainer: Trainer, train_step: Callable[..., Any], dm: DataModule, eval_step: Any,
+                 hparams: Mapping[str, Any] | None, on_checkpoint: Callable[[Path], Any] | None) -> None:
+        self.t, self.train_step, self.dm, self.eval_step = trainer, train_step, dm, eval_step
+        self.hparams = _json_hparams(hparams)
+        self.lead = distributed.rank() == 0  # only rank 0 writes logs and checkpoints
+        self.callbacks = _Callbacks(trainer.callbacks)
+        self.checkpoints = _Checkpoints(trainer, self.callbacks, self.lead, on_checkpoint) \
+            if trainer.ckpt_dir is not None else None
+        self.step_fn = train_step.donating() if trainer.donate and isinstance(train_step, TrainStep) else train_step
+        self.split = dm.split_for("fit")
+        self.max_epochs = trainer.max_epochs if trainer.max_epochs is not None else math.inf
+        self.max_steps = trainer.max_steps if trainer.max_steps is not None else math.inf
+        self.epoch, self.position, self.step = 0, 0, 0
+        self.partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's running sums
+        self.history: list[Metrics] = []
+        self.logged = {"epoch": 0, "step": 0}
+        self.resumed = Resumable(None, None, None, ())
+        self.stopped: str | None = None  # why training ended: max_epochs, max_steps, or the callback that stopped it
+        self.finished_before = False  # resumed a run that had finished: nothing to train
+        self.interrupted = 0  # the signal that stopped it
+        self.loggers: list[Logger] = []
+        self.val: Metrics = {}  # the latest validation metrics (for the progress bar)
+        self.groups = frozenset({"train/"} | ({"val/"} if eval_step is not None else set()))
+
+    # -- start or resume ------------------------------------------------------------------------
+    def start(self, state: TrainState) -> TrainState:
+        t, dm = self.t, self.dm
+        if isinstance(self.train_step, TrainStep):
+            check_state_matches(state, self.train_step.optimizer)
+        dm.prepare()  # downloads once (rank 0 while the others wait), before any rank reads
+        if t.run_dir is not None:
+            self.run_dir = Path(t.run_dir)
+        else:
+            self.run_dir = distributed.broadcast_object(next_version(Path("runs")) if self.lead else None)
+        if self.lead:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = dm.fingerprint if self.checkpoints is not None else None  # a checkpoint records its data
+        # Rank 0 reads the checkpoint; the others get its meta here and its state from the broadcast below
+        # (so ranks need not share a file system for resuming).
+        if self.checkpoints is not None and t.resume and self.lead:
+            self.resumed = find_resumable(self.checkpoints.dir, state, pipeline_fingerprint=self.fingerprint)
+        elif self.checkpoints is not None and self.lead and list_checkpoints(self.checkpoints.dir):
+            log.warning("resume=False, but %s holds checkpoints of an earlier run (newest %s): this run's will be "
+                        "mixed with them (move them aside first with fnlight.train.loop.set_aside, or give another "
+                        "ckpt_dir)", self.checkpoints.dir, list_checkpoints(self.checkpoints.dir)[-1].name)
+        meta = self.resumed.meta
+        if distributed.world_size() > 1:
+            meta = distributed.broadcast_object(meta)
+        if self.resumed.state is not None:
+            state = self.resumed.state  # fresh tensors: nobody else holds them
+        elif self.step_fn is not self.train_step and distributed.world_size() == 1:
+            state = _clone(state)  # the loop donates only states it made itself (the broadcast makes new ones)
+        state = device_put(state, t.torch_device)
+        if distributed.world_size() > 1:
+            state = distributed.broadcast(state)  # every rank starts from rank 0's state
+        self.step = int(state.step)
+        if meta is not None:
+            # a mid-epoch checkpoint holds the partial sums of all ranks: rank 0 carries them on
+            self.epoch, self.position = meta["epoch"], meta["position"]
+            self.partial = meta["totals"] if self.lead else None
+            self.callbacks.restore(meta["callbacks"])
+            self.history, self.logged = list(meta["history"]), dict(meta["logged"])
+            if self.checkpoints is not None:
+                self.checkpoints.saved = (self.step, self.position)
+            self.finished_before = self._finished(meta)
+        self._say_where(meta)
+        if self.finished_before:
+            return state
+        if self.step >= self.max_steps:
+            self.stopped = "max_steps"
+        if self.lead:
+            self.loggers = [lg.open(self.run_dir, self.logged if meta is not None else None)
+                            for lg in (t.loggers if t.loggers is not None else (CSVLogger(), JSONLLogger()))]
+        return state
+
+    def _finished(self, meta: Mapping[str, Any]) -> bool:
+        """Whether the checkpoint resumed from ended a run that these limits would not continue."""
+        reason = meta.get("finished")
+        if isinstance(reason, str) and reason.startswith("stopped by"):
+            self.stopped = reason  # a callback's decision stands (EarlyStopping's counters are in its state)
+        elif self.epoch >= self.max_epochs:
+            self.stopped = "max_epochs"
+        elif self.step >= self.max_steps:
+            self.stopped = "max_steps"
+        return self.stopped is not None
+
+    def _say_where(self, meta: Mapping[str, Any] | None) -> None:
+        if not self.lead or self.checkpoints is None or not self.t.resume:
+            return
+        r = self.resumed
+        for path, why in r.skipped:
+            log.warning("skipped checkpoint %s: %s", path, why)
+        if r.path is None and r.skipped:
+            log.warning("every checkpoint in %s is damaged (%d skipped): starting afresh", self.checkpoints.dir,
+                        len(r.skipped))
+        elif r.path is not None and meta is not None:
+            where = f"step {self.step}, epoch {self.epoch}" + (f", batch {self.position}" if self.position else "")
+            if self.finished_before:
+                log.info("already finished at step %d (%s): nothing to train (%s; raise max_epochs or max_steps "
+                         "to continue it)", self.step, _reason_text(self.stopped), r.path)
+            else:
+                log.info("resuming from %s (%s)", r.path, where)
+
+    # -- the epochs ------------------------------------------------------------------------------
+    def train_epoch(self, state: TrainState, signals: _SignalFlag) -> TrainState:
+        """Train from the current position to the end of the epoch (or a stop), then close the epoch:
+        validate, call the callbacks, log, save as the policy says."""
+        t, dm, split, epoch = self.t, self.dm, self.split, self.epoch
+        ctx = FitContext(t, self.train_step, dm, self.run_dir, epoch, self.groups)
+        totals, t0 = _WeightedMean.restore(self.partial if self.position else None), time.perf_counter()
+        n = _limit(t.limit_train_batches, dm.num_batches(split))
+        if n == 0 and t.max_epochs is None:
+            raise ValueError(f"the {split!r} split yields no training batches (after limit_train_batches),"
+                             " so max_steps can never be reached")
+        done = min(self.position, n)  # batches of this epoch trained so far
+        batches = dm.batches(split, epoch, start=done)
+        with batches, t._progress(n - done, f"epoch {epoch}") as bar:
+            if self.val:  # the latest validation metrics, next to the loss
+                bar.set_postfix({f"val/{k}": f"{v:.4g}" for k, v in self.val.items()}, refresh=False)
+            it = iter(batches)
+            for i in range(done, n):
+                with noted(lambda: _data_where(dm, split, epoch, i)):  # noqa: B023
+                    batch = next(it, None)
+                if batch is None:
+                    break
+                where = f"at step {self.step + 1}, epoch {epoch}, batch {i} of split {split!r}"
+                with noted(lambda: f"in the train step ({_fn_name(self.train_step, 'loss_fn')}) {where}"):  # noqa: B023
+                    state, metrics = self.step_fn(state, device_put(batch, t.torch_device))
+                self.step += 1
+                totals.add(metrics, _batch_size(batch))
+                extra, stopper = self.callbacks.signal("on_step", state, metrics, ctx, where)
+                extra, stopper = self._agree(extra, stopper, signals)
+                if stopper is None and self.step >= self.max_steps:
+                    stopper = "max_steps"
+                if self.step % t.log_every_n_steps == 0:
+                    row = _reduce_row({k: to_float(v) for k, v in metrics.items()}, _batch_size(batch))
+                    row |= dict(extra.log)
+                    self._log("step", row)
+                    bar.set_postfix({"loss": f"{row.get('loss', float('nan')):.4g}",
+                                     **{f"val/{k}": f"{v:.4g}" for k, v in self.val.items()}}, refresh=False)
+                if self.eval_step is not None and t.val_every_n_steps and self.step % t.val_every_n_steps == 0:
+                    val = self._validate(state)
+                    self._log("step", {f"val/{k}": v for k, v in val.items()})
+                done = i + 1
+                bar.update()
+                self.stopped = self.stopped or stopper
+                # Stopped mid-epoch (a signal, max_steps, a callback): save where, so that a resume (say with a
+                # larger max_steps) finishes this epoch instead of skipping the rest of it.
+                stop_here = self.interrupted or (self.stopped and done < n)
+                if self.checkpoints is not None and (stop_here or self.checkpoints.due_after_step(self.step,
+                                                                                                  extra.save)):
+                    self._save(state, epoch, done, totals)
+                if self.interrupted or self.stopped:
+                    break
+        if self.interrupted:
+            self.position = done
+            return state
+        self.position, self.partial = 0, None
+        row = {f"train/{k}": v for k, v in totals.reduced().result().items()}
+        row["time_s"] = time.perf_counter() - t0
+        if self.eval_step is not None and (epoch + 1) % t.val_every_n_epochs == 0:
+            row |= {f"val/{k}": v for k, v in self._validate(state).items()}
+        extra, stopper = self.callbacks.signal("on_epoch", state, row, ctx, f"at the end of epoch {epoch}")
+        extra, stopper = self._agree(extra, stopper, signals, stop=self.stopped is not None)
+        self.stopped = self.stopped or stopper
+        row |= dict(extra.log)
+        self.history.append({"epoch": epoch, "step": self.step, **row})
+        self._log("epoch", row)
+        self._progress_line(epoch, row, bar_shown=not bar.disable)
+        self.epoch += 1
+        if self.stopped is None and self.epoch >= self.max_epochs:
+            self.stopped = "max_epochs"
+        last = self.stopped is not None or self.interrupted != 0
+        if self.checkpoints is not None and done == n and \
+                self.checkpoints.due_after_epoch(self.epoch, self.step, extra.save, last):
+            self._save(state, self.epoch, 0, _WeightedMean())
+        if self.stopped and self.stopped.startswith("stopped by") and self.lead:
+            log.info("%s at step %d, epoch %d", self.stopped, self.step, epoch)
+        return state
+
+    def _agree(self, extra: Signal, stopper: str | None, signals: _SignalFlag,
+               stop: bool = False) -> tuple[Signal, str | None]:
+        """What the callbacks (and signals) asked, agreed by all ranks: step metrics differ between ranks, and
+        so may their wishes; a rank that stopped or saved alone would leave the others waiting in a collective."""
+        if signals.received and not self.interrupted:
+            self.interrupted = signals.received
+        if distributed.world_size() > 1:
+            flags = [float(stopper is not None or extra.stop or stop), float(extra.save)]
+            flags += [float(self.interrupted == s) for s in self.t.signal_numbers]
+            n_stop, n_save, *got = distributed.all_reduce_sum(flags)
+            extra = extra._replace(stop=n_stop > 0, save=n_save > 0)
+            if extra.stop and stopper is None and not stop:
+                stopper = "stopped by a callback on another rank"
+            # a signal on any rank stops every rank at this same step
+            self.interrupted = next((s for s, c in zip(self.t.signal_numbers, got, strict=True) if c > 0), 0)
+        if stopper is not None:
+            stopper = stopper if stopper.startswith("stopped by") else f"stopped by {stopper}"
+        return extra, stopper
+
+    def _validate(self, state: TrainState) -> Metrics:
+        self.val = self.t._evaluate(state, self.eval_step, self.dm, "validate", self.t.limit_val_batches)
+        return self.val
+
+    def _save(self, state: TrainState, epoch: int, position: int, totals: _WeightedMean) -> None:
+        assert self.checkpoints is not None
+        totals = totals.reduced() if position else totals  # (a collective: every rank comes here)
+        meta = {"epoch": epoch, "position": position, "callbacks": self.callbacks.snapshot(), "history": self.history,
+                "totals": totals.snapshot(), "logged": self.logged, "finished": self.stopped,
+                "hparams": self.hparams,
+                "pipeline": {"fingerprint": self.fingerprint, "description": self.dm.describe()}}
+        self.checkpoints.save(state, self.step, meta)
+
+    def _log(self, kind: str, values: Mapping[str, float]) -> None:
+        self.logged[kind] += 1
+        row = {"kind": kind, "step": self.step, "epoch": self.epoch, **values}
+        for lg in self.loggers:
+            lg.log(row)
+
+    def _progress_line(self, epoch: int, row: Mapping[str, float], bar_shown: bool) -> None:
+        """One line per epoch through ``logging`` (logger ``fnlight``) when no progress bar is shown."""
+        if self.lead and not bar_shown:
+            values = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "time_s")
+            progress_log.info("epoch %d (step %d): %s  (%.1f s)", epoch, self.step, values, row.get("time_s", 0.0))
+
+    # -- close ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        try:
+            if self.checkpoints is not None:
+                self.checkpoints.close()
+        finally:
+            for lg in self.loggers:
+                lg.close()
+        if self.interrupted and self.lead:
+            log.warning("interrupted by %s at step %d, epoch %d; %s", signal.Signals(self.interrupted).name,
+                        self.step, self.epoch, f"checkpoint {self.checkpoints.last}" if self.checkpoints is not None
+                        else "nothing saved (no ckpt_dir)")
+
+    def result(self, state: TrainState) -> FitResult:
+        return FitResult(state, self.history, self.run_dir, self.callbacks.states(), self.t.callbacks,
+                         self.checkpoints.dir if self.checkpoints is not None else None, self.resumed.path,
+                         self.stopped, self.finished_before)
+
+
+def _data_where(dm: DataModule, split: str, epoch: int, i: int, stage: str | None = None) -> str:
+    """Where producing a batch failed; with the sample, when one sample alone fails (a per-sample transform).
+
+    Only called on an error: it reads the batch's samples again, one by one, to find the one that fails."""
+    text = f"while producing batch {i} of split {split!r} " + (f"for {stage}" if stage else f"(epoch {epoch})") + \
+        " in the data pipeline (a transform, collate or reader)"
+    with contextlib.suppress(Exception):  # (never hide the error being reported)
+        ds = dm.dataset(split)
+        for j in dm.index_batches(split, epoch)[i].tolist():
+            try:
+                ds[j]
+            except Exception:  # noqa: BLE001
+                return text + f"; it fails on sample {j} of the split"
+    return text
+
+
+def _reason_text(reason: str | None) -> str:
+    return {"max_epochs": "max_epochs reached", "max_steps": "max_steps reached"}.get(reason or "", reason or "")
+
+
+def _fn_name(step: Any, attr: str) -> str:
+    fn = getattr(step, attr, None)
+    name = getattr(fn, "__qualname__", None) if fn is not None else None
+    return f"{attr} {name}" if name else getattr(step, "__qualname__", type(step).__name__)
+
+
+def _json_hparams(hparams: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``hparams`` as it will read back from a checkpoint (JSON), or a TypeError naming the value that is not."""
+    if hparams is None:
+        return None
+    if not isinstance(hparams, Mapping):
+        raise TypeError(f"hparams must be a mapping of names to JSON-able values, got {type(hparams).__name__}")
+    for k, v in hparams.items():
+        try:
+            json.dumps(v, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"hparams[{k!r}] is a {type(v).__name__}, which a checkpoint's JSON cannot hold ({e}): "
+                            "give numbers, strings, lists or dicts of them (e.g. its name)") from None
+    return json.loads(json.dumps({str(k): v for k, v in hparams.items()}))

@@ -46,6 +46,7 @@ from .. import random as fr
 from ..optim import GradientTransformation, clip_by_global_norm
 from ..optim import step as optim_step
 from ..tree import tree_leaves, tree_map
+from . import _checks
 from .state import Tensors, TrainState
 from .syncbn import convert_sync_batchnorm, has_batchnorm
 
@@ -728,6 +729,7 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
         >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), clip=1.0, accumulate=2)
         >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), sync_batchnorm=True)  # under torchrun
     """
+    _checks.check_train_step_args(loss_fn, optimizer)
     return TrainStep(model, loss_fn, optimizer, accumulate, clip, precision, compile, donate, on_nonfinite,
                      sync_batchnorm)
 
@@ -772,4 +774,5 @@ def make_eval_step(model: torch.nn.Module, metrics_fn: Callable[[Callable[..., A
         ...     return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
         >>> eval_step = make_eval_step(model, metrics_fn)
     """
+    _checks.check_metrics_fn(metrics_fn)
     return EvalStep(model, metrics_fn, precision)
