@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ from .state import TrainState
 from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError
 
 __all__ = ["DPConfig", "DPTrainStep", "EnsembleEvalStep", "EnsembleTrainStep", "PerSampleGrads", "clip_per_sample",
-           "make_vectorized_train_step", "num_members", "per_sample_grads", "stack_states", "unstack_states"]
+           "make_vectorized_train_step", "member_norms", "num_members", "per_sample_grads", "stack_states",
+           "unstack_states"]
 
 
 # -- stacked states ---------------------------------------------------------------
@@ -134,7 +136,9 @@ def _named(state: Any) -> dict[str, Any]:
 
 # -- what torch does not do under vmap ------------------------------------------------
 
-_VALUE_OPS = {"addcmul", "addcdiv"}  # their scalar argument is keyword-only on the per-tensor op
+_VALUE_OPS = {"addcmul", "addcdiv"}
+# in-place ops without a batching rule in torch 2.13 (vmap warns and runs them member by member)
+_NO_INPLACE_BATCHING = {"lerp_", "addcmul_", "addcdiv_"}  # their scalar argument is keyword-only on the per-tensor op
 
 
 def _foreach_as_loop(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -165,6 +169,9 @@ def _foreach_as_loop(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             t1, t2 = a
             prod = t1 * t2 if base == "addcmul" else t1 / t2
             out.append(getattr(torch.Tensor, "add_" if op.endswith("_") else "add")(x, prod * value))
+            continue
+        if op in _NO_INPLACE_BATCHING:  # vmap would loop over the members: the out-of-place op, copied in
+            out.append(x.copy_(getattr(torch.Tensor, base)(x, *a, **k)))
             continue
         out.append(getattr(torch.Tensor, op)(x, *a, **k))
     return None if op.endswith("_") else out
@@ -245,9 +252,9 @@ def _flatten(obj: Any) -> tuple[list[Any], Callable[[Iterator[Any]], Any]]:
     if isinstance(obj, tuple | list):
         parts = [_flatten(v) for v in obj]
         leaves = [x for ls, _ in parts for x in ls]
+        kind = type(obj)  # (the closures must not hold obj: its tensors would outlive the step)
         if hasattr(obj, "_fields"):  # NamedTuple
-            return leaves, lambda it: type(obj)(*(build(it) for _, build in parts))
-        kind = type(obj)
+            return leaves, lambda it: kind(*(build(it) for _, build in parts))
         return leaves, lambda it: kind(build(it) for _, build in parts)
     return [obj], lambda it: next(it)
 
@@ -310,6 +317,20 @@ def _batch_size(batch: Any) -> int:
     raise ValueError("cannot tell the batch size: the batch has no tensor with a leading dimension")
 
 
+def member_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each member's global L2 norm over a stacked tree (``[members]``): the norm of the per-tensor
+    norms, as :func:`fnlight.optim.global_norm` computes it for one model.
+
+    Example:
+        >>> member_norms({"w": torch.tensor([[3.0, 4.0], [0.0, 1.0]])})
+        tensor([5., 1.])
+    """
+    leaves = list(grads.values())
+    m = leaves[0].shape[0]
+    per_tensor = torch.stack([g.reshape(m, -1).norm(dim=1) for g in leaves])
+    return per_tensor.norm(dim=0)
+
+
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
 
@@ -338,9 +359,8 @@ class EnsembleTrainStep:
 
     Each member's gradients, clipping, non-finite check and optimizer update are its own:
     ``vmap`` maps the ordinary step's arithmetic over the member axis. Optimizers run through
-    ``update`` + ``apply_updates`` (their fused ``step`` kernels cannot be vectorized). ``donate``
-    is accepted for symmetry with the ordinary step (the Trainer asks for it) and changes nothing:
-    the vectorized update allocates its results anyway, and copying them back would cost more.
+    ``update`` + ``apply_updates`` (their fused ``step`` kernels cannot be vectorized); with
+    ``donate=True`` in place, into the given state's tensors, as the ordinary step.
     """
 
     model: torch.nn.Module
@@ -366,7 +386,8 @@ class EnsembleTrainStep:
         fns = _ModelFns(self.model, self.precision)
         batch_axis = 0 if self.member_batches else None
         grads = _vmap_tree(self._member_grads, (0, 0, batch_axis, 0))
-        update = _vmap_tree(self._member_update, (0, 0, 0))
+        update = {inplace: _vmap_tree(functools.partial(self._member_update, inplace=inplace), (0, 0, 0, 0))
+                  for inplace in (False, True)}
         if self.compile:
             # Only the forward and backward are compiled: Dynamo does not route the update's foreach ops
             # through the mode that vectorizes them, and the update is element-wise anyway.
@@ -411,18 +432,15 @@ class EnsembleTrainStep:
             metrics = {k: metrics.get(k, 0) + v * w for k, v in m_i.items()}
         return total, loss, metrics, buffers
 
-    def _member_update(self, grads: dict[str, torch.Tensor], opt_state: Any,
-                       params: dict[str, torch.Tensor]) -> tuple[Any, Any, torch.Tensor]:
+    def _member_update(self, grads: dict[str, torch.Tensor], opt_state: Any, params: dict[str, torch.Tensor],
+                       norm: torch.Tensor, inplace: bool) -> tuple[Any, Any]:
         with _Vectorizable(None):
-            g = list(grads.values())
-            norm = global_norm(g)
-            finite = torch.isfinite(norm)
             if self.clip is not None:  # make_train_step's clip: factor min(1, clip / (norm + 1e-6))
                 factor = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
-                grads = {k: v * factor for k, v in grads.items()}
-            updates, opt_state = self.optimizer.update(grads, opt_state, params)
-            params = apply_updates(params, updates)
-        return params, opt_state, finite
+                grads = {k: v.mul_(factor) if inplace else v * factor for k, v in grads.items()}
+            updates, opt_state = self.optimizer.update(grads, opt_state, params, inplace=inplace)
+            params = apply_updates(params, updates, inplace=inplace)
+        return params, opt_state
 
     # the step -------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
@@ -442,20 +460,26 @@ class EnsembleTrainStep:
         buffers = {k: v.clone() for k, v in state.buffers.items()}
         with _explain_vmap_errors("ensemble train step"):
             grads, loss, metrics, buffers = self._grads(state.params, buffers, batch, keys)
-            if distributed.world_size() > 1:
-                grads = distributed.all_reduce_mean(grads)
-            params, opt_state, finite = self._update(grads, state.opt_state, state.params)
-        finite = finite & torch.isfinite(loss)
         if distributed.world_size() > 1:
+            grads = distributed.all_reduce_mean(grads)
+        # One non-finite check per member, before any update (so a donated state can still skip one):
+        # the members' global gradient norms, which clipping needs anyway.
+        norms = member_norms(grads)
+        finite = torch.isfinite(norms) & torch.isfinite(loss)
+        if distributed.world_size() > 1:  # every rank must take the same decision
             finite = distributed.all_reduce_mean({"f": finite.double()})["f"] == 1
-        all_finite = bool(finite.all())
-        if not all_finite:
+        if bool(finite.all()):
+            with _explain_vmap_errors("ensemble train step"):
+                params, opt_state = self._update[self.donate](grads, state.opt_state, state.params, norms)
+        else:
             bad = [i for i, f in enumerate(finite.tolist()) if not f]
             if self.on_nonfinite == "raise":
                 raise NonFiniteError(
                     f"non-finite loss or gradients in ensemble member(s) {bad} at step {state.step.tolist()} "
                     f"(loss={loss.tolist()}). Use on_nonfinite='skip' to skip those members' updates, or lower "
                     "the learning rate / clip the gradients.")
+            with _explain_vmap_errors("ensemble train step"):
+                params, opt_state = self._update[False](grads, state.opt_state, state.params, norms)
 
             def keep(new: Any, old: Any) -> Any:
                 return torch.where(_expand(finite, new), new, old) if isinstance(new, torch.Tensor) else new
