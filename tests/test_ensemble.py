@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -315,6 +316,11 @@ def test_dp_noise_has_the_configured_scale():
     grads, _ = step.gradients(state, (torch.randn(10, 200),))
     noise = torch.cat([g.reshape(-1) for g in grads.values()]) * 10  # undo the division by the batch size
     assert abs(float(noise.std()) - 1.4) < 0.03 and abs(float(noise.mean())) < 0.03
+    expected = dataclasses.replace(cfg, expected_batch_size=20)  # Opacus's divisor for Poisson sampling
+    halved, _ = fnlight.make_train_step(model, step.loss_fn, fo.sgd(1.0), dp=expected).gradients(
+        state, (torch.randn(10, 200),))
+    for k in grads:
+        torch.testing.assert_close(halved[k] * 2, grads[k])
 
 
 def test_dp_config_and_combinations_are_checked():
@@ -322,6 +328,8 @@ def test_dp_config_and_combinations_are_checked():
         fnlight.DPConfig(clip_norm=0.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="noise_multiplier"):
         fnlight.DPConfig(clip_norm=1.0, noise_multiplier=-1.0)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        fnlight.DPConfig(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=0)
     cfg = fnlight.DPConfig(1.0, 1.0)
     with pytest.raises(ValueError, match="leave clip=None"):
         fnlight.make_train_step(mlp(), loss_fn, fo.sgd(0.1), dp=cfg, clip=1.0)

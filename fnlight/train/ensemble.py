@@ -606,8 +606,13 @@ class DPConfig:
 
     clip_norm: float
     noise_multiplier: float
+    expected_batch_size: int | None = None
+    """Divide by this instead of the batch's size (Opacus's ``expected_batch_size``): with Poisson
+    sampling the actual size depends on the data, and dividing by it is not private."""
 
     def __post_init__(self) -> None:
+        if self.expected_batch_size is not None and self.expected_batch_size < 1:
+            raise ValueError(f"DPConfig.expected_batch_size must be >= 1, got {self.expected_batch_size}")
         if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
             raise ValueError(f"DPConfig.clip_norm must be a positive finite number, got {self.clip_norm}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
@@ -682,11 +687,12 @@ class DPTrainStep:
             offset += m
         noise_key = fr.fold_in(key, _NOISE_SALT)
         std = self.dp.noise_multiplier * self.dp.clip_norm
+        divisor = self.dp.expected_batch_size or n
         grads = {}
         for j, (k, summed) in enumerate(total.items()):
             if std > 0:
                 summed = summed + fr.normal(fr.fold_in(noise_key, j), tuple(summed.shape), dtype=summed.dtype) * std
-            grads[k] = summed / n
+            grads[k] = summed / divisor
         norm = torch.cat(norms)
         return grads, {"loss": torch.cat(losses).mean(), "grad_norm": norm.mean(),
                        "clipped": (norm > self.dp.clip_norm).float().mean()}
