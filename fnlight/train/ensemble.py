@@ -57,9 +57,11 @@ from ..tree import named_leaves, tree_leaves, tree_map, tree_structure
 from .state import TrainState
 from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError
 
-__all__ = ["DPConfig", "DPTrainStep", "EnsembleEvalStep", "EnsembleTrainStep", "PerSampleGrads", "clip_per_sample",
-           "make_vectorized_train_step", "member_norms", "num_members", "per_sample_grads", "stack_states",
-           "unstack_states"]
+__all__ = [
+    "DPConfig", "DPTrainStep", "EnsembleEvalStep", "EnsembleTrainStep", "PerSampleGrads", "clip_per_sample",
+    "make_vectorized_train_step", "member_metrics", "member_norms", "num_members", "per_sample_grads",
+    "scalar_step", "stack_states", "unstack_states",
+]
 
 
 # -- stacked states ---------------------------------------------------------------
@@ -127,6 +129,43 @@ def num_members(state: TrainState) -> int | None:
     """
     step = state.step
     return int(step.shape[0]) if isinstance(step, torch.Tensor) and step.dim() == 1 else None
+
+
+def scalar_step(state: TrainState) -> int:
+    """The step counter as an int, for an ordinary state or a stacked one (whose members train in
+    lockstep, so they share one step; members at different steps are an error).
+
+    Example:
+        >>> fnlight.train.ensemble.scalar_step(stacked)
+        0
+    """
+    step = state.step
+    if step.dim() == 0:
+        return int(step)
+    values = set(step.tolist())
+    if len(values) != 1:
+        raise ValueError(f"the members of this stacked state are at different steps {step.tolist()}: the Trainer "
+                         "and checkpoints need members that train together (stack states at the same step)")
+    return values.pop()
+
+
+def member_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics as floats, with an ensemble's per-member values spread out: a value of shape ``[members]``
+    named ``acc`` gives ``acc`` (the members' mean) and ``acc/0``, ``acc/1``, ...; scalars stay as they are.
+
+    Example:
+        >>> member_metrics({"loss": torch.tensor([1.0, 3.0]), "lr": 0.1})
+        {'loss': 2.0, 'loss/0': 1.0, 'loss/1': 3.0, 'lr': 0.1}
+    """
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 1:
+            values = v.detach().double().tolist()
+            out[k] = math.fsum(values) / len(values)
+            out.update({f"{k}/{i}": x for i, x in enumerate(values)})
+        else:
+            out[k] = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+    return out
 
 
 def _named(state: Any) -> dict[str, Any]:
