@@ -359,3 +359,27 @@ def test_dp_clipping_matches_opacus():
     for k in ours:
         # Opacus divides by (norm + 1e-6), fnlight by norm: a relative difference of about 1e-6 / norm
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-7)
+
+
+# -- sweeps: hyperparameters held in the optimizer state differ per member ---------------------------
+
+@pytest.mark.parametrize("factory,kw", [(fo.adamw, {"weight_decay": 0.1}), (fo.sgd, {"momentum": 0.9})],
+                         ids=["adamw", "sgd-momentum"])
+def test_learning_rate_sweep_members_equal_separate_runs(factory, kw):
+    opt = fo.inject_hyperparams(factory)(learning_rate=1e-3, **kw)
+    base = fnlight.TrainState.create(mlp(), opt, seed=0)
+    lrs = [1e-3, 3e-3, 1e-2]
+    members = [base.replace(opt_state=fo.set_hyperparams(base.opt_state, learning_rate=lr)) for lr in lrs]
+    stacked = fnlight.stack_states(members)
+    ens = fnlight.make_train_step(mlp(), loss_fn, opt, ensemble=True)
+    data = batches(10)
+    for b in data:
+        stacked, _ = ens(stacked, b)
+    assert fo.hyperparams(stacked.opt_state)["learning_rate"].tolist() == lrs
+    for lr, member in zip(lrs, fnlight.unstack_states(stacked), strict=True):
+        plain = factory(lr, **kw)
+        alone = fnlight.TrainState.create(mlp(), plain, seed=0).replace(params=base.params)
+        step = fnlight.make_train_step(mlp(), loss_fn, plain)
+        for b in data:
+            alone, _ = step(alone, b)
+        assert max_rel(member.params, alone.params) < 1e-5  # measured <= 1.1e-7
