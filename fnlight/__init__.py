@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .data.datamodule import DataModule
     from .train import (
         Callback,
+        DPConfig,
         EarlyStopping,
         FitResult,
         LambdaCallback,
@@ -36,7 +37,11 @@ if TYPE_CHECKING:
         load_checkpoint,
         make_eval_step,
         make_train_step,
+        num_members,
+        per_sample_grads,
         save_checkpoint,
+        stack_states,
+        unstack_states,
     )
     from .tree import device_put
 
@@ -46,9 +51,10 @@ if TYPE_CHECKING:
 _MODULES = {"distributed", "optim", "random", "tree"}
 _EXPORTS = {
     "DataModule": ".data.datamodule", "device_put": ".tree",
-    **{name: ".train" for name in ("Callback", "EarlyStopping", "FitResult", "LambdaCallback", "LearningRateMonitor",
-                                   "ModelCheckpoint", "Trainer", "TrainState", "load_checkpoint", "make_eval_step",
-                                   "make_train_step", "save_checkpoint")},
+    **{name: ".train" for name in ("Callback", "DPConfig", "EarlyStopping", "FitResult", "LambdaCallback",
+                                   "LearningRateMonitor", "ModelCheckpoint", "Trainer", "TrainState", "load_checkpoint",
+                                   "make_eval_step", "make_train_step", "num_members", "per_sample_grads",
+                                   "save_checkpoint", "stack_states", "unstack_states")},
 }
 
 
@@ -71,6 +77,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Callback",
+    "DPConfig",
     "DataModule",
     "EarlyStopping",
     "FitResult",
@@ -85,9 +92,13 @@ __all__ = [
     "load_checkpoint",
     "make_eval_step",
     "make_train_step",
+    "num_members",
     "optim",
+    "per_sample_grads",
     "random",
     "save_checkpoint",
+    "stack_states",
     "tree",
+    "unstack_states",
 ]
 assert sorted(__all__) == __all__ and set(__all__) == _MODULES | set(_EXPORTS) | {"__version__"}

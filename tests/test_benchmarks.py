@@ -53,3 +53,13 @@ def test_distributed_json():
     res = json.loads(out.stdout)
     assert set(res) == {"steps_per_s_1rank", "steps_per_s_2ranks", "allreduce_flat_s", "allreduce_per_tensor_s"}
     assert all(v > 0 for v in res.values())
+
+
+def test_ensemble_json():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ensemble.py"), "--quick", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"sequential", "ensemble", "ensemble_compile", "peak_mb.sequential", "peak_mb.ensemble"} <= set(result)
+    assert result["sequential"] > 0 and result["ensemble"] > 0 and result["ensemble_compile"] is None  # --quick
+    assert result["peak_mb.ensemble"] > result["states_mb.ensemble"] > 0

@@ -18,6 +18,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .ensemble import DPConfig, num_members, per_sample_grads, stack_states, unstack_states
 from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from .loop import FitResult, Interrupted, Trainer
 from .lr_callbacks import LRFinder, ReduceLROnPlateau
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "ConsoleLogger",
     "CorruptCheckpointError",
+    "DPConfig",
     "EarlyStopping",
     "EvalStep",
     "FitContext",
@@ -66,6 +68,10 @@ __all__ = [
     "load_checkpoint",
     "make_eval_step",
     "make_train_step",
+    "num_members",
+    "per_sample_grads",
     "save_checkpoint",
+    "stack_states",
+    "unstack_states",
 ]
 assert sorted(__all__) == __all__

@@ -679,7 +679,8 @@ class TrainStep:
 def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: GradientTransformation, *,
                     accumulate: int = 1, clip: float | None = None, precision: Precision = "32",
                     compile: bool | Mapping[str, Any] = False, donate: bool = False,
-                    on_nonfinite: Literal["raise", "skip"] = "raise", sync_batchnorm: bool = False) -> TrainStep:
+                    on_nonfinite: Literal["raise", "skip"] = "raise", sync_batchnorm: bool = False,
+                    ensemble: bool = False, member_batches: bool = False, dp: Any = None) -> Any:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -720,6 +721,11 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
             change; with one rank it changes nothing. Works with ``compile=True`` (torch.compile
             traces the all-reduces into the graph). ``torch.nn.SyncBatchNorm`` layers (e.g. from
             ``SyncBatchNorm.convert_sync_batchnorm``) are synchronized this way in any case.
+        ensemble: train a stacked state (:func:`fnlight.stack_states`), every member on the same
+            batch, in one vectorized step; metrics have shape ``[members]``. See :mod:`fnlight.train.ensemble`.
+        member_batches: with ``ensemble``, the batch has a leading member axis: one batch per member.
+        dp: a :class:`fnlight.DPConfig`: DP-SGD (per-sample clipping and Gaussian noise) instead of
+            the ordinary gradient (``clip``, ``compile`` and ``sync_batchnorm`` do not apply).
 
     When ``torch.distributed`` is initialized with more than one rank, the
     gradients are averaged across ranks in one flat buffer before the update.
@@ -730,6 +736,12 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
         >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), sync_batchnorm=True)  # under torchrun
     """
     _checks.check_train_step_args(loss_fn, optimizer)
+    if ensemble or dp is not None:
+        from .ensemble import make_vectorized_train_step
+        return make_vectorized_train_step(model, loss_fn, optimizer, accumulate=accumulate, clip=clip,
+                                          precision=precision, compile=compile, donate=donate,
+                                          on_nonfinite=on_nonfinite, sync_batchnorm=sync_batchnorm,
+                                          ensemble=ensemble, member_batches=member_batches, dp=dp)
     return TrainStep(model, loss_fn, optimizer, accumulate, clip, precision, compile, donate, on_nonfinite,
                      sync_batchnorm)
 
@@ -760,7 +772,7 @@ class EvalStep:
 
 
 def make_eval_step(model: torch.nn.Module, metrics_fn: Callable[[Callable[..., Any], Any], Mapping[str, Any]],
-                   *, precision: Precision = "32") -> EvalStep:
+                   *, precision: Precision = "32", ensemble: bool = False, member_batches: bool = False) -> Any:
     """Build ``eval_step(state, batch) -> metrics``: no gradients, eval-mode dropout
     and BatchNorm (running statistics are read, never updated).
 
@@ -773,6 +785,12 @@ def make_eval_step(model: torch.nn.Module, metrics_fn: Callable[[Callable[..., A
         ...     logits = model_fn(x)
         ...     return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
         >>> eval_step = make_eval_step(model, metrics_fn)
+
+    With ``ensemble=True`` it evaluates a stacked state (metrics of shape ``[members]``; with
+    ``member_batches=True`` one batch per member).
     """
     _checks.check_metrics_fn(metrics_fn)
+    if ensemble:
+        from .ensemble import EnsembleEvalStep
+        return EnsembleEvalStep(model, metrics_fn, precision, member_batches)
     return EvalStep(model, metrics_fn, precision)
