@@ -26,6 +26,7 @@ import torch
 
 from ..optim import update_count
 from .checkpoint import step_dir
+from .ensemble import scalar_step
 
 
 class Signal(NamedTuple):
@@ -173,7 +174,7 @@ class ModelCheckpoint(Callback):
         sign = 1.0 if self.mode == "min" else -1.0
         if len(best) >= self.save_top_k and not sign * value < sign * best[-1][0]:
             return cb_state, NOTHING
-        best.append([value, int(state.step)])
+        best.append([value, scalar_step(state)])
         best.sort(key=lambda e: sign * e[0])  # stable: among equal values the earlier stays ahead
         return {"best_k": best[:self.save_top_k]}, Signal(save=True)
 

@@ -50,6 +50,7 @@ from .checkpoint_tree import (
     register_named_tuple,
     tensor_names,
 )
+from .ensemble import scalar_step
 from .state import TrainState
 
 __all__ = [
@@ -97,7 +98,9 @@ def _prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.T
         "versions": {"fnlight": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
     }
     if isinstance(state, TrainState):
-        doc["step"], doc["key"] = int(state.step), int(state.key)
+        # a stacked state (an ensemble) records its members' common step and each member's key
+        doc["step"] = scalar_step(state)
+        doc["key"] = int(state.key) if state.key.dim() == 0 else state.key.tolist()
     return tensors, doc
 
 

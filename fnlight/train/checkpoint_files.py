@@ -302,10 +302,11 @@ def _read_doc(dfd: int, path: Path) -> dict[str, Any]:
         what = f"its sha256 is {actual}, it records {recorded}" if recorded is not None else \
             f"it has no doc_sha256 but unknown fields {sorted(doc.keys() - _KEYS)}"
         raise CorruptCheckpointError(f"{path / META} is corrupted: {what}")
-    if "structure" not in doc or not isinstance(doc.get("meta", {}), dict) or any(
-            k in doc and type(doc[k]) is not int for k in ("step", "key")):
-        raise CorruptCheckpointError(f"{path / META} is malformed: it needs a structure, meta must be an object "
-                                     "and step and key integers")
+    key = doc.get("key", 0)
+    if "structure" not in doc or not isinstance(doc.get("meta", {}), dict) or type(doc.get("step", 0)) is not int \
+            or not (type(key) is int or isinstance(key, list) and key and all(type(k) is int for k in key)):
+        raise CorruptCheckpointError(f"{path / META} is malformed: it needs a structure, meta must be an object, "
+                                     "step an integer and key an integer (or a list of them, an ensemble's)")
     return doc
 
 

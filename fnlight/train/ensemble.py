@@ -60,7 +60,7 @@ from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError
 __all__ = [
     "DPConfig", "DPTrainStep", "EnsembleEvalStep", "EnsembleTrainStep", "PerSampleGrads", "clip_per_sample",
     "make_vectorized_train_step", "member_metrics", "member_norms", "num_members", "per_sample_grads",
-    "scalar_step", "stack_states", "unstack_states",
+    "scalar_step", "spread_members", "stack_states", "unstack_states",
 ]
 
 
@@ -147,6 +147,24 @@ def scalar_step(state: TrainState) -> int:
         raise ValueError(f"the members of this stacked state are at different steps {step.tolist()}: the Trainer "
                          "and checkpoints need members that train together (stack states at the same step)")
     return values.pop()
+
+
+def spread_members(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """An ensemble's per-member metrics spread out, as tensors: a value of shape ``[members]`` named ``acc``
+    gives ``acc`` (the members' mean) and ``acc/0``, ``acc/1``, ...; other values stay as they are.
+
+    Example:
+        >>> spread_members({"loss": torch.tensor([1.0, 3.0])})
+        {'loss': tensor(2.), 'loss/0': tensor(1.), 'loss/1': tensor(3.)}
+    """
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 1:
+            out[k] = v.mean()
+            out.update({f"{k}/{i}": x for i, x in enumerate(v.unbind())})
+        else:
+            out[k] = v
+    return out
 
 
 def member_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

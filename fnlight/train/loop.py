@@ -33,7 +33,7 @@ from .. import distributed
 from ..data.datamodule import DataModule
 from ..tree import device_put, tree_leaves, tree_map
 from ._checks import check_state_matches, noted
-from .callbacks import Callback, FitContext, Signal, to_float
+from .callbacks import Callback, FitContext, Signal
 from .checkpoint import (
     AsyncCheckpointer,
     Resumable,
@@ -42,6 +42,7 @@ from .checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from .ensemble import member_metrics, scalar_step, spread_members
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
 from .step import TrainStep, _batch_size
@@ -113,7 +114,7 @@ class _WeightedMean:
         self.count = 0
 
     def add(self, metrics: Mapping[str, torch.Tensor], n: int) -> None:
-        for k, v in metrics.items():
+        for k, v in spread_members(metrics).items():  # an ensemble's [members] values: name/i and the mean
             v = v.detach().double() * n
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += n
@@ -709,7 +710,7 @@ class _Fit:
         state = device_put(state, t.torch_device)
         if distributed.world_size() > 1:
             state = distributed.broadcast(state)  # every rank starts from rank 0's state
-        self.step = int(state.step)
+        self.step = scalar_step(state)
         if meta is not None:
             # a mid-epoch checkpoint holds the partial sums of all ranks: rank 0 carries them on
             self.epoch, self.position = meta["epoch"], meta["position"]
@@ -789,7 +790,7 @@ class _Fit:
                 if stopper is None and self.step >= self.max_steps:
                     stopper = "max_steps"
                 if self.step % t.log_every_n_steps == 0:
-                    row = _reduce_row({k: to_float(v) for k, v in metrics.items()}, _batch_size(batch))
+                    row = _reduce_row(member_metrics(metrics), _batch_size(batch))
                     row |= dict(extra.log)
                     self._log("step", row)
                     bar.set_postfix({"loss": f"{row.get('loss', float('nan')):.4g}",
