@@ -383,3 +383,22 @@ def test_learning_rate_sweep_members_equal_separate_runs(factory, kw):
         for b in data:
             alone, _ = step(alone, b)
         assert max_rel(member.params, alone.params) < 1e-5  # measured <= 1.1e-7
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_one_optimizer_per_member(donate):
+    """What `fnlight fit --sweep` uses when a hyperparameter is not in the optimizer state (a schedule's peak)."""
+    opts = [fo.adamw(fo.warmup_cosine(peak, 3, 10), weight_decay=0.1) for peak in (1e-3, 1e-2)]
+    ss = [fnlight.TrainState.create(mlp(), opt, seed=i) for i, opt in enumerate(opts)]
+    ens = fnlight.make_train_step(mlp(), loss_fn, opts, ensemble=True, clip=0.5, donate=donate)
+    stacked = fnlight.stack_states([fnlight.tree.tree_map(torch.clone, s) for s in ss])
+    data = batches(6)
+    for b in data:
+        stacked, _ = ens(stacked, b)
+    for member, opt, alone in zip(fnlight.unstack_states(stacked), opts, ss, strict=True):
+        step = fnlight.make_train_step(mlp(), loss_fn, opt, clip=0.5)
+        for b in data:
+            alone, _ = step(alone, b)
+        assert max_rel(member.params, alone.params) < 1e-5
+    with pytest.raises(ValueError, match="2 optimizers"):
+        ens(fnlight.stack_states(states(opts[0], 3)), data[0])

@@ -410,6 +410,10 @@ class _ModelFns:
 
 # -- the ensemble train step ------------------------------------------------------------
 
+class PerMember(tuple):  # type: ignore[type-arg]
+    """One optimizer per member of an ensemble step (a plain tuple of GradientTransformations)."""
+
+
 @dataclass(frozen=True, eq=False)
 class EnsembleTrainStep:
     """``train_step(stacked_state, batch) -> (stacked_state, metrics)``; see ``make_train_step(ensemble=True)``.
@@ -418,11 +422,16 @@ class EnsembleTrainStep:
     ``vmap`` maps the ordinary step's arithmetic over the member axis. Optimizers run through
     ``update`` + ``apply_updates`` (their fused ``step`` kernels cannot be vectorized); with
     ``donate=True`` in place, into the given state's tensors, as the ordinary step.
+
+    ``optimizer`` may also be a tuple with one optimizer per member (what ``fnlight fit --sweep``
+    uses when a hyperparameter is not held in the optimizer state, e.g. a schedule's peak): the
+    forward and backward stay vectorized, and each member's update runs on its own, with the
+    ordinary step's arithmetic (fused kernels included).
     """
 
     model: torch.nn.Module
     loss_fn: LossFn
-    optimizer: GradientTransformation
+    optimizer: GradientTransformation | PerMember
     accumulate: int = 1
     clip: float | None = None
     precision: Precision = "32"
@@ -440,6 +449,8 @@ class EnsembleTrainStep:
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
+        if type(self.optimizer) in (list, tuple):  # one per member (a GradientTransformation is a NamedTuple)
+            object.__setattr__(self, "optimizer", PerMember(self.optimizer))
         fns = _ModelFns(self.model, self.precision)
         batch_axis = 0 if self.member_batches else None
         grads = _vmap_tree(self._member_grads, (0, 0, batch_axis, 0))
@@ -499,11 +510,36 @@ class EnsembleTrainStep:
             params = apply_updates(params, updates, inplace=inplace)
         return params, opt_state
 
+    def _apply(self, grads: dict[str, torch.Tensor], state: TrainState, norms: torch.Tensor,
+               inplace: bool) -> tuple[Any, Any]:
+        """New params and optimizer state: vectorized for one optimizer, member by member for several."""
+        if not isinstance(self.optimizer, PerMember):
+            return self._update[inplace](grads, state.opt_state, state.params, norms)
+        params, opt_states = [], []
+        for i, opt in enumerate(self.optimizer):
+            def member(tree: Any, i: int = i) -> Any:
+                return tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, tree)
+            g, p = member(grads), member(state.params)
+            if self.clip is not None:  # the ordinary step's clip, on this member's gradients
+                factor = torch.clamp(self.clip / (global_norm(list(g.values())) + 1e-6), max=1.0)
+                g = {k: v * factor for k, v in g.items()}
+            # (in place, the members' slices of the stacked tensors are written: views of them)
+            new_p, new_s = optim_step(opt, g, member(state.opt_state), p, inplace=inplace)
+            params.append(new_p)
+            opt_states.append(new_s)
+        if inplace:
+            return state.params, state.opt_state
+        stack = (lambda *xs: torch.stack(xs) if isinstance(xs[0], torch.Tensor) else xs[0])  # noqa: E731
+        return tree_map(stack, *params), tree_map(stack, *opt_states)
+
     # the step -------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         n = num_members(state)
         if n is None:
             raise ValueError("an ensemble step needs a stacked state: fnlight.stack_states([state, ...])")
+        if isinstance(self.optimizer, PerMember) and len(self.optimizer) != n:
+            raise ValueError(f"the step has {len(self.optimizer)} optimizers (one per member) and the state "
+                             f"{n} members")
         if not state.params:
             raise ValueError("the state has no trainable parameters, so there is nothing to train")
         if self.member_batches:
@@ -527,7 +563,7 @@ class EnsembleTrainStep:
             finite = distributed.all_reduce_mean({"f": finite.double()})["f"] == 1
         if bool(finite.all()):
             with _explain_vmap_errors("ensemble train step"):
-                params, opt_state = self._update[self.donate](grads, state.opt_state, state.params, norms)
+                params, opt_state = self._apply(grads, state, norms, self.donate)
         else:
             bad = [i for i, f in enumerate(finite.tolist()) if not f]
             if self.on_nonfinite == "raise":
@@ -536,7 +572,7 @@ class EnsembleTrainStep:
                     f"(loss={loss.tolist()}). Use on_nonfinite='skip' to skip those members' updates, or lower "
                     "the learning rate / clip the gradients.")
             with _explain_vmap_errors("ensemble train step"):
-                params, opt_state = self._update[False](grads, state.opt_state, state.params, norms)
+                params, opt_state = self._apply(grads, state, norms, False)
 
             def keep(new: Any, old: Any) -> Any:
                 return torch.where(_expand(finite, new), new, old) if isinstance(new, torch.Tensor) else new

@@ -42,7 +42,7 @@ from .checkpoint import (
     save_checkpoint,
     step_dir,
 )
-from .ensemble import member_metrics, scalar_step, spread_members
+from .ensemble import EnsembleTrainStep, PerMember, member_metrics, scalar_step, spread_members
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
 from .step import TrainStep, _batch_size
@@ -663,7 +663,8 @@ class _Fit:
         self.callbacks = _Callbacks(trainer.callbacks)
         self.checkpoints = _Checkpoints(trainer, self.callbacks, self.lead, on_checkpoint) \
             if trainer.ckpt_dir is not None else None
-        self.step_fn = train_step.donating() if trainer.donate and isinstance(train_step, TrainStep) else train_step
+        self.step_fn = train_step.donating() \
+            if trainer.donate and isinstance(train_step, TrainStep | EnsembleTrainStep) else train_step
         self.split = dm.split_for("fit")
         self.max_epochs = trainer.max_epochs if trainer.max_epochs is not None else math.inf
         self.max_steps = trainer.max_steps if trainer.max_steps is not None else math.inf
@@ -682,7 +683,8 @@ class _Fit:
     # -- start or resume ------------------------------------------------------------------------
     def start(self, state: TrainState) -> TrainState:
         t, dm = self.t, self.dm
-        if isinstance(self.train_step, TrainStep):
+        if isinstance(self.train_step, TrainStep | EnsembleTrainStep) and \
+                not isinstance(self.train_step.optimizer, PerMember):
             check_state_matches(state, self.train_step.optimizer)
         dm.prepare()  # downloads once (rank 0 while the others wait), before any rank reads
         if t.run_dir is not None:

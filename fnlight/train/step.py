@@ -722,7 +722,8 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
             traces the all-reduces into the graph). ``torch.nn.SyncBatchNorm`` layers (e.g. from
             ``SyncBatchNorm.convert_sync_batchnorm``) are synchronized this way in any case.
         ensemble: train a stacked state (:func:`fnlight.stack_states`), every member on the same
-            batch, in one vectorized step; metrics have shape ``[members]``. See :mod:`fnlight.train.ensemble`.
+            batch, in one vectorized step; metrics have shape ``[members]``. ``optimizer`` may then be
+            a list with one optimizer per member. See :mod:`fnlight.train.ensemble`.
         member_batches: with ``ensemble``, the batch has a leading member axis: one batch per member.
         dp: a :class:`fnlight.DPConfig`: DP-SGD (per-sample clipping and Gaussian noise) instead of
             the ordinary gradient (``clip``, ``compile`` and ``sync_batchnorm`` do not apply).
@@ -735,7 +736,8 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
         >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), clip=1.0, accumulate=2)
         >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), sync_batchnorm=True)  # under torchrun
     """
-    _checks.check_train_step_args(loss_fn, optimizer)
+    for opt in optimizer if ensemble and type(optimizer) in (list, tuple) else (optimizer,):  # (not a NamedTuple)
+        _checks.check_train_step_args(loss_fn, opt)
     if ensemble or dp is not None:
         from .ensemble import make_vectorized_train_step
         return make_vectorized_train_step(model, loss_fn, optimizer, accumulate=accumulate, clip=clip,
