@@ -114,7 +114,8 @@ def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def curves(run_dir: Path) -> dict[str, Series]:
     """Panels of curves: per metric (``loss``, ``acc``...), its train/val values per epoch, and, when step
-    rows were logged, its values per step.
+    rows were logged, its values per step. An ensemble's members (``val/acc/0``, ``val/acc/1``...) are
+    lines of their metric's panel, beside the members' mean (``val/acc``).
 
     Example:
         >>> curves(Path("runs/version_0"))["loss"]["val/loss"]
@@ -134,6 +135,8 @@ def curves(run_dir: Path) -> dict[str, Series]:
             if k in ("kind", "step", "epoch", "time_s") or not isinstance(v, int | float):
                 continue
             base = k.split("/", 1)[-1]
+            if "/" in base and base.rsplit("/", 1)[1].isdigit():  # an ensemble member's: its metric's panel
+                base = base.rsplit("/", 1)[0]
             panel = panels.setdefault(f"{base} per step" if per_step else base, {})
             xs, ys = panel.setdefault(k, ([], []))
             xs.append(x)

@@ -58,6 +58,8 @@ from ._cli_common import (
     user_error_lines,
     write_record,
 )
+from ._cli_ensemble import Members, build_members
+from ._cli_ensemble import summary as members_summary
 from .data import DownloadError, FingerprintError
 from .experiment import Experiment, digits_datamodule  # noqa: F401  (digits_datamodule: tests import it from here)
 from .train import (
@@ -72,6 +74,7 @@ from .train import (
 )
 from .train._checks import NOTED
 from .train.checkpoint import list_checkpoints
+from .train.ensemble import scalar_step
 from .train.loop import next_version, set_aside
 from .train.step import _batch_size
 from .tree import device_put
@@ -257,11 +260,17 @@ def _metrics_line(metrics: dict[str, float], prefix: str = "") -> str:
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the newest checkpoint in <run-dir>/checkpoints, if any (--no-resume: delete "
                    "them and start afresh).")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="Train one member per seed (weights, dropout), all in one vectorized step; prints a table "
+                   "of the members and the best one.")
+@click.option("--sweep", default=None, metavar="KEY=V1,V2,...",
+              help="Train one member per value of a hyperparameter that changes only the optimizer or the "
+                   "initial weights (e.g. --sweep lr=1e-3,3e-3,1e-2), all in one vectorized step.")
 @_set_option
 @click.pass_context
 def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_steps: int | None, seed: int | None,
         device: str | None, devices: int, timeout_s: float | None, run_dir: str | None, compile_: bool,
-        precision: str, resume: bool, sets: tuple[str, ...]) -> None:
+        precision: str, resume: bool, seeds: str | None, sweep: str | None, sets: tuple[str, ...]) -> None:
     """Train TARGET, then test it; print a summary.
 
     TARGET defaults to the bundled digits experiment. Logs go to the run
@@ -297,13 +306,22 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
     check_device_available(dev)
     tgt = load_target(target)
     _check_sets_early(tgt, sets)
+    if (seeds is not None or sweep is not None) and (devices > 1 or launched):
+        raise CliError("--seeds/--sweep train in one process (one vectorized step); leave out --devices")
     if devices > 1:
         ctx.exit(_launch(ctx, devices))
     if launched:
         distributed.init(backend="nccl" if dev.type == "cuda" else "gloo", timeout_s=timeout_s)
     lead, world = distributed.rank() == 0, distributed.world_size()
     # (after init: the data is sharded, and the learning-rate schedule counted, for this rank)
-    exp, hparams = configure(tgt, sets, seed=seed, max_epochs=max_epochs)
+    members = None
+    if seeds is not None or sweep is not None:
+        if seed is not None and seeds is not None:
+            raise CliError("--seed and --seeds together: give the seeds with --seeds only")
+        members = build_members(tgt, sets, seeds=seeds, sweep=sweep, max_epochs=max_epochs)
+        exp, hparams = members.first, members.hparams[0]
+    else:
+        exp, hparams = configure(tgt, sets, seed=seed, max_epochs=max_epochs)
     run = Path(run_dir) if run_dir is not None else \
         distributed.broadcast_object(next_version("runs") if lead else None)
     ckpt_dir = run / "checkpoints"
@@ -323,7 +341,10 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
     ranks = f", {world} ranks" if world > 1 else ""
     _echo_rank0(f"fit: {exp.name}, {exp.init_state().num_params:,} parameters, "
                 f"data fingerprint {exp.datamodule.fingerprint[:16]}, device {trainer.torch_device}{ranks}")
-    if hparams:
+    if members is not None:
+        _echo_rank0(f"{len(members.labels)} members in one vectorized step ({members.what}): "
+                    + ", ".join(members.labels))
+    elif hparams:
         _echo_rank0(f"hyperparameters: {format_hparams(hparams)}")
     recorded = []
 
@@ -335,8 +356,11 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
     t0 = time.perf_counter()
     try:
         with _lines_to_console(lead):
-            result, test = exp.run(trainer, hparams=all_hparams(tgt, hparams), on_checkpoint=record,
-                                   compile=compile_, precision=precision)
+            if members is None:
+                result, test = exp.run(trainer, hparams=all_hparams(tgt, hparams), on_checkpoint=record,
+                                       compile=compile_, precision=precision)
+            else:
+                result, test = _fit_members(trainer, tgt, members, record, compile_, precision)
     except CheckpointError as e:
         raise CliError(f"cannot resume from {ckpt_dir} (--no-resume starts afresh, keeping this run aside; or "
                        f"give another --run-dir): {e}") from e
@@ -352,8 +376,12 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
     if last and not result.already_finished:
         _echo_rank0(f"final epoch {result.history[-1]['epoch']}: {_metrics_line(last)}")
     if test:
-        _echo_rank0(_metrics_line(test, "test "))
-    steps = int(result.state.step)
+        _echo_rank0(_metrics_line({k: v for k, v in test.items() if members is None or not k[-1].isdigit()},
+                                  "test "))
+    if members is not None:
+        for line in members_summary(members, result.history, test):
+            _echo_rank0(line)
+    steps = scalar_step(result.state)
     resumed_at = int(result.resumed_from.name[5:]) if result.resumed_from is not None else None
     if result.already_finished:
         _echo_rank0(f"already finished at step {steps} ({_reason(result.finished)}); nothing trained (raise "
@@ -362,6 +390,19 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
         _echo_rank0(f"{steps} steps in {wall:.1f} s" + (f" (resumed at step {resumed_at})" if resumed_at is not None
                                                         else "") + f"; run directory: {result.run_dir}")
     _close_group()
+
+
+def _fit_members(trainer: Trainer, tgt: Target, members: Members, record: Callable[[Path], None], compile_: bool,
+                 precision: str) -> tuple[Any, dict[str, float]]:
+    """``Experiment.run`` for an ensemble run: fit the stacked members, then test them."""
+    exp = members.first
+    eval_step = members.eval_step(precision)
+    hparams = {"members": [all_hparams(tgt, hp) for hp in members.hparams], "labels": members.labels}
+    result = trainer.fit(members.state, members.train_step(compile=compile_, precision=precision), exp.datamodule,
+                         eval_step=eval_step if exp.has_stage("validate") else None, hparams=hparams,
+                         on_checkpoint=record)
+    test = trainer.test(result.state, eval_step, exp.datamodule) if exp.has_stage("test") else {}
+    return result, test
 
 
 def _reason(finished: str | None) -> str:
