@@ -7,8 +7,8 @@ import json
 import fnlight
 from fnlight._cli_common import load_target
 from fnlight._cli_ensemble import build_members
-from fnlight.train.ensemble import PerMember
 from fnlight.experiment import digits
+from fnlight.train.ensemble import PerMember
 from fnlight.tree import tree_equal
 
 from .test_cli import assert_one_line_error, invoke
