@@ -163,3 +163,13 @@ def test_reproducibility_test_file_passes_under_pytest(tmp_path):
     out = run("-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'pt'}",
               "examples/reproducibility_test.py", "--fnlight-seed", "3", home=tmp_path)
     assert re.search(r"^4 passed", out.strip().splitlines()[-1]), out
+
+
+def test_ensemble_sweep(tmp_path):
+    out = run("examples/ensemble_sweep.py", "--max-epochs", "2", "--seeds", "0,1", "--lrs", "1e-3,1e-2", "--out",
+              str(tmp_path / "out"), home=tmp_path)
+    assert "seeds member 1: val acc" in out and "sweep member 1: val acc" in out and "best learning rate:" in out
+    png = tmp_path / "out" / "ensemble_sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (tmp_path / "out" / "sweep" / "metrics.csv").read_text().splitlines()
+    assert "val/acc/1" in rows[0] and len(rows) == 3  # the header and 2 epochs
