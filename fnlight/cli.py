@@ -384,8 +384,8 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
     steps = scalar_step(result.state)
     resumed_at = int(result.resumed_from.name[5:]) if result.resumed_from is not None else None
     if result.already_finished:
-        _echo_rank0(f"already finished at step {steps} ({_reason(result.finished)}); nothing trained (raise "
-                    f"--max-epochs or --max-steps to continue); run directory: {result.run_dir}")
+        _echo_rank0(f"already finished at step {steps} ({_reason(result.finished)}; {result.resumed_from}): nothing "
+                    f"trained (raise --max-epochs or --max-steps to continue); run directory: {result.run_dir}")
     else:
         _echo_rank0(f"{steps} steps in {wall:.1f} s" + (f" (resumed at step {resumed_at})" if resumed_at is not None
                                                         else "") + f"; run directory: {result.run_dir}")
@@ -420,8 +420,8 @@ class _ConsoleLines(logging.Handler):
     stderr; the per-epoch progress lines are left out (the console logger prints the epochs)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name == "fnlight.progress" or record.getMessage().startswith("interrupted by"):
-            return  # (the console logger prints the epochs; the command its own interrupt line)
+        if record.name == "fnlight.progress" or record.getMessage().startswith(("interrupted by", "already finished")):
+            return  # (the console logger prints the epochs; the command its own interrupt and finished lines)
         click.echo(("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage(),
                    err=record.levelno >= logging.WARNING)
 

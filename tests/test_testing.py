@@ -154,7 +154,7 @@ def test_resume_equivalence_fails_for_a_step_using_global_randomness():
 
 
 def test_resume_equivalence_compares_the_history():
-    trainer, state, step, dm, _ = resume_setup()
+    trainer, state, step, dm, eval_step = resume_setup()
     calls = []
 
     def counting_step(state, batch):  # the state is right, the metrics depend on hidden state
@@ -163,14 +163,14 @@ def test_resume_equivalence_compares_the_history():
         return new, {**metrics, "calls": torch.tensor(float(len(calls)))}
 
     with pytest.raises(AssertionError, match=r"at history\[0\]\['train/calls'\]: 2\.5 vs"):
-        assert_resume_equivalent(trainer, state, counting_step, dm, stop_at=2)
+        assert_resume_equivalent(trainer, state, counting_step, dm, eval_step, stop_at=2)
 
 
 def test_stop_at_is_validated():
-    trainer, state, step, dm, _ = resume_setup()
+    trainer, state, step, dm, eval_step = resume_setup()  # (the trainer's EarlyStopping monitors val/loss)
     with pytest.raises(ValueError, match=r"stop_at must be in 1 \.\. 7 \(the uninterrupted fit runs 8 steps\), "
                                          r"got \[0, 8\]"):
-        assert_resume_equivalent(trainer, state, step, dm, stop_at=[0, 3, 8])
+        assert_resume_equivalent(trainer, state, step, dm, eval_step, stop_at=[0, 3, 8])
     with pytest.raises(TypeError, match="stop_at"):
         assert_resume_equivalent(trainer, state, step, dm, stop_at=[])
     with pytest.raises(TypeError, match="ints"):
