@@ -290,3 +290,24 @@ def _with_names(mask, extra):
         return {**mask(params), **extra}
     m.model_names = mask.model_names
     return m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [
+    lambda: fo.nadam(1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    lambda: fo.rmsprop(1e-2, momentum=0.9, centered=True),
+    lambda: fo.with_ema(two_group_optimizer(), 0.9),
+    lambda: fo.inject_hyperparams(fo.radam)(learning_rate=fo.linear_warmup(1e-2, 3), weight_decay=0.1),
+    lambda: fo.lion(1e-3),
+], ids=["nadam", "rmsprop", "groups_ema", "inject_radam", "lion"])
+def test_compiled_step_computes_what_the_eager_step_does(make):
+    model = mlp()
+    opt = make()
+    eager = fnlight.make_train_step(model, loss_fn, opt)
+    compiled = fnlight.make_train_step(model, loss_fn, opt, compile={"backend": "aot_eager"})
+    a = b = fnlight.TrainState.create(model, opt)
+    for batch in batches(4):
+        a, _ = eager(a, batch)
+        b, _ = compiled(b, batch)
+    for k, v in a.params.items():
+        torch.testing.assert_close(b.params[k], v, rtol=1e-5, atol=1e-6)
