@@ -363,3 +363,21 @@ def test_per_member_hyperparameters_under_vmap():
             want = run(params, s)
             for k in params:
                 torch.testing.assert_close(batched[k][m], want[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_groups_benchmark_json():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("lightning")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "step_throughput.py"), "--quick", "--json",
+                          "--workload", "groups"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rates = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(rates) == {"groups"}
+    assert set(rates["groups"]) == {"torch_foreach", "torch_fused", "fnlight_eager", "fnlight_donate"}
+    assert all(v > 0 for v in rates["groups"].values())
