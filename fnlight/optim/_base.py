@@ -140,8 +140,9 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
         >>> import torch
         >>> apply_updates({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
         tensor([2., 2.])
-        >>> apply_updates([torch.ones(1), (torch.ones(1),)], [torch.ones(1), (torch.ones(1),)])[1][0]
-        tensor([2.])
+        >>> new = apply_updates([torch.ones(1), (torch.ones(1),)], [torch.ones(1), (torch.ones(1),)])
+        >>> new[1]
+        (tensor([2.]),)
     """
     p, spec = flatten(params)
     u = spec.flatten_up_to(updates)
