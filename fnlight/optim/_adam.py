@@ -141,9 +141,10 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def can_fuse(tensors: list[torch.Tensor]) -> bool:
     """Whether torch's fused Adam kernel may run: eager (inductor fuses the foreach version
-    itself), CPU or CUDA, float dtypes."""
+    itself), CPU or CUDA, float dtypes, not under ``vmap`` (no batching rule)."""
     return (not torch.compiler.is_compiling()
-            and all(t.device.type in ("cpu", "cuda") and t.dtype in _FUSED_DTYPES for t in tensors))
+            and all(t.device.type in ("cpu", "cuda") and t.dtype in _FUSED_DTYPES
+                    and not torch._C._functorch.is_batchedtensor(t) for t in tensors))
 
 
 def _adam(learning_rate: float | Schedule, b1: Scalar, b2: Scalar, eps: Scalar, weight_decay: Scalar,
@@ -198,7 +199,9 @@ def _adam(learning_rate: float | Schedule, b1: Scalar, b2: Scalar, eps: Scalar, 
         if callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
             rate = base.learning_rate(state.count)  # before counting up, which is in place when donating
             # torch passes a Python float: CPU reads the value at full precision; CUDA takes a float32 tensor
-            lr = float(rate) if rate.device.type == "cpu" else rate.to(torch.float32)
+            # (inside a torch.func transform the value cannot be read: the kernel gets the tensor)
+            lr = float(rate) if rate.device.type == "cpu" and not torch._C._are_functorch_transforms_active() \
+                else rate.to(torch.float32 if rate.device.type == "cuda" else torch.float64)
         count = count_up(state.count, inplace)
         steps = count.to(torch.float32)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_

@@ -140,8 +140,9 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
         >>> import torch
         >>> apply_updates({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
         tensor([2., 2.])
-        >>> apply_updates([torch.ones(1), (torch.ones(1),)], [torch.ones(1), (torch.ones(1),)])[1][0]
-        tensor([2.])
+        >>> new = apply_updates([torch.ones(1), (torch.ones(1),)], [torch.ones(1), (torch.ones(1),)])
+        >>> new[1]
+        (tensor([2.]),)
     """
     p, spec = flatten(params)
     u = spec.flatten_up_to(updates)
@@ -310,6 +311,9 @@ def fe(name: str, xs: list[torch.Tensor], *args: Any, **kwargs: Any) -> list[tor
     parameter to float64, and a list of several dtypes is split by dtype."""
     if not xs:
         return xs
+    if torch._C._are_functorch_transforms_active() and any(
+            _batched(x) for v in (xs, *args, *kwargs.values()) for x in (v if isinstance(v, list | tuple) else [v])):
+        return _one_by_one(name, xs, args, kwargs)
     op = getattr(torch, f"_foreach_{name}")
     if not any(_is_scalar(a) for a in (*args, *kwargs.values())):
         out = op(xs, *args, **kwargs)
@@ -328,6 +332,39 @@ def fe(name: str, xs: list[torch.Tensor], *args: Any, **kwargs: Any) -> list[tor
         for i, g in zip(ix, got, strict=True):
             result[i] = g
     return xs if name.endswith("_") else result
+
+
+def _batched(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and torch._C._functorch.is_batchedtensor(x)
+
+
+def _one_by_one(name: str, xs: list[torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> list[torch.Tensor]:
+    """A foreach op as one op per tensor: under ``torch.func.vmap`` (an ensemble's members), which
+    has no batching rules for the ``_foreach_*`` ops. An in-place op computes out of place and puts
+    the results into the list ``xs`` (whose elements the callers read back), since vmap cannot
+    write a batched value into an unbatched tensor."""
+    inplace = name.endswith("_")
+    base = name.rstrip("_")
+    out = []
+    for i, x in enumerate(xs):
+        d = opmath(x.dtype)
+        a = [v[i] if isinstance(v, list | tuple) else v.to(d) if _is_scalar(v) else v for v in args]
+        kw = {k: v.to(d) if _is_scalar(v) else v for k, v in kwargs.items()}
+        if base in ("addcmul", "addcdiv") and len(a) == 3:
+            kw["value"] = a.pop()
+        if base == "norm":
+            out.append(torch.linalg.vector_norm(x, *a, **kw))
+        elif base == "copy":
+            out.append(a[0] + torch.zeros_like(x))
+        elif base == "zero":
+            out.append(torch.zeros_like(x))
+        else:
+            out.append(getattr(torch, base)(x, *a, **kw))
+    if inplace:
+        xs[:] = out
+        return xs
+    return out
 
 
 def foreach(name: str, xs: list[torch.Tensor], *args: Any, inplace: bool, **kwargs: Any) -> list[torch.Tensor]:

@@ -100,8 +100,24 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
 
 
 def _resolve_labels(labels: Labels, params: Params, spec: Spec, known: Sequence[str]) -> list[str]:
-    lab = labels(params) if callable(labels) else labels
+    """One label per leaf; computed once per labels and parameter structure (see ``resolve_mask``)."""
     names = spec.names()
+    key = (id(labels), tuple(names), tuple(tuple(t.shape) for t in spec.flatten_up_to(params)), tuple(known))
+    hit = _LABELS.get(key)
+    if hit is not None and hit[0] is labels:
+        return hit[1]
+    if len(_LABELS) > 512:
+        _LABELS.clear()
+    out = _compute_labels(labels, params, spec, names, known)
+    _LABELS[key] = (labels, out)
+    return out
+
+
+_LABELS: dict[tuple[Any, ...], tuple[Any, list[str]]] = {}
+
+
+def _compute_labels(labels: Labels, params: Params, spec: Spec, names: list[str], known: Sequence[str]) -> list[str]:
+    lab = labels(params) if callable(labels) else labels
     if isinstance(lab, Mapping) and all(isinstance(v, str) for v in lab.values()) and set(lab) <= set(names):
         missing = [n for n in names if n not in lab]
         if missing:

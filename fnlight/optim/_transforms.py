@@ -98,9 +98,26 @@ def resolve_mask(mask: Mask, params: Params, spec: Spec, what: str = "mask") -> 
         >>> resolve_mask({"w": True}, params, flatten(params)[1])
         [True, False]
     """
+    names = spec.names()
+    # Evaluated once per mask and parameter structure (names and shapes): later updates, traced by
+    # torch.compile too, look the answer up instead of calling the user's function again.
+    key = (id(mask), tuple(names), tuple(tuple(t.shape) for t in spec.flatten_up_to(params)), what)
+    hit = _MASKS.get(key)
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    if len(_MASKS) > 512:
+        _MASKS.clear()
+    flags = _resolve_mask(mask, params, names, spec, what)
+    _MASKS[key] = (mask, flags)  # (the mask is kept, so its id is not reused while cached)
+    return flags
+
+
+_MASKS: dict[tuple[Any, ...], tuple[Any, list[bool]]] = {}
+
+
+def _resolve_mask(mask: Mask, params: Params, names: list[str], spec: Spec, what: str) -> list[bool]:
     model = getattr(mask, "model_names", None)
     m = mask(params) if callable(mask) else mask
-    names = spec.names()
     if isinstance(m, bool):  # optax's prefix: all or none
         return [m] * len(names)
     if isinstance(m, Mapping) and all(isinstance(k, str) for k in m) \
