@@ -85,7 +85,12 @@ def test_stack_refuses_different_states_naming_the_leaf():
     (fo.sgd(0.1, momentum=0.9, nesterov=True), {}),
     (fo.adamw(fo.warmup_cosine(1e-2, 5, 20), weight_decay=0.1), {"clip": 0.5}),
     (fo.chain(fo.clip_by_global_norm(0.3), fo.adam(1e-2)), {"accumulate": 2}),
-], ids=["adam", "sgd-nesterov", "adamw-schedule-clip", "chain-accumulate"])
+    (fo.lamb(1e-2), {}),
+    (fo.lars(0.1), {}),
+    (fo.adafactor(1e-2), {}),
+    (fo.chain(fo.clip_by_global_norm(0.3), fo.rmsprop(1e-2, momentum=0.9, centered=True)), {}),
+], ids=["adam", "sgd-nesterov", "adamw-schedule-clip", "chain-accumulate", "lamb", "lars", "adafactor",
+        "clip-rmsprop"])
 def test_each_member_equals_training_it_alone(opt, kw):
     ss = states(opt)
     ens = fnlight.make_train_step(mlp(), loss_fn, opt, ensemble=True, **kw)
