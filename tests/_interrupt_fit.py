@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import fnlight
-from fnlight.train import Interrupted, checkpoint
+from fnlight.train import Interrupted, checkpoint_files
 from tests.test_resume import setup
 
 d, block_at, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -32,7 +32,7 @@ def on_step(s, m):
 
 
 if mode == "slowsave":
-    real_fsync = checkpoint.fsync
+    real_fsync = checkpoint_files.fsync
 
     def slow_fsync(path):
         if blocked:
@@ -40,7 +40,7 @@ if mode == "slowsave":
             time.sleep(60)
         real_fsync(path)
 
-    checkpoint.fsync = slow_fsync
+    checkpoint_files.fsync = slow_fsync
 
 dm, state, step, eval_step = setup()
 callbacks = (fnlight.EarlyStopping("val/loss", patience=100), fnlight.LambdaCallback(on_step=on_step))

@@ -158,7 +158,7 @@ DOC_DAMAGE = {
     "bad_fields": (lambda ck: rewrite_doc(ck, lambda d: d["structure"]["TrainState"].pop("key")),
                    "TrainState without exactly the fields"),
     "meta_not_object": (lambda ck: rewrite_doc(ck, lambda d: d.update(meta=[1])), "meta must be an object"),
-    "step_not_int": (lambda ck: rewrite_doc(ck, lambda d: d.update(step="3")), "step and key integers"),
+    "step_not_int": (lambda ck: rewrite_doc(ck, lambda d: d.update(step="3")), "step an integer"),
     "tensor_twice": (lambda ck: rewrite_doc(ck, lambda d: d["structure"]["TrainState"]["params"]["dict"].update(
         {"again": {"tensor": "params/0.weight"}})), "a second time"),
     "files_not_dict": (lambda ck: rewrite_doc(ck, lambda d: d.update(tensors_sha256=["x"])),
@@ -543,7 +543,7 @@ def test_the_trainer_resumes_past_a_flipped_bit_in_checkpoint_json(tmp_path, cap
     assert tree_equal(resumed.state, full.state)
     [line] = [r.getMessage() for r in caplog.records if r.name == "fnlight"]
     assert line.startswith(f"skipped the damaged checkpoint {newest} ({newest / 'checkpoint.json'} is corrupted")
-    assert line.endswith(f"resuming from {step_dir(tmp_path / 'ck', 6)}")
+    assert line.endswith(f"resuming from {step_dir(tmp_path / 'ck', 6)} (step 6, epoch 1, batch 1)")
 
 
 def test_an_overwrite_killed_between_its_renames_loads_the_previous_checkpoint(tmp_path, caplog):

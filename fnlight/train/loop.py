@@ -747,16 +747,20 @@ class _Fit:
         if not self.lead or self.checkpoints is None or not self.t.resume:
             return
         r = self.resumed
-        for path, why in r.skipped:
-            log.warning("skipped checkpoint %s: %s", path, why)
+        # Damaged checkpoints: one warning line naming each skipped one and why, and where the run goes on.
+        skipped = "; ".join(f"{path} ({why})" for path, why in r.skipped)
+        plural = "s" if len(r.skipped) > 1 else ""
         if r.path is None and r.skipped:
-            log.warning("every checkpoint in %s is damaged (%d skipped): starting afresh", self.checkpoints.dir,
-                        len(r.skipped))
+            log.warning("skipped the damaged checkpoint%s %s; every checkpoint in %s is damaged: starting afresh",
+                        plural, skipped, self.checkpoints.dir)
         elif r.path is not None and meta is not None:
             where = f"step {self.step}, epoch {self.epoch}" + (f", batch {self.position}" if self.position else "")
             if self.finished_before:
                 log.info("already finished at step %d (%s): nothing to train (%s; raise max_epochs or max_steps "
                          "to continue it)", self.step, _reason_text(self.stopped), r.path)
+            elif r.skipped:
+                log.warning("skipped the damaged checkpoint%s %s; resuming from %s (%s)", plural, skipped, r.path,
+                            where)
             else:
                 log.info("resuming from %s (%s)", r.path, where)
 
