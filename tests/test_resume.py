@@ -59,7 +59,8 @@ def test_a_corrupted_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplo
     resumed = trainer(tmp_path / "b", ckpt_every_n_steps=4).fit(state, step, dm, eval_step)
     [line] = [r.getMessage() for r in caplog.records if r.name == "fnlight"]
     assert "skipped the damaged checkpoint" in line and "step_000000013" in line and "\n" not in line
-    assert line.endswith("resuming from " + str(tmp_path / "b" / "ck" / "step_000000012") + " (step 12, epoch 2, batch 2)")
+    resumed_at = tmp_path / "b" / "ck" / "step_000000012"
+    assert line.endswith(f"resuming from {resumed_at} (step 12, epoch 2, batch 2)")
     assert tree_equal(resumed.state, full.state)
 
 
