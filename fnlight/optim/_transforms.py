@@ -201,25 +201,6 @@ def _model_decay_mask(model: torch.nn.Module) -> Callable[[Params], dict[str, bo
     return mask
 
 
-def check_names(model: torch.nn.Module, mask: Mapping[str, Any], what: str = "mask") -> Mapping[str, Any]:
-    """``mask`` (a mapping of parameter names), checked against ``model``'s stored parameter
-    names now rather than at the first update: a tied alias or a frozen parameter is an error
-    that says so.
-
-    Example:
-        >>> import torch
-        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        >>> check_names(m, {"0.weight": True})
-        {'0.weight': True}
-    """
-    model_names = _model_names(model)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    unknown = [k for k in mask if k not in set(names)]
-    if unknown:
-        raise _unknown_names(unknown, names, what, model_names)
-    return mask
-
-
 # -- transformations -----------------------------------------------------------------
 
 def scale(factor: Scalar) -> GradientTransformation:
