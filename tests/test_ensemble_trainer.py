@@ -130,3 +130,25 @@ def test_an_ensemble_killed_with_sigkill_resumes_to_the_same_result(tmp_path):
         resumed = trainer(tmp, ckpt_every_n_steps=1, loggers=()).fit(state, step, dm, eval_step)
         assert tree_equal(resumed.state, full.state)
         assert no_time(resumed.history) == no_time(full.history)
+
+
+def test_learning_rate_monitor_reads_injected_rates_per_member(tmp_path):
+    dm, _, _, _ = resume_setup()
+    opt = fo.inject_hyperparams(fo.sgd)(learning_rate=0.1)
+    base = fnlight.TrainState.create(mlp(), opt)
+    state = fnlight.stack_states([base.replace(opt_state=fo.set_hyperparams(base.opt_state, learning_rate=lr))
+                                  for lr in (0.1, 0.3)])
+    step = fnlight.make_train_step(mlp(), loss_fn, opt, ensemble=True)
+    result = fnlight.Trainer(max_steps=3, run_dir=tmp_path, log_every_n_steps=1,
+                             callbacks=(fnlight.LearningRateMonitor(),)).fit(state, step, dm)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "lr/1" in r]
+    assert logged and logged[-1]["lr/0"] == 0.1 and logged[-1]["lr/1"] == 0.3 and logged[-1]["lr"] == 0.2
+    assert fnlight.num_members(result.state) == 2
+    # one model: the rate set between steps (set_hyperparams) is the one logged, not the optimizer's initial one
+    single = base.replace(opt_state=fo.set_hyperparams(base.opt_state, learning_rate=0.05))
+    one = fnlight.make_train_step(mlp(), loss_fn, opt)
+    fnlight.Trainer(max_steps=2, run_dir=tmp_path / "one", log_every_n_steps=1,
+                    callbacks=(fnlight.LearningRateMonitor(),)).fit(single, one, dm)
+    rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == [0.05, 0.05]

@@ -24,9 +24,9 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from ..optim import update_count
+from ..optim import hyperparams, update_count
 from .checkpoint import step_dir
-from .ensemble import scalar_step
+from .ensemble import member_metrics, scalar_step
 
 
 class Signal(NamedTuple):
@@ -201,12 +201,34 @@ class LearningRateMonitor(Callback):
     schedule: Callable[[Any], Any] | None = None
 
     def on_step(self, cb_state: Any, state: Any, metrics: Mapping[str, Any], ctx: FitContext) -> tuple[Any, Signal]:
+        if self.schedule is None:
+            injected = _injected_rate(state.opt_state)  # what the update used (set_hyperparams, ReduceLROnPlateau)
+            if injected is not None:
+                return cb_state, Signal(log=injected)
         schedule = self.schedule or getattr(getattr(ctx.train_step, "optimizer", None), "learning_rate", None)
         if schedule is None:
             raise ValueError("LearningRateMonitor needs a schedule: the train step's optimizer has none")
         count = update_count(state.opt_state)
         used = (count if count is not None else state.step) - 1
         return cb_state, Signal(log={"lr": float(schedule(torch.clamp(used, min=0)))})
+
+
+def _injected_rate(opt_state: Any) -> dict[str, float] | None:
+    """``{"lr": ...}`` from an optimizer state's injected ``learning_rate`` (``fo.inject_hyperparams``): one
+    value, or per parameter group (``lr/<group>``), or per ensemble member (``lr/<i>`` and their mean)."""
+    try:
+        found = hyperparams(opt_state)
+    except ValueError:
+        return None
+    groups = found if all(isinstance(v, Mapping) for v in found.values()) else {"": found}
+    out: dict[str, float] = {}
+    for group, values in groups.items():
+        rate = values.get("learning_rate")
+        if rate is None:
+            continue
+        name = f"lr/{group}" if group else "lr"
+        out.update(member_metrics({name: rate}) if rate.dim() == 1 else {name: float(rate)})
+    return out or None
 
 
 def _as_signal(out: Any) -> Signal:
