@@ -239,6 +239,10 @@ class _Replaced(Exception):
     """The directory being read was renamed or removed by a writer: read again."""
 
 
+class _Missing(CorruptCheckpointError):
+    """A file of the checkpoint is not there: damage, or a directory being deleted while it is read."""
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"),
                        (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
@@ -255,7 +259,7 @@ def _open_regular(dfd: int, path: Path, name: str) -> tuple[int, int]:
         try:
             target = os.readlink(name, dir_fd=dfd)
         except OSError:
-            raise FileNotFoundError(errno.ENOENT, "missing", str(path / name)) from None
+            raise _Missing(f"{path} is incomplete: {name} missing") from None
         raise CorruptCheckpointError(f"{path / name} is a dangling symlink (to {target}): its content is not here "
                                      "(an unfetched git-annex or DVC file? `git annex get` / `dvc pull` it)") from None
     except OSError as e:
@@ -317,7 +321,7 @@ def _recorded_files(path: Path, doc: dict[str, Any], present: set[str]) -> dict[
             isinstance(k, str) and TENSOR_FILE.fullmatch(k) and isinstance(v, str) for k, v in files.items()):
         raise CorruptCheckpointError(f"{path / META} has no valid list of tensor files: {str(files)[:300]}")
     if missing := sorted(files.keys() - present):
-        raise CorruptCheckpointError(f"{path} is incomplete: {', '.join(missing)} missing")
+        raise _Missing(f"{path} is incomplete: {', '.join(missing)} missing")
     if extra := sorted(present - files.keys() - {META}):
         raise CorruptCheckpointError(f"refusing to load {path}: {extra} are not among the tensor files its "
                                      f"{META} records ({sorted(files)})")
@@ -347,7 +351,7 @@ def _read_dir(dfd: int, path: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
                                      f"({others[:10]}); fnlight checkpoints contain no pickles, and nothing here "
                                      "was read")
     if META not in present:
-        raise CorruptCheckpointError(f"{path} is incomplete: {META} missing")
+        raise _Missing(f"{path} is incomplete: {META} missing")
     doc = _read_doc(dfd, path)
     files = _recorded_files(path, doc, present)
     parts = each(lambda name: _read_tensor_file(dfd, path, name, files[name]), list(files))
@@ -369,7 +373,9 @@ def _still_there(dfd: int, path: Path) -> bool:
     return st.st_nlink > 0 and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
 
 
-def _read_once(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _read_once(path: Path, main: Path | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One read of the directory ``path``; _Replaced when a writer replaced or deleted it meanwhile
+    (``main``: the checkpoint that ``path``, left aside by an overwrite, stands in for)."""
     try:
         dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -385,8 +391,14 @@ def _read_once(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         try:
             return _read_dir(dfd, path)
         except (CheckpointError, OSError, EOFError) as e:
-            if not _still_there(dfd, path):
-                raise _Replaced from e  # a writer replaced it while it was read: what we saw is no evidence
+            # What we saw is no evidence of damage if the directory is no longer the checkpoint: replaced,
+            # or being deleted (files vanish before their directory: give a deletion a moment to finish).
+            vanishing = isinstance(e, _Missing | EOFError | FileNotFoundError)
+            for _ in range(25 if vanishing else 1):
+                if not _still_there(dfd, path) or (main is not None and os.path.lexists(main)):
+                    raise _Replaced from e
+                if vanishing:
+                    time.sleep(0.02)
             if isinstance(e, CheckpointError):
                 raise
             raise CorruptCheckpointError(f"cannot read the checkpoint {path}: {e}") from None
@@ -417,7 +429,7 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
             aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=_mtime) if path.parent.is_dir() else []
             for old in reversed(aside):
                 with contextlib.suppress(_Replaced):
-                    return (*_read_once(old), old)
+                    return (*_read_once(old, main=path), old)
             if not aside and attempt >= 2:
                 raise CheckpointError(f"{path} is not a checkpoint directory (nothing is there)")
     raise CorruptCheckpointError(f"{path} kept being replaced while it was read ({_RETRIES} attempts)")
