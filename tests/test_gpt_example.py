@@ -38,9 +38,9 @@ def test_the_decay_mask_spares_biases_norms_and_embeddings():
 def test_the_first_50_steps_are_those_of_the_plain_torch_loop():
     """Dropout off, AdamW with parameter groups, clip_grad_norm_(1.0), the same warmup + cosine.
 
-    fnlight's adamw runs torch's fused AdamW kernel, so its twin is AdamW(fused=True); a scheduled
-    learning rate reaches that kernel as a float32 tensor, so torch gets the same tensor (a Python
-    float lr makes the kernel compute in double: the runs then part after ~10 steps by rounding).
+    fnlight's adamw runs torch's fused AdamW kernel, so its twin is AdamW(fused=True); on the CPU a
+    scheduled learning rate reaches that kernel as a Python float at full precision, as torch's
+    scheduler hands it over (``param_group["lr"] = float``).
     """
     gpt = example()
     steps, lr = 50, 3e-3
@@ -59,12 +59,11 @@ def test_the_first_50_steps_are_those_of_the_plain_torch_loop():
     step = fnlight.make_train_step(model, gpt.loss_fn, opt, clip=1.0)
 
     schedule = opt.learning_rate
-    torch_opt = torch.optim.AdamW(gpt.torch_param_groups(reference, 0.1), lr=torch.tensor(lr), betas=(0.9, 0.95),
-                                  fused=True)
+    torch_opt = torch.optim.AdamW(gpt.torch_param_groups(reference, 0.1), lr=lr, betas=(0.9, 0.95), fused=True)
     for i, (bx, by) in enumerate(batches):
         state, metrics = step(state, (bx, by))
         for group in torch_opt.param_groups:
-            group["lr"] = schedule(i).to(torch.float32)
+            group["lr"] = float(schedule(i))
         torch_opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(reference(bx).flatten(0, 1), by.flatten())
         loss.backward()
