@@ -296,6 +296,7 @@ def _gpt_module() -> Any:
     spec = importlib.util.spec_from_file_location("gpt_example", Path(__file__).resolve().parents[1] / "examples"
                                                   / "gpt.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # (Dynamo imports a traced function's module by name)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
 

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def example():
     spec = importlib.util.spec_from_file_location("gpt_example", ROOT / "examples" / "gpt.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (Dynamo imports a traced function's module by name)
     spec.loader.exec_module(module)
     return module
 
