@@ -48,3 +48,15 @@ def test_distributed_json():
     res = json.loads(out.stdout)
     assert set(res) == {"steps_per_s_1rank", "steps_per_s_2ranks", "allreduce_flat_s", "allreduce_per_tensor_s"}
     assert all(v > 0 for v in res.values())
+
+
+@pytest.mark.slow
+def test_step_throughput_gpt_json():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--quick", "--json",
+                          "--workload", "gpt"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    gpt = json.loads(out.stdout.strip().splitlines()[-1])["gpt"]
+    assert gpt["fnlight_compile"] is None  # --quick skips compiling
+    assert all(gpt[k] > 0 for k in ("torch_default", "fnlight_eager", "fnlight_donate"))
+    assert set(gpt["peak_mb"]) == {"torch_default", "fnlight_eager", "fnlight_donate"}
+    assert all(10 < mb < 1000 for mb in gpt["peak_mb"].values())  # model, Adam state, activations: ~70 MB
