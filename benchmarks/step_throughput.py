@@ -43,8 +43,18 @@ fnlight_compile >= 1.1x torch_fused, fnlight_eager >= 1.0x and fnlight_compile
 >= 1.4x lightning; large: fnlight_eager >= 0.85x and fnlight_donate >= 0.95x the
 best plain loop (``best_plain`` = the faster of the torch_foreach / torch_fused medians).
 
+The ``gpt`` workload (``--workload gpt``, not in the default run) trains examples/gpt.py's
+nanoGPT-style model (4 layers, width 128, block 64, batch 16 of random tokens, dropout 0) with
+AdamW (decay on the 2-D non-embedding weights) and clipping at 1.0: ``torch_default`` is the plain
+loop with ``torch.optim.AdamW``'s default (foreach) implementation and ``clip_grad_norm_``, against
+``fnlight_eager``, ``fnlight_donate`` and ``fnlight_compile``; it also reports each variant's peak
+memory (measured in a fresh process, see ``gpt_peak_memory``), on ``--device`` (``cuda`` too) and in
+``--precision`` (``bf16-mixed`` too). Targets: fnlight_eager >= 0.95x and fnlight_compile >= 1.1x
+torch_default's steps/s; fnlight_eager's peak memory <= 1.05x torch_default's.
+
 Run:
     .venv/bin/python benchmarks/step_throughput.py              # table, 5 rounds
+    .venv/bin/python benchmarks/step_throughput.py --workload gpt --json   # {"gpt": {variant: steps/s, "peak_mb": ...}}
     .venv/bin/python benchmarks/step_throughput.py --repeats 9
     .venv/bin/python benchmarks/step_throughput.py --quick      # smoke test: 1 round, few steps, no compile
     .venv/bin/python benchmarks/step_throughput.py --json       # one JSON object of median steps/s
