@@ -401,14 +401,14 @@ def _gpt_memory_main(variant: str, device: str, precision: str, steps: int) -> N
 
 
 def measure_gpt(steps: int, repeats: int, compile: bool, device: str, precision: str,
-                log: bool) -> tuple[dict[str, list[float]], dict[str, float]]:
+                log: bool, quick: bool = False) -> tuple[dict[str, list[float]], dict[str, float]]:
     """steps/s of every timed block per variant (interleaved rounds, as ``measure``), and peak memory."""
     torch._dynamo.reset()
     variants = [v for v in GPT_VARIANTS if compile or v != "fnlight_compile"]
     runners = {v: gpt_runner(v, device, precision) for v in variants}
     for name, run in runners.items():
         t0 = time.perf_counter()
-        run(WARMUP)
+        run(1 if quick else WARMUP)
         if log:
             print(f"gpt: warmed up {name} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     rates: dict[str, list[float]] = {v: [] for v in variants}
@@ -421,7 +421,7 @@ def measure_gpt(steps: int, repeats: int, compile: bool, device: str, precision:
         if log:
             print(f"gpt: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
     del runners
-    memory = {v: gpt_peak_memory(v, device, precision) for v in variants}
+    memory = {v: gpt_peak_memory(v, device, precision, steps=1 if quick else 4) for v in variants}
     return rates, memory
 
 
@@ -476,7 +476,7 @@ def main() -> None:
     if args.workload and "gpt" in args.workload:  # (not in the default run: it has targets of its own)
         steps["gpt"] = 2 if args.quick else GPT_STEPS
         gpt = measure_gpt(steps["gpt"], repeats, not (args.quick or args.no_compile), args.device, args.precision,
-                          not args.json)
+                          not args.json, quick=args.quick)
     if args.json:
         out: dict[str, Any] = {wl: {k: round(statistics.median(r[k]), 2) if k in r else None for k in VARIANTS}
                                for wl, r in results.items()}

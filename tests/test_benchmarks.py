@@ -51,6 +51,7 @@ def test_distributed_json():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_step_throughput_gpt_json():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--quick", "--json",
                           "--workload", "gpt"], cwd=ROOT, capture_output=True, text=True, timeout=600)
