@@ -48,8 +48,18 @@ fnlight_compile >= 1.1x torch_fused, fnlight_eager >= 1.0x and fnlight_compile
 >= 1.4x lightning; large: fnlight_eager >= 0.85x and fnlight_donate >= 0.95x the
 best plain loop (``best_plain`` = the faster of the torch_foreach / torch_fused medians).
 
+The ``gpt`` workload (``--workload gpt``, not in the default run) trains examples/gpt.py's
+nanoGPT-style model (4 layers, width 128, block 64, batch 16 of random tokens, dropout 0) with
+AdamW (decay on the 2-D non-embedding weights) and clipping at 1.0: ``torch_default`` is the plain
+loop with ``torch.optim.AdamW``'s default (foreach) implementation and ``clip_grad_norm_``, against
+``fnlight_eager``, ``fnlight_donate`` and ``fnlight_compile``; it also reports each variant's peak
+memory (measured in a fresh process, see ``gpt_peak_memory``), on ``--device`` (``cuda`` too) and in
+``--precision`` (``bf16-mixed`` too). Targets: fnlight_eager >= 0.95x and fnlight_compile >= 1.1x
+torch_default's steps/s; fnlight_eager's peak memory <= 1.05x torch_default's.
+
 Run:
     .venv/bin/python benchmarks/step_throughput.py              # table, 5 rounds
+    .venv/bin/python benchmarks/step_throughput.py --workload gpt --json   # {"gpt": {variant: steps/s, "peak_mb": ...}}
     .venv/bin/python benchmarks/step_throughput.py --repeats 9
     .venv/bin/python benchmarks/step_throughput.py --quick      # smoke test: 1 round, few steps, no compile
     .venv/bin/python benchmarks/step_throughput.py --json       # one JSON object of median steps/s
@@ -62,6 +72,7 @@ noisy; the min-max columns show it, and ``OMP_NUM_THREADS=1`` is a useful contro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import itertools
@@ -69,11 +80,13 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning
@@ -355,15 +368,175 @@ def report(results: dict[str, dict[str, list[float]]], steps: dict[str, int], re
     print(f"\ntotal wall time: {wall:.1f} s")
 
 
+# -- the gpt workload: examples/gpt.py's nanoGPT-style model ---------------------------------------
+
+GPT_VARIANTS = ("torch_default", "fnlight_eager", "fnlight_donate", "fnlight_compile")
+GPT_SHAPE = {"layers": 4, "width": 128, "heads": 4, "block": 64, "batch": 16, "vocab": 65}
+GPT_STEPS = 20  # per timed block (~1 s on a 2-core CPU)
+#: (ours, target x torch_default) for steps/s; eager peak memory <= 1.05x torch_default's
+GPT_TARGETS = (("fnlight_eager", 0.95), ("fnlight_compile", 1.1))
+
+
+def _gpt_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpt_example", Path(__file__).resolve().parents[1] / "examples"
+                                                  / "gpt.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # (Dynamo imports a traced function's module by name)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def gpt_runner(variant: str, device: str, precision: str) -> Runner:
+    """One variant of the gpt workload: examples/gpt.py's GPT (4 layers, width 128, block 64, dropout 0 as
+    nanoGPT pretrains), batch 16 of random tokens, AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1 on
+    the 2-D non-embedding weights), clipping at 1.0. ``torch_default``: ``torch.optim.AdamW`` (its default,
+    foreach implementation) on the same parameter groups, ``clip_grad_norm_``, ``loss.backward()``."""
+    gpt, shape = _gpt_module(), GPT_SHAPE
+    torch.manual_seed(0)
+    model = gpt.GPT(shape["vocab"], shape["block"], shape["layers"], shape["width"], shape["heads"],
+                    dropout=0.0).to(device)
+    g = torch.Generator().manual_seed(0)
+    pool = [(t[:, :-1].to(device), t[:, 1:].to(device))
+            for t in (torch.randint(0, shape["vocab"], (shape["batch"], shape["block"] + 1), generator=g)
+                      for _ in range(POOL))]
+    data = itertools.cycle(pool)
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) \
+        if precision == "bf16-mixed" else contextlib.nullcontext
+    if variant == "torch_default":
+        opt = torch.optim.AdamW(gpt.torch_param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
+
+        def run_torch(n: int) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                x, y = next(data)
+                opt.zero_grad(set_to_none=True)
+                with autocast():
+                    loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            final = float(loss.detach())
+            return time.perf_counter() - t0, final
+
+        return run_torch
+    fopt = fo.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1, mask=gpt.decay_mask)
+    step = fnlight.make_train_step(model, gpt.loss_fn, fopt, clip=1.0, precision=precision,
+                                   compile=variant == "fnlight_compile", donate=variant == "fnlight_donate")
+    state = fnlight.TrainState.create(model, fopt)
+
+    def run(n: int) -> tuple[float, float]:
+        nonlocal state
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state, metrics = step(state, next(data))
+        final = float(metrics["loss"])
+        return time.perf_counter() - t0, final
+
+    return run
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def gpt_peak_memory(variant: str, device: str, precision: str, steps: int = 4) -> float:
+    """MB of memory a few training steps of ``variant`` need, measured in a fresh process: on CUDA the
+    peak of ``torch.cuda.max_memory_allocated``; on the CPU the peak resident memory (VmHWM) over the
+    steps minus the resident memory before the model was made (model, optimizer state, gradients,
+    activations). There glibc's malloc serves blocks of 64 KiB and more with mmap and returns them to
+    the system when freed (``MALLOC_MMAP_THRESHOLD_``), so that resident memory follows the live
+    tensors instead of what the allocator keeps (which differs from run to run by several MB).
+    fnlight's figure includes the module's own parameters, which the state copies (its template)."""
+    out = subprocess.run([sys.executable, __file__, "--gpt-memory", variant, "--device", device,
+                          "--precision", precision, "--steps", str(steps)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _gpt_memory_main(variant: str, device: str, precision: str, steps: int) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.init()
+        base = torch.cuda.memory_allocated()
+        run = gpt_runner(variant, device, precision)
+        run(1)  # compiles, and allocates the optimizer state
+        torch.cuda.reset_peak_memory_stats()
+        run(steps)
+        print(round((torch.cuda.max_memory_allocated() - base) / 2**20, 1))
+        return
+    before = _rss_mb("VmRSS")
+    run = gpt_runner(variant, device, precision)
+    run(1)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the compile's peak is not the step's)
+    run(steps)
+    print(round(_rss_mb("VmHWM") - before, 1))
+
+
+def measure_gpt(steps: int, repeats: int, compile: bool, device: str, precision: str,
+                log: bool, quick: bool = False) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """steps/s of every timed block per variant (interleaved rounds, as ``measure``), and peak memory."""
+    torch._dynamo.reset()
+    variants = [v for v in GPT_VARIANTS if compile or v != "fnlight_compile"]
+    runners = {v: gpt_runner(v, device, precision) for v in variants}
+    for name, run in runners.items():
+        t0 = time.perf_counter()
+        run(1 if quick else WARMUP)
+        if log:
+            print(f"gpt: warmed up {name} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for name in variants[r % len(variants):] + variants[:r % len(variants)]:
+            gc.collect()
+            dt, loss = runners[name](steps)
+            assert loss == loss, f"gpt {name}: loss is NaN"
+            rates[name].append(steps / dt)
+        if log:
+            print(f"gpt: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    del runners
+    memory = {v: gpt_peak_memory(v, device, precision, steps=1 if quick else 4) for v in variants}
+    return rates, memory
+
+
+def report_gpt(rates: dict[str, list[float]], memory: dict[str, float], steps: int, device: str,
+               precision: str) -> None:
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    base = med["torch_default"]
+    print(f"\ngpt: examples/gpt.py's GPT, {GPT_SHAPE}, AdamW + clip 1.0, {device}, precision {precision}, "
+          f"{steps} steps per timing")
+    print(f"{'variant':<18}{'median steps/s':>16}{'min':>10}{'max':>10}{'vs torch':>10}{'peak MB':>10}")
+    for k, v in rates.items():
+        print(f"{k:<18}{med[k]:>16,.2f}{min(v):>10,.2f}{max(v):>10,.2f}{med[k] / base:>9.2f}x{memory[k]:>10,.1f}")
+    for ours, target in GPT_TARGETS:
+        if ours in med:
+            ratio = med[ours] / base
+            verdict = "ok" if ratio >= target else "MISSED"
+            print(f"gpt: {ours} / torch_default {ratio:.2f}x (target >= {target:g}x) {verdict}")
+    ratio = memory["fnlight_eager"] / memory["torch_default"]
+    print(f"gpt: fnlight_eager peak memory / torch_default {ratio:.2f}x (target <= 1.05x) "
+          f"{'ok' if ratio <= 1.05 else 'MISSED'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="fnlight training-step throughput benchmark")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5)")
-    parser.add_argument("--workload", choices=[w.name for w in WORKLOADS] + [GROUPS.name], action="append",
+    parser.add_argument("--workload", choices=[w.name for w in WORKLOADS] + [GROUPS.name, "gpt"], action="append",
                         help="run only this workload (repeatable; default all)")
     parser.add_argument("--quick", action="store_true", help="1 round, few steps, no compile: a smoke test")
     parser.add_argument("--no-compile", action="store_true", help="skip fnlight_compile")
     parser.add_argument("--json", action="store_true", help="print one JSON object of median steps/s")
+    parser.add_argument("--device", default="cpu", help="gpt workload: the device (e.g. cuda)")
+    parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32", help="gpt workload: precision")
+    parser.add_argument("--gpt-memory", choices=GPT_VARIANTS, help=argparse.SUPPRESS)  # one memory measurement
+    parser.add_argument("--steps", type=int, default=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gpt_memory:
+        _gpt_memory_main(args.gpt_memory, args.device, args.precision, args.steps)
+        return
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
     if repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -373,19 +546,31 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     steps: dict[str, int] = {}
     for w in WORKLOADS:
-        if args.workload and w.name not in args.workload:
-            continue
-        steps[w.name] = max(2, w.steps // 10) if args.quick else w.steps
-        results[w.name] = measure(w, steps[w.name], repeats, not (args.quick or args.no_compile), not args.json)
+        if not args.workload or w.name in args.workload:
+            steps[w.name] = max(2, w.steps // 10) if args.quick else w.steps
+            results[w.name] = measure(w, steps[w.name], repeats, not (args.quick or args.no_compile), not args.json)
     if args.workload and GROUPS.name in args.workload:  # only when asked for (it repeats the large model)
         steps[GROUPS.name] = 2 if args.quick else GROUPS.steps
         results[GROUPS.name] = measure_groups(steps[GROUPS.name], repeats, not args.json)
+    gpt: tuple[dict[str, list[float]], dict[str, float]] | None = None
+    if args.workload and "gpt" in args.workload:  # (not in the default run: it has targets of its own)
+        steps["gpt"] = 2 if args.quick else GPT_STEPS
+        gpt = measure_gpt(steps["gpt"], repeats, not (args.quick or args.no_compile), args.device, args.precision,
+                          not args.json, quick=args.quick)
     if args.json:
-        print(json.dumps({wl: {k: round(statistics.median(r[k]), 2) if k in r else None
-                               for k in (GROUP_VARIANTS if wl == GROUPS.name else VARIANTS)}
-                          for wl, r in results.items()}))
+        out: dict[str, Any] = {wl: {k: round(statistics.median(r[k]), 2) if k in r else None
+                                    for k in (GROUP_VARIANTS if wl == GROUPS.name else VARIANTS)}
+                               for wl, r in results.items()}
+        if gpt is not None:
+            out["gpt"] = {k: round(statistics.median(gpt[0][k]), 3) if k in gpt[0] else None for k in GPT_VARIANTS}
+            out["gpt"]["peak_mb"] = gpt[1]
+            out["gpt"]["device"], out["gpt"]["precision"] = args.device, args.precision
+        print(json.dumps(out))
     else:
-        report(results, steps, repeats, time.perf_counter() - t0, load)
+        if results:
+            report(results, steps, repeats, time.perf_counter() - t0, load)
+        if gpt is not None:
+            report_gpt(*gpt, steps["gpt"], args.device, args.precision)
 
 
 if __name__ == "__main__":

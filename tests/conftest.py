@@ -25,7 +25,9 @@ def _isolated_home(fnlight_home):
     """Never touch the user's ~/.cache/fnlight from a test."""
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def cuda(test):
+    """A CUDA-only test: marked ``gpu`` (benchmarks/gpu_check.sh runs ``-m gpu``), skipped without a device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -63,3 +63,16 @@ def test_ensemble_json():
     assert {"sequential", "ensemble", "ensemble_compile", "peak_mb.sequential", "peak_mb.ensemble"} <= set(result)
     assert result["sequential"] > 0 and result["ensemble"] > 0 and result["ensemble_compile"] is None  # --quick
     assert result["peak_mb.ensemble"] > result["states_mb.ensemble"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_step_throughput_gpt_json():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--quick", "--json",
+                          "--workload", "gpt"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    gpt = json.loads(out.stdout.strip().splitlines()[-1])["gpt"]
+    assert gpt["fnlight_compile"] is None  # --quick skips compiling
+    assert all(gpt[k] > 0 for k in ("torch_default", "fnlight_eager", "fnlight_donate"))
+    assert set(gpt["peak_mb"]) == {"torch_default", "fnlight_eager", "fnlight_donate"}
+    assert all(10 < mb < 1000 for mb in gpt["peak_mb"].values())  # model, Adam state, activations: ~70 MB

@@ -184,6 +184,7 @@ def test_key_checks_and_errors():
         fr.split(fr.key(0), 0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_same_values_on_cuda():
     k = fr.key(7)

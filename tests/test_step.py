@@ -460,7 +460,7 @@ def test_a_loss_fn_returning_a_model_output_is_told_to_return_its_loss():
         return CausalLMOutput(loss=F.cross_entropy(logits, y), logits=logits)
 
     step = fnlight.make_train_step(m, returns_output, fo.sgd(0.1))
-    with pytest.raises(TypeError, match=r"CausalLMOutput.*return its \.loss, e\.g\. `return model_fn\(\*\*batch\)\.loss`"):
+    with pytest.raises(TypeError, match=r"CausalLMOutput.*return its \.loss, e\.g\. `return model_fn\(\*\*batch\)"):
         step(state, batches(1)[0])
     fixed = fnlight.make_train_step(m, lambda mf, b, k: returns_output(mf, b, k).loss, fo.sgd(0.1))
     reference = fnlight.make_train_step(m, lambda mf, b, k: F.cross_entropy(mf(b[0]), b[1]), fo.sgd(0.1))
