@@ -253,7 +253,7 @@ class _Callbacks:
     def signal(self, hook: str, state: TrainState, metrics: Mapping[str, Any], ctx: FitContext,
                where: str) -> tuple[Signal, str | None]:
         """Call every callback's ``hook`` in order; merge what they ask for, and name the first to ask to stop."""
-        stop, save, logged, stopper = False, False, {}, None
+        stop, save, logged, stopper, edit = False, False, {}, None, None
         for entry in self.entries:
             cb_id, cb = entry[0], entry[1]
             with noted(lambda: f"in callback {cb_id} ({type(cb).__name__}.{hook}) {where}"):  # noqa: B023
@@ -261,7 +261,9 @@ class _Callbacks:
             if sig.stop and stopper is None:
                 stopper = cb_id.split("#")[0]
             stop, save, logged = stop or sig.stop, save or sig.save, {**logged, **sig.log}
-        return Signal(stop, save, logged), stopper
+            if sig.edit_opt_state is not None:  # composed in callback order
+                edit = sig.edit_opt_state if edit is None else _then(edit, sig.edit_opt_state)
+        return Signal(stop, save, logged, edit), stopper
 
 
 class _Checkpoints:
@@ -792,6 +794,7 @@ class _Fit:
                 self.step += 1
                 totals.add(metrics, _batch_size(batch))
                 extra, stopper = self.callbacks.signal("on_step", state, metrics, ctx, where)
+                state = _edited(state, extra)
                 extra, stopper = self._agree(extra, stopper, signals)
                 if stopper is None and self.step >= self.max_steps:
                     stopper = "max_steps"
@@ -824,6 +827,7 @@ class _Fit:
         if self.eval_step is not None and (epoch + 1) % t.val_every_n_epochs == 0:
             row |= {f"val/{k}": v for k, v in self._validate(state).items()}
         extra, stopper = self.callbacks.signal("on_epoch", state, row, ctx, f"at the end of epoch {epoch}")
+        state = _edited(state, extra)
         extra, stopper = self._agree(extra, stopper, signals, stop=self.stopped is not None)
         self.stopped = self.stopped or stopper
         row |= dict(extra.log)
@@ -902,6 +906,15 @@ class _Fit:
         return FitResult(state, self.history, self.run_dir, self.callbacks.states(), self.t.callbacks,
                          self.checkpoints.dir if self.checkpoints is not None else None, self.resumed.path,
                          self.stopped, self.finished_before)
+
+
+def _then(f: Callable[[Any], Any], g: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda x: g(f(x))
+
+
+def _edited(state: TrainState, extra: Signal) -> TrainState:
+    """The state with the optimizer-state edit the callbacks asked for (ReduceLROnPlateau, LRFinder)."""
+    return state if extra.edit_opt_state is None else state.replace(opt_state=extra.edit_opt_state(state.opt_state))
 
 
 def _data_where(dm: DataModule, split: str, epoch: int, i: int, stage: str | None = None) -> str:
