@@ -2,7 +2,6 @@
 
 import shutil
 
-import datasets
 import pytest
 import torch
 from hypothesis import given
@@ -11,6 +10,8 @@ from hypothesis import strategies as st
 import fnlight
 import fnlight.data as fd
 from fnlight.tree import tree_equal
+
+datasets = pytest.importorskip("datasets", reason="🤗 datasets is in the hf and dev extras; not installed here")
 
 
 def table(n=20, seed=0):
