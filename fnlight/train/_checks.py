@@ -161,6 +161,25 @@ class noted:  # noqa: N801 (used as a function: ``with noted(...)``)
         return False
 
 
+def check_step_options(accumulate: int = 1, precision: str = "32", on_nonfinite: str = "raise",
+                       clip: float | None = None) -> None:
+    """The options every train step (ordinary, ensemble, DP) takes, checked in one place.
+
+    Example:
+        >>> check_step_options(accumulate=0)
+        Traceback (most recent call last):
+        ValueError: accumulate must be >= 1, got 0
+    """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+    if precision not in ("32", "bf16-mixed"):
+        raise ValueError(f"precision must be '32' or 'bf16-mixed', got {precision!r}")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if clip is not None and clip <= 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+
+
 def check_train_step_args(loss_fn: Any, optimizer: Any) -> None:
     """What ``make_train_step`` checks before building anything (see the functions above)."""
     check_loss_fn(loss_fn)

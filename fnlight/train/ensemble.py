@@ -54,6 +54,7 @@ from .. import random as fr
 from ..optim import GradientTransformation, apply_updates, global_norm
 from ..optim import step as optim_step
 from ..tree import named_leaves, tree_leaves, tree_map, tree_structure
+from . import _checks
 from .state import TrainState
 from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError
 
@@ -441,14 +442,7 @@ class EnsembleTrainStep:
     member_batches: bool = False
 
     def __post_init__(self) -> None:
-        if self.accumulate < 1:
-            raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
-        if self.precision not in ("32", "bf16-mixed"):
-            raise ValueError(f"precision must be '32' or 'bf16-mixed', got {self.precision!r}")
-        if self.on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
-        if self.clip is not None and self.clip <= 0:
-            raise ValueError(f"clip must be > 0, got {self.clip}")
+        _checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite, self.clip)
         if type(self.optimizer) in (list, tuple):  # one per member (a GradientTransformation is a NamedTuple)
             object.__setattr__(self, "optimizer", PerMember(self.optimizer))
         fns = _ModelFns(self.model, self.precision)
@@ -749,10 +743,7 @@ class DPTrainStep:
     on_nonfinite: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self) -> None:
-        if self.accumulate < 1:
-            raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
-        if self.on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+        _checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite)
         object.__setattr__(self, "_psg", PerSampleGrads(self.model, self.loss_fn, self.precision))
 
     def donating(self) -> DPTrainStep:

@@ -304,14 +304,7 @@ class TrainStep:
             else self.model
         object.__setattr__(self, "_template", template)
         object.__setattr__(self, "_call", _Functional(template))
-        if self.accumulate < 1:
-            raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
-        if self.precision not in ("32", "bf16-mixed"):
-            raise ValueError(f"precision must be '32' or 'bf16-mixed', got {self.precision!r}")
-        if self.on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
-        if self.clip is not None and self.clip <= 0:
-            raise ValueError(f"clip must be > 0, got {self.clip}")
+        _checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite, self.clip)
         object.__setattr__(self, "_clipper", clip_by_global_norm(self.clip) if self.clip is not None else None)
         object.__setattr__(self, "_cache", _Cache())
 
