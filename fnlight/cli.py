@@ -258,8 +258,8 @@ def _metrics_line(metrics: dict[str, float], prefix: str = "") -> str:
 @click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile.")
 @click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default="32", show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue from the newest checkpoint in <run-dir>/checkpoints, if any (--no-resume: delete "
-                   "them and start afresh).")
+              help="Continue from the newest checkpoint in <run-dir>/checkpoints, if any (--no-resume: move "
+                   "the previous run to <run-dir>/previous/<n> and start afresh).")
 @click.option("--seeds", default=None, metavar="S1,S2,...",
               help="Train one member per seed (weights, dropout), all in one vectorized step; prints a table "
                    "of the members and the best one.")
@@ -277,7 +277,7 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
     directory (metrics.csv, metrics.jsonl, experiment.json), checkpoints to
     <run-dir>/checkpoints (every epoch and where training stops; the newest 3
     are kept). Run it again with the same --run-dir and it resumes;
-    --no-resume deletes the run's checkpoints and starts afresh.
+    --no-resume moves the previous run to <run-dir>/previous/<n> and starts afresh.
 
     With --devices N (N > 1) the command starts N processes of itself, as
     `torchrun --nproc-per-node N -m fnlight.cli fit ...` would; if one rank
