@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import distributed
 from .. import random as fr
-from ..optim import GradientTransformation, apply_updates, global_norm
+from ..optim import GradientTransformation, global_norm
 from ..optim import step as optim_step
 from ..tree import named_leaves, tree_leaves, tree_map, tree_structure
 from . import _checks
@@ -411,6 +410,27 @@ class _ModelFns:
 
 # -- the ensemble train step ------------------------------------------------------------
 
+def _clone(t: Any) -> Any:
+    return t.clone() if isinstance(t, torch.Tensor) else t
+
+
+def _member(tree: Any, i: int) -> Any:
+    """Member ``i``'s slice of a stacked tree (views of the stacked tensors)."""
+    return tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _write_back(new: Any, views: Any) -> None:
+    """Copy a member's new tensors into its views of the stacked tensors, where the update did not
+    already write them in place (an optimizer may return fresh tensors even when asked for in place)."""
+    for n, v in zip(tree_leaves(new), tree_leaves(views), strict=True):
+        if isinstance(v, torch.Tensor):
+            if n.data_ptr() != v.data_ptr() or n.shape != v.shape:
+                v.copy_(n)
+        elif n != v:
+            raise TypeError(f"an optimizer state leaf that is not a tensor changed in an update ({v!r} -> {n!r}); "
+                            "an ensemble's optimizer state must hold its values in tensors")
+
+
 class PerMember(tuple):  # type: ignore[type-arg]
     """One optimizer per member of an ensemble step (a plain tuple of GradientTransformations)."""
 
@@ -419,15 +439,13 @@ class PerMember(tuple):  # type: ignore[type-arg]
 class EnsembleTrainStep:
     """``train_step(stacked_state, batch) -> (stacked_state, metrics)``; see ``make_train_step(ensemble=True)``.
 
-    Each member's gradients, clipping, non-finite check and optimizer update are its own:
-    ``vmap`` maps the ordinary step's arithmetic over the member axis. Optimizers run through
-    ``update`` + ``apply_updates`` (their fused ``step`` kernels cannot be vectorized); with
-    ``donate=True`` in place, into the given state's tensors, as the ordinary step.
+    Each member's gradients, clipping, non-finite check and optimizer update are its own. The
+    forward and backward are ``vmap``-ed over the member axis; then each member's update runs on
+    its slices of the stacked tensors with the ordinary step's arithmetic (fused kernels included),
+    with ``donate=True`` in place, into the given state's tensors, as the ordinary step.
 
     ``optimizer`` may also be a tuple with one optimizer per member (what ``fnlight fit --sweep``
-    uses when a hyperparameter is not held in the optimizer state, e.g. a schedule's peak): the
-    forward and backward stay vectorized, and each member's update runs on its own, with the
-    ordinary step's arithmetic (fused kernels included).
+    uses when a hyperparameter is not held in the optimizer state, e.g. a schedule's peak).
     """
 
     model: torch.nn.Module
@@ -448,8 +466,6 @@ class EnsembleTrainStep:
         fns = _ModelFns(self.model, self.precision)
         batch_axis = 0 if self.member_batches else None
         grads = _vmap_tree(self._member_grads, (0, 0, batch_axis, 0))
-        update = {inplace: _vmap_tree(functools.partial(self._member_update, inplace=inplace), (0, 0, 0, 0))
-                  for inplace in (False, True)}
         if self.compile:
             # Only the forward and backward are compiled: Dynamo does not route the update's foreach ops
             # through the mode that vectorizes them, and the update is element-wise anyway.
@@ -457,7 +473,6 @@ class EnsembleTrainStep:
             grads = torch.compile(grads, **options)
         object.__setattr__(self, "_fns", fns)
         object.__setattr__(self, "_grads", grads)
-        object.__setattr__(self, "_update", update)
 
     def donating(self) -> EnsembleTrainStep:
         """The same step with ``donate=True`` (what the Trainer drives internally)."""
@@ -494,37 +509,29 @@ class EnsembleTrainStep:
             metrics = {k: metrics.get(k, 0) + v * w for k, v in m_i.items()}
         return total, loss, metrics, buffers
 
-    def _member_update(self, grads: dict[str, torch.Tensor], opt_state: Any, params: dict[str, torch.Tensor],
-                       norm: torch.Tensor, inplace: bool) -> tuple[Any, Any]:
-        with _Vectorizable(None):
-            if self.clip is not None:  # make_train_step's clip: factor min(1, clip / (norm + 1e-6))
-                factor = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
-                grads = {k: v.mul_(factor) if inplace else v * factor for k, v in grads.items()}
-            updates, opt_state = self.optimizer.update(grads, opt_state, params, inplace=inplace)
-            params = apply_updates(params, updates, inplace=inplace)
-        return params, opt_state
+    def _apply(self, grads: dict[str, torch.Tensor], state: TrainState, inplace: bool) -> tuple[Any, Any]:
+        """New params and optimizer state, member by member: each member's update is the ordinary
+        step's (``fnlight.optim.step``, fused kernels included) on its slices of the stacked tensors.
 
-    def _apply(self, grads: dict[str, torch.Tensor], state: TrainState, norms: torch.Tensor,
-               inplace: bool) -> tuple[Any, Any]:
-        """New params and optimizer state: vectorized for one optimizer, member by member for several."""
-        if not isinstance(self.optimizer, PerMember):
-            return self._update[inplace](grads, state.opt_state, state.params, norms)
-        params, opt_states = [], []
-        for i, opt in enumerate(self.optimizer):
-            def member(tree: Any, i: int = i) -> Any:
-                return tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, tree)
-            g, p = member(grads), member(state.params)
+        Vectorizing the update instead would run foreach ops one tensor at a time under vmap (no batching
+        rule) and hold every member's temporaries at once: slower and several times the memory. The
+        slices are views, so the members' updates write into the stacked tensors; without ``inplace``
+        into a copy of the state (one copy, as the ordinary step's non-donating update makes).
+        """
+        params, opt_state = state.params, state.opt_state
+        if not inplace:
+            params, opt_state = tree_map(_clone, params), tree_map(_clone, opt_state)
+        opts = self.optimizer if isinstance(self.optimizer, PerMember) else (self.optimizer,) * len(
+            next(iter(params.values())))
+        for i, opt in enumerate(opts):
+            g, p, s = _member(grads, i), _member(params, i), _member(opt_state, i)
             if self.clip is not None:  # the ordinary step's clip, on this member's gradients
                 factor = torch.clamp(self.clip / (global_norm(list(g.values())) + 1e-6), max=1.0)
-                g = {k: v * factor for k, v in g.items()}
-            # (in place, the members' slices of the stacked tensors are written: views of them)
-            new_p, new_s = optim_step(opt, g, member(state.opt_state), p, inplace=inplace)
-            params.append(new_p)
-            opt_states.append(new_s)
-        if inplace:
-            return state.params, state.opt_state
-        stack = (lambda *xs: torch.stack(xs) if isinstance(xs[0], torch.Tensor) else xs[0])  # noqa: E731
-        return tree_map(stack, *params), tree_map(stack, *opt_states)
+                g = {k: v.mul_(factor) for k, v in g.items()}
+            new_p, new_s = optim_step(opt, g, s, p, inplace=True)
+            _write_back(new_p, p)
+            _write_back(new_s, s)
+        return params, opt_state
 
     # the step -------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
@@ -557,7 +564,7 @@ class EnsembleTrainStep:
             finite = distributed.all_reduce_mean({"f": finite.double()})["f"] == 1
         if bool(finite.all()):
             with _explain_vmap_errors("ensemble train step"):
-                params, opt_state = self._apply(grads, state, norms, self.donate)
+                params, opt_state = self._apply(grads, state, self.donate)
         else:
             bad = [i for i, f in enumerate(finite.tolist()) if not f]
             if self.on_nonfinite == "raise":
@@ -566,7 +573,7 @@ class EnsembleTrainStep:
                     f"(loss={loss.tolist()}). Use on_nonfinite='skip' to skip those members' updates, or lower "
                     "the learning rate / clip the gradients.")
             with _explain_vmap_errors("ensemble train step"):
-                params, opt_state = self._apply(grads, state, norms, False)
+                params, opt_state = self._apply(grads, state, False)
 
             def keep(new: Any, old: Any) -> Any:
                 return torch.where(_expand(finite, new), new, old) if isinstance(new, torch.Tensor) else new
