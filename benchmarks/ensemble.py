@@ -7,9 +7,11 @@ What it measures, on the CPU: member-steps/s of Adam (lr 1e-3) on cross-entropy 
 * ``sequential``: 8 separate ``make_train_step(model, loss_fn, fo.adam(1e-3), donate=True)`` steps,
   one per member, per batch (what you would write without ensembles; donate, as the Trainer does);
 * ``ensemble``: one ``make_train_step(..., ensemble=True)`` step on the stacked state;
-* ``ensemble_compile``: the same with ``compile=True`` (inductor; the forward and backward are compiled).
+* ``ensemble_compile``: the same with ``compile=True`` (inductor; the forward and backward are compiled);
+* ``ensemble_chunk2``: the ensemble step with ``member_chunk=2`` (4 vectorized passes of 2 members: the
+  step's working memory is 2 members' gradients and activations instead of 8).
 
-Peak memory: ``sequential`` and ``ensemble`` also run in fresh subprocesses that report the memory
+Peak memory: ``sequential``, ``ensemble`` and ``ensemble_chunk2`` also run in fresh subprocesses that report the memory
 their states take (``states_mb.<variant>``) and the peak that the states and the training steps take
 (``peak_mb.<variant>``: Linux's ``VmHWM``, reset through ``/proc/self/clear_refs`` once the states are
 made, minus the resident set before they were made; see :func:`peak_memory`). The target compares
@@ -24,7 +26,8 @@ loss with ``float()``. Reported: medians and min-max, with the machine's load av
 
 Run:
     .venv/bin/python benchmarks/ensemble.py             # table
-    .venv/bin/python benchmarks/ensemble.py --json      # keys: sequential, ensemble, ensemble_compile, peak_mb.*
+    .venv/bin/python benchmarks/ensemble.py --json      # keys: sequential, ensemble, ensemble_compile, peak_mb.*,
+                                                        # gflops.* and ceiling_x (matmul peak / sequential's GFLOP/s)
     .venv/bin/python benchmarks/ensemble.py --quick     # smoke test: 1 round, few steps, no compile
 """
 
@@ -47,7 +50,7 @@ import fnlight
 import fnlight.optim as fo
 
 MEMBERS, BATCH, POOL = 8, 128, 8
-VARIANTS = ("sequential", "ensemble", "ensemble_compile")
+VARIANTS = ("sequential", "ensemble", "ensemble_compile", "ensemble_chunk2")
 
 
 def model() -> torch.nn.Module:
@@ -85,7 +88,8 @@ class Runner:
                 return out
         else:
             step = fnlight.make_train_step(model(), loss_fn, opt, ensemble=True, donate=True,
-                                           compile=variant == "ensemble_compile")
+                                           compile=variant == "ensemble_compile",
+                                           member_chunk=2 if variant == "ensemble_chunk2" else None)
             self.state = fnlight.stack_states(states)
             del states
 
@@ -158,6 +162,27 @@ def peak_mb() -> float:
     return _status_mb("VmHWM")
 
 
+def member_step_flops() -> float:
+    """Floating-point operations of one member's step: forward (2 per multiply-add) and backward (4)."""
+    return 6.0 * BATCH * sum(m.in_features * m.out_features for m in model() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_gflops(repeats: int = 5) -> float:
+    """This machine's float32 matrix-product throughput (GFLOP/s): the best of ``repeats`` 1024^3 products.
+    No variant can train faster than its matrix products allow, so ``peak / sequential``'s achieved
+    GFLOP/s bounds what vectorizing the members can gain."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b  # noqa: B018  (warm-up)
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * 1024**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="fnlight ensemble-step throughput benchmark")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5)")
@@ -178,12 +203,18 @@ def main() -> None:
         for v in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
             rates[v].append(steps * MEMBERS / runners[v].run(steps))
     del runners
-    memory = {v: peak_memory(v, steps) for v in ("sequential", "ensemble")}
+    peak = matmul_gflops()
+    achieved = {v: med_ * member_step_flops() / 1e9 for v, med_ in
+                ((v, statistics.median(r)) for v, r in rates.items())}
+    memory = {v: peak_memory(v, steps) for v in ("sequential", "ensemble", "ensemble_chunk2")}
     med = {v: statistics.median(r) for v, r in rates.items()}
     if args.json:
         out: dict[str, Any] = {v: round(med[v], 2) if v in med else None for v in VARIANTS}
         out.update({f"peak_mb.{v}": round(p, 1) for v, (_, p) in memory.items()})
         out.update({f"states_mb.{v}": round(st, 1) for v, (st, _) in memory.items()})
+        out.update({f"gflops.{v}": round(g, 1) for v, g in achieved.items()})
+        out["gflops.matmul_peak"] = round(peak, 1)
+        out["ceiling_x"] = round(peak / achieved["sequential"], 2)
         print(json.dumps(out))
         return
     print(f"ensemble benchmark: {MEMBERS} members of MLP 784-256-256-10, batch {BATCH}, Adam; "
@@ -193,6 +224,8 @@ def main() -> None:
     for v in variants:
         print(f"  {v:17s} {med[v]:8.1f} member-steps/s  ({min(rates[v]):.1f}-{max(rates[v]):.1f})  "
               f"{med[v] / base:5.2f}x sequential")
+    print(f"  compute: sequential achieves {achieved['sequential']:.1f} GFLOP/s; a 1024^3 matrix product "
+          f"{peak:.1f} GFLOP/s, so no variant can exceed {peak / achieved['sequential']:.2f}x sequential")
     for v, (st, p) in memory.items():
         print(f"  memory {v:11s} states {st:6.1f} MB, peak {p:6.1f} MB  ({p / memory['sequential'][1]:4.2f}x "
               "sequential's peak)")

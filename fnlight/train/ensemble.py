@@ -419,6 +419,15 @@ def _member(tree: Any, i: int) -> Any:
     return tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, tree)
 
 
+def _rows(tree: Any, a: int, b: int) -> Any:
+    """Members ``a`` to ``b - 1`` of a stacked tree (views)."""
+    return tree_map(lambda t: t[a:b] if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _cat(trees: list[Any]) -> Any:
+    return tree_map(lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0], *trees)
+
+
 def _write_back(new: Any, views: Any) -> None:
     """Copy a member's new tensors into its views of the stacked tensors, where the update did not
     already write them in place (an optimizer may return fresh tensors even when asked for in place)."""
@@ -458,9 +467,13 @@ class EnsembleTrainStep:
     donate: bool = False
     on_nonfinite: Literal["raise", "skip"] = "raise"
     member_batches: bool = False
+    member_chunk: int | None = None
 
     def __post_init__(self) -> None:
         _checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite, self.clip)
+        if self.member_chunk is not None and (type(self.member_chunk) is not int or self.member_chunk < 1):
+            raise ValueError(f"member_chunk must be a positive int (members per vectorized pass), got "
+                             f"{self.member_chunk!r}")
         if type(self.optimizer) in (list, tuple):  # one per member (a GradientTransformation is a NamedTuple)
             object.__setattr__(self, "optimizer", PerMember(self.optimizer))
         fns = _ModelFns(self.model, self.precision)
@@ -550,41 +563,55 @@ class EnsembleTrainStep:
                                  f"got leading sizes {sorted(sizes)}")
         if self.model.training is False:
             self.model.train(True)
+        size = self.member_chunk or n
+        parts = [self._members(_rows(state, a, a + size), _rows(batch, a, a + size) if self.member_batches else batch,
+                               a) for a in range(0, n, size)]
+        if len(parts) == 1:
+            params, opt_state, buffers, out = parts[0]
+        elif self.donate:  # the chunks' results are (or are copied into) the donated state's rows
+            for a, (p, o, b, _) in zip(range(0, n, size), parts, strict=True):
+                _write_back(p, _rows(state.params, a, a + size))
+                _write_back(o, _rows(state.opt_state, a, a + size))
+                _write_back(b, _rows(state.buffers, a, a + size))
+            params, opt_state, buffers = state.params, state.opt_state, state.buffers
+            out = _cat([part[3] for part in parts])
+        else:
+            params, opt_state, buffers, out = (_cat(list(trees)) for trees in zip(*parts, strict=True))
+        return state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1), out
+
+    def _members(self, state: TrainState, batch: Any, first: int) -> tuple[Any, Any, Any, Metrics]:
+        """One vectorized pass over the members of ``state`` (all of them, or a chunk whose first
+        member is number ``first``): new params, optimizer state, buffers, and the metrics."""
         keys = fr.fold_in(state.key, state.step)  # per member: fold_in(key_i, step_i)
         buffers = {k: v.clone() for k, v in state.buffers.items()}
         with _explain_vmap_errors("ensemble train step"):
             grads, loss, metrics, buffers = self._grads(state.params, buffers, batch, keys)
         if distributed.world_size() > 1:
             grads = distributed.all_reduce_mean(grads)
-        # One non-finite check per member, before any update (so a donated state can still skip one):
-        # the members' global gradient norms, which clipping needs anyway.
-        norms = member_norms(grads)
-        finite = torch.isfinite(norms) & torch.isfinite(loss)
+        # One non-finite check per member, before any update (so a donated state can still skip one).
+        finite = torch.isfinite(member_norms(grads)) & torch.isfinite(loss)
         if distributed.world_size() > 1:  # every rank must take the same decision
             finite = distributed.all_reduce_mean({"f": finite.double()})["f"] == 1
         if bool(finite.all()):
-            with _explain_vmap_errors("ensemble train step"):
-                params, opt_state = self._apply(grads, state, self.donate)
+            params, opt_state = self._apply(grads, state, self.donate)
         else:
-            bad = [i for i, f in enumerate(finite.tolist()) if not f]
+            bad = [first + i for i, f in enumerate(finite.tolist()) if not f]
             if self.on_nonfinite == "raise":
                 raise NonFiniteError(
                     f"non-finite loss or gradients in ensemble member(s) {bad} at step {state.step.tolist()} "
                     f"(loss={loss.tolist()}). Use on_nonfinite='skip' to skip those members' updates, or lower "
                     "the learning rate / clip the gradients.")
-            with _explain_vmap_errors("ensemble train step"):
-                params, opt_state = self._apply(grads, state, False)
+            params, opt_state = self._apply(grads, state, False)
 
             def keep(new: Any, old: Any) -> Any:
                 return torch.where(_expand(finite, new), new, old) if isinstance(new, torch.Tensor) else new
             params = tree_map(keep, params, state.params)
             opt_state = tree_map(keep, opt_state, state.opt_state)
             buffers = tree_map(keep, buffers, state.buffers)
-        new_state = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
         out = {"loss": loss, **metrics}
         if self.on_nonfinite == "skip":
             out["skipped"] = (~finite).float()
-        return new_state, out
+        return params, opt_state, buffers, out
 
 
 # -- the ensemble eval step ---------------------------------------------------------------
@@ -819,12 +846,14 @@ def make_vectorized_train_step(model: torch.nn.Module, loss_fn: LossFn, optimize
                                accumulate: int, clip: float | None, precision: Precision,
                                compile: bool | Mapping[str, Any], donate: bool, on_nonfinite: Literal["raise", "skip"],
                                sync_batchnorm: bool, ensemble: bool, member_batches: bool,
-                               dp: DPConfig | None) -> EnsembleTrainStep | DPTrainStep:
+                               member_chunk: int | None, dp: DPConfig | None) -> EnsembleTrainStep | DPTrainStep:
     """``make_train_step(..., ensemble=True)`` or ``make_train_step(..., dp=...)`` (checks the combination)."""
     if sync_batchnorm:
         raise ValueError("sync_batchnorm is not supported with ensemble=True or dp=")
     if member_batches and not ensemble:
         raise ValueError("member_batches=True goes with ensemble=True")
+    if member_chunk is not None and not ensemble:
+        raise ValueError("member_chunk goes with ensemble=True")
     if dp is not None:
         if not isinstance(dp, DPConfig):
             raise TypeError(f"dp= takes a fnlight.DPConfig, got {type(dp).__name__}")
@@ -836,4 +865,4 @@ def make_vectorized_train_step(model: torch.nn.Module, loss_fn: LossFn, optimize
             raise ValueError("compile=True is not supported with dp= (the per-sample step runs eagerly)")
         return DPTrainStep(model, loss_fn, optimizer, dp, accumulate, precision, donate, on_nonfinite)
     return EnsembleTrainStep(model, loss_fn, optimizer, accumulate, clip, precision, compile, donate, on_nonfinite,
-                             member_batches)
+                             member_batches, member_chunk)

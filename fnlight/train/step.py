@@ -535,7 +535,8 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
                     accumulate: int = 1, clip: float | None = None, precision: Precision = "32",
                     compile: bool | Mapping[str, Any] = False, donate: bool = False,
                     on_nonfinite: Literal["raise", "skip"] = "raise", sync_batchnorm: bool = False,
-                    ensemble: bool = False, member_batches: bool = False, dp: Any = None) -> Any:
+                    ensemble: bool = False, member_batches: bool = False, member_chunk: int | None = None,
+                    dp: Any = None) -> Any:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -584,6 +585,8 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
             batch, in one vectorized step; metrics have shape ``[members]``. ``optimizer`` may then be
             a list with one optimizer per member. See :mod:`fnlight.train.ensemble`.
         member_batches: with ``ensemble``, the batch has a leading member axis: one batch per member.
+        member_chunk: with ``ensemble``, vectorize over this many members at a time (default: all):
+            the step's working memory (gradients, activations) is then that of ``member_chunk`` members.
         dp: a :class:`fnlight.DPConfig`: DP-SGD (per-sample clipping and Gaussian noise) instead of
             the ordinary gradient (``clip``, ``compile`` and ``sync_batchnorm`` do not apply).
 
@@ -602,7 +605,8 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
         return make_vectorized_train_step(model, loss_fn, optimizer, accumulate=accumulate, clip=clip,
                                           precision=precision, compile=compile, donate=donate,
                                           on_nonfinite=on_nonfinite, sync_batchnorm=sync_batchnorm,
-                                          ensemble=ensemble, member_batches=member_batches, dp=dp)
+                                          ensemble=ensemble, member_batches=member_batches,
+                                          member_chunk=member_chunk, dp=dp)
     return TrainStep(model, loss_fn, optimizer, accumulate, clip, precision, compile, donate, on_nonfinite,
                      sync_batchnorm)
 
