@@ -172,3 +172,39 @@ def summary(members: Members, history: list[dict[str, Any]], test: dict[str, flo
         best = min(range(n), key=lambda i: values[monitor][i])
         lines.append(f"best member: {best} ({members.labels[best]}) by {monitor} = {values[monitor][best]:.4g}")
     return lines
+
+
+# -- commands that take a checkpoint (validate, test, predict, export) ------------------------------
+
+def recorded_members(recorded: Any) -> list[dict[str, Any]] | None:
+    """The members' hyperparameters that ``fit --seeds/--sweep`` recorded in its checkpoints, if any."""
+    members = recorded.get("members") if isinstance(recorded, dict) else None
+    return members if isinstance(members, list) and all(isinstance(m, dict) for m in members) else None
+
+
+def member_labels(recorded: Any, n: int) -> list[str]:
+    """Each member's label as ``fit`` recorded it (``seed=1``, ``lr=1e-3``), else its number."""
+    labels = recorded.get("labels") if isinstance(recorded, dict) else None
+    if isinstance(labels, list) and len(labels) == n:
+        return [str(label) for label in labels]
+    return [f"member {i}" for i in range(n)]
+
+
+def pick_members(state: TrainState, labels: list[str], member: int | None, command: str,
+                 ) -> list[tuple[str, TrainState]]:
+    """The states a checkpoint command works on: the one state, or an ensemble's members (all, or ``--member``)."""
+    from .train.ensemble import num_members
+
+    n = num_members(state)
+    if n is None:
+        if member is not None:
+            raise CliError(f"--member {member}: the checkpoint holds one model, not an ensemble; leave --member out")
+        return [("", state)]
+    if member is None:
+        if command in ("predict", "export"):
+            raise CliError(f"the checkpoint holds an ensemble of {n} members ({', '.join(labels)}): {command} one "
+                           f"of them with --member 0..{n - 1}")
+        return list(zip(labels, unstack_states(state), strict=True))
+    if not 0 <= member < n:
+        raise CliError(f"--member {member}: the ensemble has members 0..{n - 1}")
+    return [(labels[member], unstack_states(state)[member])]

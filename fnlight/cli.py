@@ -58,7 +58,7 @@ from ._cli_common import (
     user_error_lines,
     write_record,
 )
-from ._cli_ensemble import Members, build_members
+from ._cli_ensemble import Members, build_members, member_labels, pick_members, recorded_members
 from ._cli_ensemble import summary as members_summary
 from .data import DownloadError, FingerprintError
 from .experiment import Experiment, digits_datamodule  # noqa: F401  (digits_datamodule: tests import it from here)
@@ -74,7 +74,8 @@ from .train import (
 )
 from .train._checks import NOTED
 from .train.checkpoint import list_checkpoints
-from .train.ensemble import scalar_step
+from .train.checkpoint_tree import differences
+from .train.ensemble import num_members, scalar_step
 from .train.loop import next_version, set_aside
 from .train.step import _batch_size
 from .tree import device_put
@@ -440,52 +441,84 @@ def _lines_to_console(on: bool) -> Iterator[None]:
 
 # -- validate / test / predict ---------------------------------------------------------------------
 
-def _load(target: str | None, ckpt: str, sets: tuple[str, ...], device: str | None,
-          ) -> tuple[Target, Experiment, TrainState, dict[str, Any], Path]:
-    """Build the experiment and load the checkpoint into its state's structure.
+def _load(target: str | None, ckpt: str, sets: tuple[str, ...], device: str | None, command: str,
+          member: int | None = None) -> tuple[Target, Experiment, list[tuple[str, TrainState]], Path]:
+    """Build the experiment and load the checkpoint: its state, or an ensemble's members (``fit --seeds``),
+    each checked against the experiment's state.
 
     The hyperparameters that the checkpoint's run recorded (``<run>/experiment.json``, when it trained
-    the same TARGET) are used first, so ``--set`` given to ``fit`` need not be repeated.
+    the same TARGET) are used first, so ``--set`` given to ``fit`` need not be repeated. An ensemble's
+    members share the model, so the first member's build the experiment.
     """
     tgt = load_target(target)
     path = resolve_checkpoint(ckpt)
     dev = parse_device(device)
     check_device_available(dev)
     recorded, record = recorded_hparams(path, tgt)
-    exp, hparams = configure(tgt, sets, recorded=recorded)
-    if record is not None and recorded:
+    members = recorded_members(recorded)
+    exp, hparams = configure(tgt, sets, recorded=members[0] if members else recorded)
+    if record is not None and recorded and not members:
         click.echo(f"hyperparameters of the run ({record}): {format_hparams(hparams)}", err=True)
-    state, meta = load_checkpoint(path, like=exp.init_state())
+    state, meta = load_checkpoint(path)
+    like = exp.init_state()
+    states = pick_members(state, member_labels(recorded, num_members(state) or 0), member, command)
+    for label, one in states:
+        # an ensemble member's optimizer state may be another optimizer's (a sweep's): compare its model only
+        got, want = (one, like) if not label else ((one.params, one.buffers), (like.params, like.buffers))
+        problems = differences(got, want)
+        if problems:
+            raise CliError(f"the checkpoint at {path}{f' (member {label})' if label else ''} does not match the "
+                           "expected state:\n  " + "\n  ".join(problems))
     saved = (meta.get("pipeline") or {}).get("fingerprint") if isinstance(meta.get("pipeline"), dict) else None
     if saved and saved != exp.datamodule.fingerprint:
         click.echo(f"note: the checkpoint was trained on data pipeline {saved[:16]}, this experiment's is "
                    f"{exp.datamodule.fingerprint[:16]} (other data or hyperparameters)", err=True)
-    return tgt, exp, device_put(state, dev), meta, path
+    return tgt, exp, [(label, device_put(one, dev)) for label, one in states], path
 
 
 def _evaluate(stage: str, target: str | None, ckpt: str, sets: tuple[str, ...], device: str | None,
-              as_json: bool) -> None:
-    _, exp, state, meta, path = _load(target, ckpt, sets, device)
+              as_json: bool, member: int | None) -> None:
+    _, exp, states, path = _load(target, ckpt, sets, device, stage, member)
     if not exp.has_stage(stage):
         raise CliError(f"{exp.name} has no {exp.datamodule.split_for(stage)!r} split for {stage} (its splits: "
                        f"{', '.join(exp.datamodule.split_names)})")
     trainer = Trainer(device=device, loggers=())
-    metrics = getattr(trainer, stage)(state, exp.eval_step(), exp.datamodule)
-    step = int(state.step)
+    results = [(label, getattr(trainer, stage)(state, exp.eval_step(), exp.datamodule), int(state.step))
+               for label, state in states]
+    if len(results) == 1:
+        label, metrics, step = results[0]
+        if as_json:
+            click.echo(json.dumps({"stage": stage, "metrics": metrics, "checkpoint": str(path), "step": step}))
+        else:
+            click.echo(f"{stage}: {_metrics_line(metrics)}  (checkpoint {path}, step {step}"
+                       f"{f', member {label}' if label else ''})")
+        return
+    mean = {k: sum(m[k] for _, m, _ in results) / len(results) for k in results[0][1]}
     if as_json:
-        click.echo(json.dumps({"stage": stage, "metrics": metrics, "checkpoint": str(path), "step": step}))
-    else:
-        click.echo(f"{stage}: {_metrics_line(metrics)}  (checkpoint {path}, step {step})")
+        click.echo(json.dumps({"stage": stage, "metrics": mean, "checkpoint": str(path), "step": results[0][2],
+                               "members": [{"label": label, "metrics": m} for label, m, _ in results]}))
+        return
+    for i, (label, metrics, _) in enumerate(results):
+        click.echo(f"{stage} member {i} ({label}): {_metrics_line(metrics)}")
+    click.echo(f"{stage} mean of {len(results)} members: {_metrics_line(mean)}  (checkpoint {path}, "
+               f"step {results[0][2]})")
+
+
+def _member_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--member", type=int, default=None, metavar="I",
+                        help="With an ensemble's checkpoint (fit --seeds/--sweep): member I only.")(f)
 
 
 def _evaluate_command(stage: str, doc: str) -> click.Command:
     @_target_argument
     @_ckpt_option
+    @_member_option
     @_set_option
     @_device_option
     @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-    def command(target: str | None, ckpt: str, sets: tuple[str, ...], device: str | None, as_json: bool) -> None:
-        _evaluate(stage, target, ckpt, sets, device, as_json)
+    def command(target: str | None, ckpt: str, member: int | None, sets: tuple[str, ...], device: str | None,
+                as_json: bool) -> None:
+        _evaluate(stage, target, ckpt, sets, device, as_json, member)
 
     command.__doc__ = doc
     return main.command(stage)(command)
@@ -533,10 +566,11 @@ def _named_tensors(tree: Any, name: str) -> dict[str, torch.Tensor]:
 @click.option("-o", "--output", default="predictions.safetensors", show_default=True, type=click.Path(dir_okay=False),
               help="Where the predictions go (safetensors).")
 @click.option("--split", default=None, help="The split to predict (default: the predict split, else test).")
+@_member_option
 @_set_option
 @_device_option
-def predict(target: str | None, ckpt: str, output: str, split: str | None, sets: tuple[str, ...],
-            device: str | None) -> None:
+def predict(target: str | None, ckpt: str, output: str, split: str | None, member: int | None,
+            sets: tuple[str, ...], device: str | None) -> None:
     """Write a checkpoint's predictions on a split to a safetensors file.
 
     The file holds `predictions` (or `predictions.<key>` for several outputs)
@@ -548,7 +582,7 @@ def predict(target: str | None, ckpt: str, output: str, split: str | None, sets:
     """
     from safetensors.torch import save_file
 
-    tgt, exp, state, _, path = _load(target, ckpt, sets, device)
+    tgt, exp, [(_, state)], path = _load(target, ckpt, sets, device, "predict", member)
     split = _default_split(exp, split)
     dm = exp.datamodule.replace(stages={**exp.datamodule.stages, "predict": split})
     outputs = Trainer(device=device, loggers=()).predict(state, exp.forward, dm)
@@ -638,11 +672,12 @@ def inspect(ckpt: str, as_json: bool) -> None:
               help="Where it goes (default: model.onnx, model.pt or model.safetensors).")
 @click.option("--split", default=None, help="The split of the batch the export is checked on (default: the "
                                             "predict split, else test).")
+@_member_option
 @_set_option
 @_device_option
 @click.pass_context
 def export(ctx: click.Context, target: str | None, ckpt: str, fmt: str, output: str | None, split: str | None,
-           sets: tuple[str, ...], device: str | None) -> None:
+           member: int | None, sets: tuple[str, ...], device: str | None) -> None:
     """Export a checkpoint's model (onnx, torchscript, safetensors), checked on a batch.
 
     The exported file is loaded back and run on the first batch of --split;
@@ -656,7 +691,7 @@ def export(ctx: click.Context, target: str | None, ckpt: str, fmt: str, output: 
     from ._cli_export import SUFFIX
     from ._cli_export import export as run_export
 
-    tgt, exp, state, _, path = _load(target, ckpt, sets, device)
+    tgt, exp, [(_, state)], path = _load(target, ckpt, sets, device, "export", member)
     split = _default_split(exp, split)
     out = Path(output or f"model{SUFFIX[fmt]}")
     with exp.datamodule.replace(device=str(state.step.device)).batches(split, 0) as batches:

@@ -105,3 +105,39 @@ def test_plot_of_an_ensemble_run_draws_one_line_per_member(tmp_path):
     res = invoke("plot", tmp_path / "ens", "-o", tmp_path / "ens.png")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_commands_take_an_ensemble_checkpoint(tmp_path):
+    res = invoke("fit", "--seeds", "0,1", "--max-steps", "6", *SMALL, "--run-dir", tmp_path / "ens")
+    assert res.exit_code == 0, res.output
+    test_rows = {r[0]: r for r in member_rows(res.output)}
+    run = str(tmp_path / "ens")
+    # test: every member and their mean, as fit's own table reported them
+    out = invoke("test", "--ckpt", run, "--json")
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output.strip().splitlines()[-1])
+    assert [m["label"] for m in doc["members"]] == ["seed=0", "seed=1"]
+    header = res.output.splitlines()[next(i for i, line in enumerate(res.output.splitlines())
+                                          if line.split()[:1] == ["member"])].split()
+    col = header.index("test/acc") + 1  # (the label takes a column of its own)
+    for i, m in enumerate(doc["members"]):
+        assert abs(m["metrics"]["acc"] - float(test_rows[str(i)][col])) < 1e-4
+    assert abs(doc["metrics"]["acc"] - sum(m["metrics"]["acc"] for m in doc["members"]) / 2) < 1e-9
+    one = invoke("validate", "--ckpt", run, "--member", "1", "--json")
+    assert one.exit_code == 0, one.output
+    assert json.loads(one.output.strip().splitlines()[-1])["metrics"]["loss"] == \
+        json.loads(invoke("validate", "--ckpt", run, "--json").output.strip().splitlines()[-1])["members"][1][
+            "metrics"]["loss"]
+    # predict and export need one member: a one-line error says how to choose
+    assert_one_line_error(invoke("predict", "--ckpt", run, "-o", tmp_path / "p.safetensors"),
+                          "holds an ensemble of 2 members (seed=0, seed=1): predict one of them with --member 0..1")
+    assert_one_line_error(invoke("test", "--ckpt", run, "--member", "2"), "--member 2: the ensemble has members 0..1")
+    pred = invoke("predict", "--ckpt", run, "--member", "1", "-o", tmp_path / "p.safetensors")
+    assert pred.exit_code == 0, pred.output
+    exp = invoke("export", "--ckpt", run, "--member", "0", "--format", "safetensors", "-o", tmp_path / "m.safetensors")
+    assert exp.exit_code == 0 and "it matches the functional model" in exp.output, exp.output
+    # a model's own checkpoint has no members
+    solo = invoke("fit", "--max-steps", "2", *SMALL, "--run-dir", tmp_path / "solo")
+    assert solo.exit_code == 0, solo.output
+    assert_one_line_error(invoke("test", "--ckpt", tmp_path / "solo", "--member", "0"),
+                          "--member 0: the checkpoint holds one model, not an ensemble")
