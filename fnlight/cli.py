@@ -72,12 +72,11 @@ from .train import (
     TrainState,
     load_checkpoint,
 )
-from .train._checks import NOTED
 from .train.checkpoint import list_checkpoints
+from .train.checks import NOTED
 from .train.ensemble import scalar_step
 from .train.loop import next_version, set_aside
-from .train.step import _batch_size
-from .tree import device_put
+from .tree import batch_size, device_put
 
 #: Errors that are the user's input, not a bug: one line and exit code 2 (the traceback with --debug).
 USER_ERRORS = (CheckpointError, FingerprintError, DownloadError)
@@ -664,7 +663,7 @@ def export(ctx: click.Context, target: str | None, ckpt: str, fmt: str, output: 
     diff, ok = run_export(exp, state, batch, fmt, out, metadata={"target": tgt.spec, "checkpoint": str(path),
                                                                   "step": str(int(state.step))})
     verdict = "matches" if ok else "DOES NOT match"
-    click.echo(f"export: {fmt} -> {out} ({out.stat().st_size:,} bytes); on a batch of {_batch_size(batch)} from "
+    click.echo(f"export: {fmt} -> {out} ({out.stat().st_size:,} bytes); on a batch of {batch_size(batch)} from "
                f"{split!r} it {verdict} the functional model (max abs difference {diff:.3g})")
     ctx.exit(0 if ok else 1)
 
@@ -781,7 +780,7 @@ def data_bench(target: str | None, epochs: int, splits: tuple[str, ...], sets: t
             with dm.batches(split, epoch) as batches:
                 for b in batches:
                     n_batches += 1
-                    n_samples += _batch_size(b)
+                    n_samples += batch_size(b)
         s = max(time.perf_counter() - t, 1e-9)
         click.echo(f"{split:<10} {n_batches:>8} {n_samples:>9} {s:>8.3f} {n_batches / s:>10.1f} "
                    f"{n_samples / s:>11.1f}")

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..tree import tree_hash
-from ._describe import UNSTABLE
 from .dataset import Dataset, Splits, TensorDataset, TorchDataset
+from .describe import UNSTABLE
 from .stage import Context, Plans, Stage, Where, splits_to_plans
 
 

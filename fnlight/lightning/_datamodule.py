@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ..data._describe import FingerprintError
+from ..data import FingerprintError
 from ..data.datamodule import DataModule
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..data._describe import UNSTABLE
 from ..data.dataset import Splits, TorchDataset
+from ..data.describe import UNSTABLE
 from ..data.sources import Source
 from ..data.stage import Context
 

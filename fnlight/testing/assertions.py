@@ -227,7 +227,7 @@ def assert_resume_equivalent(trainer: Trainer, state: TrainState, train_step: Ca
             resumed = dataclasses.replace(base, run_dir=where / "run", ckpt_dir=where / "ckpt").fit(
                 state, train_step, datamodule, eval_step)
             diff = (tree_first_difference(full.state, resumed.state, "state")
-                    or _history_difference(full.history, resumed.history)
+                    or history_difference(full.history, resumed.history)
                     or tree_first_difference(full.callback_states, resumed.callback_states, "callback_states"))
             if diff is not None:
                 raise AssertionError(f"resuming after {p} of {total} steps does not reproduce the uninterrupted "
@@ -235,7 +235,16 @@ def assert_resume_equivalent(trainer: Trainer, state: TrainState, train_step: Ca
     return full
 
 
-def _history_difference(full: list[dict[str, Any]], resumed: list[dict[str, Any]]) -> str | None:
+def history_difference(full: list[dict[str, Any]], resumed: list[dict[str, Any]]) -> str | None:
+    """Where two fit histories (lists of epoch rows) first differ, ignoring the wall-clock ``time_s``;
+    None when they are equal bitwise.
+
+    Example:
+        >>> history_difference([{"train/loss": 1.0, "time_s": 3.0}], [{"train/loss": 1.0, "time_s": 9.0}]) is None
+        True
+        >>> history_difference([{"train/loss": 1.0}], [])
+        'history: 1 rows vs 0 rows'
+    """
     a, b = _without_time(full), _without_time(resumed)
     if len(a) != len(b):
         return f"history: {len(a)} rows vs {len(b)} rows"

@@ -53,8 +53,8 @@ from .. import distributed
 from .. import random as fr
 from ..optim import GradientTransformation, apply_updates, global_norm
 from ..optim import step as optim_step
-from ..tree import named_leaves, tree_leaves, tree_map, tree_structure
-from . import _checks
+from ..tree import batch_size, named_leaves, tree_leaves, tree_map, tree_structure
+from . import checks
 from .state import TrainState
 from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError
 
@@ -368,13 +368,6 @@ def _autocast(precision: Precision, device: torch.device) -> contextlib.Abstract
     return contextlib.nullcontext()
 
 
-def _batch_size(batch: Any) -> int:
-    for leaf in tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    raise ValueError("cannot tell the batch size: the batch has no tensor with a leading dimension")
-
-
 def member_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each member's global L2 norm over a stacked tree (``[members]``): the norm of the per-tensor
     norms, as :func:`fnlight.optim.global_norm` computes it for one model.
@@ -442,7 +435,7 @@ class EnsembleTrainStep:
     member_batches: bool = False
 
     def __post_init__(self) -> None:
-        _checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite, self.clip)
+        checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite, self.clip)
         if type(self.optimizer) in (list, tuple):  # one per member (a GradientTransformation is a NamedTuple)
             object.__setattr__(self, "optimizer", PerMember(self.optimizer))
         fns = _ModelFns(self.model, self.precision)
@@ -477,7 +470,7 @@ class EnsembleTrainStep:
         if self.accumulate == 1:
             g, (loss, (metrics, buffers)) = fn(params, buffers, batch, key, device)
             return g, loss, metrics, buffers
-        n = _batch_size(batch)
+        n = batch_size(batch)
         if n < self.accumulate:
             raise ValueError(f"accumulate={self.accumulate} needs batches of at least that many samples, got {n}")
         total: Any = None
@@ -486,7 +479,7 @@ class EnsembleTrainStep:
         for i in range(self.accumulate):
             chunk = tree_map(lambda t, i=i: torch.tensor_split(t, self.accumulate)[i]
                              if isinstance(t, torch.Tensor) else t, batch)
-            w = _batch_size(chunk) / n
+            w = batch_size(chunk) / n
             g, (l_i, (m_i, buffers)) = fn(params, buffers, chunk, fr.fold_in(key, i), device)
             g = {k: v * w for k, v in g.items()}
             total = g if total is None else {k: total[k] + g[k] for k in g}
@@ -649,7 +642,7 @@ class PerSampleGrads:
         """Per-sample gradients and per-sample losses (``[batch]``)."""
         if self.model.training is False:
             self.model.train(True)
-        n = _batch_size(batch)
+        n = batch_size(batch)
         base = fr.fold_in(state.key, state.step) if key is None else key
         keys = fr.fold_in(base.expand(n), torch.arange(n, device=base.device))
         with _explain_vmap_errors("per-sample gradients"):
@@ -743,7 +736,7 @@ class DPTrainStep:
     on_nonfinite: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self) -> None:
-        _checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite)
+        checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite)
         object.__setattr__(self, "_psg", PerSampleGrads(self.model, self.loss_fn, self.precision))
 
     def donating(self) -> DPTrainStep:
@@ -753,14 +746,14 @@ class DPTrainStep:
     def gradients(self, state: TrainState, batch: Any) -> tuple[dict[str, torch.Tensor], Metrics]:
         """The noised, averaged DP gradient of ``batch`` at ``state``, and the step's metrics."""
         key = fr.fold_in(state.key, state.step)
-        n = _batch_size(batch)
+        n = batch_size(batch)
         if n < self.accumulate:
             raise ValueError(f"accumulate={self.accumulate} needs batches of at least that many samples, got {n}")
         total: dict[str, torch.Tensor] = {}
         losses, norms = [], []
         offset = 0
         for chunk in _chunks(batch, self.accumulate):  # sample i keeps key fold_in(key, i) in any chunking
-            m = _batch_size(chunk)
+            m = batch_size(chunk)
             keys = fr.fold_in(key.expand(m), torch.arange(offset, offset + m, device=key.device))
             with _explain_vmap_errors("per-sample gradients"):
                 per, loss_i = self._psg._vmapped(state.params, state.buffers, chunk, keys)

@@ -31,8 +31,7 @@ import torch
 
 from .. import distributed
 from ..data.datamodule import DataModule
-from ..tree import device_put, tree_leaves, tree_map
-from ._checks import check_state_matches, noted
+from ..tree import batch_size, device_put, tree_leaves, tree_map
 from .callbacks import Callback, FitContext, Signal
 from .checkpoint import (
     AsyncCheckpointer,
@@ -42,10 +41,11 @@ from .checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from .checks import check_state_matches, noted
 from .ensemble import EnsembleTrainStep, PerMember, member_metrics, scalar_step, spread_members
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
-from .step import TrainStep, _batch_size
+from .step import TrainStep
 
 Metrics = dict[str, float]
 log = logging.getLogger("fnlight")  # resume, early stop and interrupt lines
@@ -579,7 +579,7 @@ class Trainer:
                     break
                 with noted(lambda: f"in the eval step ({_fn_name(eval_step, 'metrics_fn')}) for {stage}, "  # noqa: B023
                            f"batch {i} of split {split!r}"):  # noqa: B023
-                    totals.add(eval_step(state, device_put(batch, self.torch_device)), _batch_size(batch))
+                    totals.add(eval_step(state, device_put(batch, self.torch_device)), batch_size(batch))
                 bar.update()
         return totals.reduced().result()
 
@@ -792,14 +792,14 @@ class _Fit:
                 with noted(lambda: f"in the train step ({_fn_name(self.train_step, 'loss_fn')}) {where}"):  # noqa: B023
                     state, metrics = self.step_fn(state, device_put(batch, t.torch_device))
                 self.step += 1
-                totals.add(metrics, _batch_size(batch))
+                totals.add(metrics, batch_size(batch))
                 extra, stopper = self.callbacks.signal("on_step", state, metrics, ctx, where)
                 state = _edited(state, extra)
                 extra, stopper = self._agree(extra, stopper, signals)
                 if stopper is None and self.step >= self.max_steps:
                     stopper = "max_steps"
                 if self.step % t.log_every_n_steps == 0:
-                    row = _reduce_row(member_metrics(metrics), _batch_size(batch))
+                    row = _reduce_row(member_metrics(metrics), batch_size(batch))
                     row |= dict(extra.log)
                     self._log("step", row)
                     bar.set_postfix({"loss": f"{row.get('loss', float('nan')):.4g}",
