@@ -554,11 +554,13 @@ class Trainer:
         if run.finished_before:
             return run.result(state)
         with _SignalFlag(self.signal_numbers) as signals, _deterministic(self.deterministic):
+            ended = False  # training ended (finished, stopped or interrupted by a signal), not an exception
             try:
                 while run.epoch < run.max_epochs and run.stopped is None and not run.interrupted:
                     state = run.train_epoch(state, signals)
+                ended = True
             finally:
-                run.close()
+                run.close(ended)
         if run.interrupted:
             raise Interrupted(run.interrupted, run.step, run.epoch, run.position, run.checkpoints.last
                               if run.checkpoints is not None else None)
@@ -732,6 +734,9 @@ class _Fit:
         if self.lead:
             self.loggers = [lg.open(self.run_dir, self.logged if meta is not None else None)
                             for lg in (t.loggers if t.loggers is not None else (CSVLogger(), JSONLLogger()))]
+            if self.hparams is not None:
+                for lg in self.loggers:
+                    lg.log_hparams(self.hparams)
         return state
 
     def _finished(self, meta: Mapping[str, Any]) -> bool:
@@ -890,13 +895,19 @@ class _Fit:
             progress_log.info("epoch %d (step %d): %s  (%.1f s)", epoch, self.step, values, row.get("time_s", 0.0))
 
     # -- close ---------------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, ended: bool = True) -> None:
         try:
             if self.checkpoints is not None:
                 self.checkpoints.close()
         finally:
-            for lg in self.loggers:
-                lg.close()
+            last = self.checkpoints.last if self.checkpoints is not None else None
+            try:
+                if ended and last is not None and last.exists():
+                    for lg in self.loggers:
+                        lg.log_checkpoint(last)
+            finally:
+                for lg in self.loggers:
+                    lg.close()
         if self.interrupted and self.lead:
             log.warning("interrupted by %s at step %d, epoch %d; %s", signal.Signals(self.interrupted).name,
                         self.step, self.epoch, f"checkpoint {self.checkpoints.last}" if self.checkpoints is not None
