@@ -326,6 +326,51 @@ def _limit(limit: int | float | None, total: int) -> int:
     return min(limit, total)
 
 
+#: One JSON line per resume in the run directory (what ``fnlight plot`` marks on the curves).
+RESUMES = "resumes.jsonl"
+
+
+def record_resume(run_dir: Path, step: int, epoch: int, position: int, checkpoint: Path | None) -> None:
+    """Append where a run resumed to ``<run_dir>/resumes.jsonl`` (one whole line per write, never fatal:
+    a full disk costs the mark, not the run).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> record_resume(d, step=30, epoch=2, position=0, checkpoint=d / "ckpt" / "step_000000030")
+        >>> read_resumes(d)[0]["step"]
+        30
+    """
+    line = json.dumps({"step": step, "epoch": epoch, "position": position,
+                       "checkpoint": str(checkpoint) if checkpoint is not None else None,
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+    try:
+        fd = os.open(Path(run_dir) / RESUMES, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warning("could not record the resume in %s: %s", Path(run_dir) / RESUMES, e)
+
+
+def read_resumes(run_dir: Path) -> list[dict[str, Any]]:
+    """The resumes :func:`record_resume` recorded in ``run_dir``, oldest first (damaged lines skipped)."""
+    try:
+        text = (Path(run_dir) / RESUMES).read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("epoch"), int):
+            out.append(row)
+    return out
+
+
 def next_version(root: str | os.PathLike) -> Path:
     """A new directory ``root/version_<n>``, n one more than the largest existing (as Lightning): where a run
     without a ``run_dir`` goes.
@@ -737,6 +782,11 @@ class _Fit:
             if self.hparams is not None:
                 for lg in self.loggers:
                     lg.log_hparams(self.hparams)
+            if meta is not None:
+                record_resume(self.run_dir, self.step, self.epoch, self.position, self.resumed.path)
+            else:  # a fresh run in a reused directory (its logs start afresh too)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.run_dir / RESUMES).unlink()
         return state
 
     def _finished(self, meta: Mapping[str, Any]) -> bool:
