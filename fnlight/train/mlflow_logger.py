@@ -53,15 +53,17 @@ class MLflowLogger(Logger):
     Args:
         tracking_uri: where the store is (``sqlite:///mlflow.db``, ``http://host:5000``); None: MLflow's
             default (``MLFLOW_TRACKING_URI``).
-        experiment: the MLflow experiment's name (created when missing).
+        experiment: the MLflow experiment's name (created when missing); None: ``MLFLOW_EXPERIMENT_NAME``,
+            else ``"fnlight"``.
         run_name: the MLflow run's name; None: the run directory's name.
         tags: extra tags on the run.
         checkpoint: log the final checkpoint as an artifact (a copy of its files into the artifact store).
     """
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "fnlight", run_name: str | None = None,
+    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None, checkpoint: bool = True) -> None:
-        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.tracking_uri, self.run_name = tracking_uri, run_name
+        self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "fnlight"
         self.tags, self.checkpoint = dict(tags or {}), checkpoint
         self.client: Any = None
         self.run_id: str | None = None
