@@ -1,9 +1,11 @@
 """``fnlight inspect`` (a checkpoint) and ``fnlight plot`` (a run's logs): commands that read files.
 
 Example:
-    >>> info = checkpoint_info(Path("runs/version_0/checkpoints/step_000000920"))
-    >>> print("\\n".join(format_info(info)))
-    >>> plot_runs([Path("runs/version_0"), Path("runs/version_1")], Path("curves.png"))
+    ```python
+    info = checkpoint_info(Path("runs/version_0/checkpoints/step_000000920"))
+    print("\\n".join(format_info(info)))
+    plot_runs([Path("runs/version_0"), Path("runs/version_1")], Path("curves.png"))
+    ```
 """
 
 from __future__ import annotations
@@ -118,8 +120,10 @@ def curves(run_dir: Path) -> dict[str, Series]:
     lines of their metric's panel, beside the members' mean (``val/acc``).
 
     Example:
-        >>> curves(Path("runs/version_0"))["loss"]["val/loss"]
-        ([0, 1, 2], [0.9, 0.5, 0.3])
+        ```python
+        curves(Path("runs/version_0"))["loss"]["val/loss"]
+        # ([0, 1, 2], [0.9, 0.5, 0.3])
+        ```
     """
     if not run_dir.is_dir():
         raise CliError(f"no run directory {run_dir}")
@@ -167,7 +171,9 @@ def plot_runs(run_dirs: list[Path], out: Path, metrics: list[str] | tuple[str, .
     """:func:`figure` of the runs, saved as a PNG at ``out``.
 
     Example:
-        >>> plot_runs([Path("runs/a"), Path("runs/b")], Path("ab.png"), metrics=["loss"])
+        ```python
+        plot_runs([Path("runs/a"), Path("runs/b")], Path("ab.png"), metrics=["loss"])
+        ```
     """
     fig = figure(run_dirs, metrics)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +188,9 @@ def figure(run_dirs: list[Path], metrics: list[str] | tuple[str, ...] = ()) -> A
     at the resume's step in step panels, between the last epoch before it and the next in epoch panels).
 
     Example:
-        >>> fig = figure([Path("runs/a"), Path("runs/b")], metrics=["loss"])
+        ```python
+        fig = figure([Path("runs/a"), Path("runs/b")], metrics=["loss"])
+        ```
     """
     from .train.loop import read_resumes
 

@@ -7,9 +7,11 @@ which they differ and the first leaf that differs there; the final states
 are compared bitwise, leaf by leaf, as ``fnlight.testing`` does.
 
 Example:
-    >>> report = verify(lambda: digits(hidden=32), steps=30, stop_at=15)
-    >>> report.ok, report.lines()[0]
-    (True, 'verify: OK: ...')
+    ```python
+    report = verify(lambda: digits(hidden=32), steps=30, stop_at=15)
+    report.ok, report.lines()[0]
+    # (True, 'verify: OK: ...')
+    ```
 """
 
 from __future__ import annotations

@@ -161,7 +161,9 @@ class DataModule:
         The Trainer calls it at the start of ``fit``.
 
         Example:
-            >>> dm.prepare()                 # one download for the whole job
+            ```python
+            dm.prepare()                 # one download for the whole job
+            ```
         """
         ctx = self.context
         if distributed.world_size() > 1:

@@ -112,8 +112,10 @@ def unstack_states(state: TrainState) -> list[TrainState]:
     """The members of a stacked state, as ordinary states (copies).
 
     Example:
-        >>> [int(s.step) for s in fnlight.unstack_states(stacked)]
-        [0, 0, 0]
+        ```python
+        [int(s.step) for s in fnlight.unstack_states(stacked)]
+        # [0, 0, 0]
+        ```
     """
     n = num_members(state)
     if n is None:
@@ -125,8 +127,10 @@ def num_members(state: TrainState) -> int | None:
     """The number of members of a stacked state, or ``None`` for an ordinary state.
 
     Example:
-        >>> fnlight.num_members(stacked), fnlight.num_members(states[0])
-        (3, None)
+        ```python
+        fnlight.num_members(stacked), fnlight.num_members(states[0])
+        # (3, None)
+        ```
     """
     step = state.step
     return int(step.shape[0]) if isinstance(step, torch.Tensor) and step.dim() == 1 else None
@@ -137,8 +141,10 @@ def scalar_step(state: TrainState) -> int:
     lockstep, so they share one step; members at different steps are an error).
 
     Example:
-        >>> fnlight.train.ensemble.scalar_step(stacked)
-        0
+        ```python
+        fnlight.train.ensemble.scalar_step(stacked)
+        # 0
+        ```
     """
     step = state.step
     if step.dim() == 0:
@@ -662,10 +668,12 @@ def per_sample_grads(model: torch.nn.Module, loss_fn: LossFn, *, precision: Prec
     BatchNorm, which mixes the samples of a batch, is refused.
 
     Example:
-        >>> psg = fnlight.per_sample_grads(model, loss_fn)
-        >>> g = psg(fnlight.TrainState.create(model, fo.sgd(0.1)), (torch.randn(5, 4), torch.randint(0, 2, (5,))))
-        >>> tuple(g["weight"].shape)
-        (5, 2, 4)
+        ```python
+        psg = fnlight.per_sample_grads(model, loss_fn)
+        g = psg(fnlight.TrainState.create(model, fo.sgd(0.1)), (torch.randn(5, 4), torch.randint(0, 2, (5,))))
+        tuple(g["weight"].shape)
+        # (5, 2, 4)
+        ```
     """
     return PerSampleGrads(model, loss_fn, precision)
 

@@ -4,10 +4,12 @@ is one short function (``fit``) that reads top to bottom, with every callback
 and logger call visible in it.
 
 Example:
-    >>> trainer = fnlight.Trainer(max_epochs=5, run_dir="runs/digits")
-    >>> result = trainer.fit(state, train_step, dm, eval_step=eval_step)
-    >>> trainer.test(result.state, eval_step, dm)
-    {'loss': 0.08, 'acc': 0.97}
+    ```python
+    trainer = fnlight.Trainer(max_epochs=5, run_dir="runs/digits")
+    result = trainer.fit(state, train_step, dm, eval_step=eval_step)
+    trainer.test(result.state, eval_step, dm)
+    # {'loss': 0.08, 'acc': 0.97}
+    ```
 """
 
 from __future__ import annotations
@@ -163,11 +165,13 @@ class Interrupted(Exception):
     (128 + its number: 143 for SIGTERM, 130 for SIGINT).
 
     Example:
-        >>> try:
-        ...     trainer.fit(state, train_step, dm)
-        ... except fnlight.train.Interrupted as e:
-        ...     print(e.signal.name, e.step, e.checkpoint)
-        ...     sys.exit(e.exit_code)
+        ```python
+        try:
+            trainer.fit(state, train_step, dm)
+        except fnlight.train.Interrupted as e:
+            print(e.signal.name, e.step, e.checkpoint)
+            sys.exit(e.exit_code)
+        ```
     """
 
     def __init__(self, signum: int, step: int, epoch: int, position: int, checkpoint: Path | None) -> None:
@@ -376,6 +380,8 @@ def next_version(root: str | os.PathLike) -> Path:
     without a ``run_dir`` goes.
 
     Example:
+        >>> for n in range(3):
+        ...     Path(f"runs/version_{n}").mkdir(parents=True)
         >>> next_version("runs")
         PosixPath('runs/version_3')
     """
@@ -398,6 +404,8 @@ def set_aside(run_dir: str | os.PathLike) -> Path | None:
     ``fnlight fit --no-resume`` does. Returns where it went; None when there was nothing to move.
 
     Example:
+        >>> Path("runs/mlp").mkdir(parents=True)
+        >>> _ = Path("runs/mlp/metrics.jsonl").write_text("")
         >>> set_aside("runs/mlp")
         PosixPath('runs/mlp/previous/0')
     """
@@ -592,7 +600,9 @@ class Trainer:
         there, closes the loggers and raises :class:`Interrupted`.
 
         Example:
-            >>> result = Trainer(max_epochs=5, ckpt_dir="runs/a/ckpt").fit(state, step, dm, hparams={"lr": 1e-3})
+            ```python
+            result = Trainer(max_epochs=5, ckpt_dir="runs/a/ckpt").fit(state, step, dm, hparams={"lr": 1e-3})
+            ```
         """
         run = _Fit(self, train_step, self._datamodule(datamodule), eval_step, hparams, on_checkpoint)
         state = run.start(state)  # start, or resume where the newest checkpoint left off
@@ -653,7 +663,9 @@ class Trainer:
         (first dimension: the batch).
 
         Example:
-            >>> logits = trainer.predict(state, lambda s, b: model_fn_of(s)(b[0]), dm)
+            ```python
+            logits = trainer.predict(state, lambda s, b: model_fn_of(s)(b[0]), dm)
+            ```
         """
         dm = self._datamodule(datamodule)
         state = device_put(state, self.torch_device)

@@ -331,7 +331,9 @@ class TrainStep:
         to compile the in-place graph from the start.)
 
         Example:
-            >>> fast = make_train_step(model, loss_fn, opt).donating()  # its input state must not be reused
+            ```python
+            fast = make_train_step(model, loss_fn, opt).donating()  # its input state must not be reused
+            ```
         """
         if self.donate or self.compile:
             return self
@@ -585,8 +587,10 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
     The finite check reads the loss on the host once per step.
 
     Example:
-        >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), clip=1.0, accumulate=2)
-        >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), sync_batchnorm=True)  # under torchrun
+        ```python
+        step = make_train_step(model, loss_fn, fo.adamw(1e-3), clip=1.0, accumulate=2)
+        step = make_train_step(model, loss_fn, fo.adamw(1e-3), sync_batchnorm=True)  # under torchrun
+        ```
     """
     for opt in optimizer if ensemble and type(optimizer) in (list, tuple) else (optimizer,):  # (not a NamedTuple)
         checks.check_train_step_args(loss_fn, opt)
@@ -634,11 +638,13 @@ def make_eval_step(model: torch.nn.Module, metrics_fn: Callable[[Callable[..., A
     Trainer averages them over batches weighted by batch size.
 
     Example:
-        >>> def metrics_fn(model_fn, batch):
-        ...     x, y = batch
-        ...     logits = model_fn(x)
-        ...     return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
-        >>> eval_step = make_eval_step(model, metrics_fn)
+        ```python
+        def metrics_fn(model_fn, batch):
+            x, y = batch
+            logits = model_fn(x)
+            return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+        eval_step = make_eval_step(model, metrics_fn)
+        ```
 
     With ``ensemble=True`` it evaluates a stacked state (metrics of shape ``[members]``; with
     ``member_batches=True`` one batch per member).
