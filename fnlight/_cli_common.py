@@ -2,8 +2,10 @@
 checkpoint paths. Only the command line uses this module (it parses user input).
 
 Example:
-    >>> target = load_target("examples/my_exp.py:mlp")
-    >>> exp, hparams = configure(target, ("hidden=64", "lr=3e-3"))
+    ```python
+    target = load_target("examples/my_exp.py:mlp")
+    exp, hparams = configure(target, ("hidden=64", "lr=3e-3"))
+    ```
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class CliError(click.ClickException):
     """A user error: printed as one line ``error: ...`` on stderr, exit code 2 (the traceback only with --debug).
 
     Example:
-        >>> raise CliError("no checkpoint at runs/x")
+        ```python
+        raise CliError("no checkpoint at runs/x")
+        ```
     """
 
     exit_code = 2
@@ -209,8 +213,10 @@ def parse_sets(sets: Sequence[str], factory: ExperimentFactory) -> dict[str, Any
     """``("lr=3e-3", "hidden=128")`` as typed keyword arguments of ``factory`` (the last of a key wins).
 
     Example:
-        >>> parse_sets(["hidden=64", "lr=1e-3"], digits)
-        {'hidden': 64, 'lr': 0.001}
+        ```python
+        parse_sets(["hidden=64", "lr=1e-3"], digits)
+        # {'hidden': 64, 'lr': 0.001}
+        ```
     """
     known = hparams_of(factory)
     try:
@@ -296,7 +302,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or the newest checkpoint in a checkpoints directory or a run directory.
 
     Example:
-        >>> resolve_checkpoint("runs/version_0")      # runs/version_0/checkpoints/step_000000920
+        ```python
+        resolve_checkpoint("runs/version_0")      # runs/version_0/checkpoints/step_000000920
+        ```
     """
     p = Path(path)
     if (p / META).is_file():
@@ -382,8 +390,10 @@ def user_error_lines(err: BaseException) -> list[str]:
     happened, and how to see the whole traceback.
 
     Example:
-        >>> user_error_lines(err)
-        ['error: ZeroDivisionError: my bug', '  at my_exp.py:12 in loss', "  in the train step ... step 3", ...]
+        ```python
+        user_error_lines(err)
+        # ['error: ZeroDivisionError: my bug', '  at my_exp.py:12 in loss', "  in the train step ... step 3", ...]
+        ```
     """
     import traceback
 

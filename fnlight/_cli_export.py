@@ -10,7 +10,9 @@ state's weights).
   (``pip install 'fnlight[onnx]'``).
 
 Example:
-    >>> path, diff = export(exp, state, batch, "torchscript", Path("model.pt"))
+    ```python
+    path, diff = export(exp, state, batch, "torchscript", Path("model.pt"))
+    ```
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """``fnlight inspect`` (a checkpoint) and ``fnlight plot`` (a run's logs): commands that read files.
 
 Example:
-    >>> info = checkpoint_info(Path("runs/version_0/checkpoints/step_000000920"))
-    >>> print("\\n".join(format_info(info)))
-    >>> plot_run(Path("runs/version_0"), Path("curves.png"))
+    ```python
+    info = checkpoint_info(Path("runs/version_0/checkpoints/step_000000920"))
+    print("\\n".join(format_info(info)))
+    plot_runs([Path("runs/version_0"), Path("runs/version_1")], Path("curves.png"))
+    ```
 """
 
 from __future__ import annotations
@@ -118,8 +120,10 @@ def curves(run_dir: Path) -> dict[str, Series]:
     lines of their metric's panel, beside the members' mean (``val/acc``).
 
     Example:
-        >>> curves(Path("runs/version_0"))["loss"]["val/loss"]
-        ([0, 1, 2], [0.9, 0.5, 0.3])
+        ```python
+        curves(Path("runs/version_0"))["loss"]["val/loss"]
+        # ([0, 1, 2], [0.9, 0.5, 0.3])
+        ```
     """
     if not run_dir.is_dir():
         raise CliError(f"no run directory {run_dir}")
@@ -145,27 +149,111 @@ def curves(run_dir: Path) -> dict[str, Series]:
     return dict(sorted(panels.items(), key=lambda kv: kv[0].endswith(" per step")))
 
 
-def plot_run(run_dir: Path, out: Path) -> Path:
-    """Draw :func:`curves` to a PNG at ``out`` (needs matplotlib)."""
-    panels = curves(run_dir)
-    try:
-        from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend
-    except ImportError:
-        raise CliError("plot needs matplotlib: pip install 'fnlight[plot]'") from None
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (title, series) in zip(axes, panels.items(), strict=False):
-        for label, (xs, ys) in series.items():
-            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("step" if title.endswith(" per step") else "epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle(str(run_dir))
+def select(panels: dict[str, Series], metrics: list[str] | tuple[str, ...]) -> dict[str, Series]:
+    """The panels ``--metric`` asks for: a name picks the panel of that title (``loss``, ``loss per step``) or,
+    given without `` per step``, both the epoch and the step panel of that metric; none given: every panel.
+
+    Example:
+        >>> sorted(select({"loss": {}, "acc": {}, "loss per step": {}}, ["loss"]))
+        ['loss', 'loss per step']
+    """
+    if not metrics:
+        return panels
+    picked = {t: s for t, s in panels.items() if any(t == m or t == f"{m} per step" for m in metrics)}
+    missing = [m for m in metrics if not any(t == m or t == f"{m} per step" for t in panels)]
+    if missing:
+        raise CliError(f"no metric {', '.join(map(repr, missing))} in the runs' logs: the panels are "
+                       f"{', '.join(panels)}")
+    return picked
+
+
+def plot_runs(run_dirs: list[Path], out: Path, metrics: list[str] | tuple[str, ...] = ()) -> Path:
+    """:func:`figure` of the runs, saved as a PNG at ``out``.
+
+    Example:
+        ```python
+        plot_runs([Path("runs/a"), Path("runs/b")], Path("ab.png"), metrics=["loss"])
+        ```
+    """
+    fig = figure(run_dirs, metrics)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
+
+
+def figure(run_dirs: list[Path], metrics: list[str] | tuple[str, ...] = ()) -> Any:
+    """A matplotlib Figure of the :func:`curves` of one or several runs (needs matplotlib): a panel per
+    metric; with several runs, one colour per run (its lines told apart by dash style) and a legend naming
+    both; whole-number epoch ticks; a dotted vertical line where a run was resumed (its ``resumes.jsonl``:
+    at the resume's step in step panels, between the last epoch before it and the next in epoch panels).
+
+    Example:
+        ```python
+        fig = figure([Path("runs/a"), Path("runs/b")], metrics=["loss"])
+        ```
+    """
+    from .train.loop import read_resumes
+
+    if not run_dirs:
+        raise CliError("plot needs at least one RUN directory")
+    runs = {run: curves(run) for run in run_dirs}
+    panels: dict[str, Series] = {}  # every panel of any run, in order
+    for p in runs.values():
+        for title in p:
+            panels.setdefault(title, {})
+    panels = dict(sorted(select(panels, metrics).items(), key=lambda kv: kv[0].endswith(" per step")))
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise CliError("plot needs matplotlib: pip install 'fnlight[plot]'") from None
+    names = _short_names(run_dirs)
+    colours = [f"C{i % 10}" for i in range(len(run_dirs))]
+    dashes = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1))]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * rows + 0.3 * (len(run_dirs) > 1)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, title in zip(axes, panels, strict=False):
+        per_step = title.endswith(" per step")
+        resumed = False
+        for i, run in enumerate(run_dirs):
+            series = runs[run].get(title, {})
+            for j, (label, (xs, ys)) in enumerate(series.items()):
+                style: dict[str, Any] = {"marker": "o" if len(xs) < 30 else None, "markersize": 3}
+                if len(run_dirs) > 1:  # colour: the run; dash style: the series
+                    style |= {"color": colours[i], "linestyle": dashes[j % len(dashes)]}
+                ax.plot(xs, ys, label=f"{names[i]}: {label}" if len(run_dirs) > 1 else label, **style)
+            for r in read_resumes(run) if series else []:
+                x = r["step"] if per_step else r["epoch"] - 0.5
+                ax.axvline(x, color=colours[i] if len(run_dirs) > 1 else "0.4", linestyle=":", linewidth=1.2)
+                resumed = True
+        ax.set_title(title)
+        ax.set_xlabel("step" if per_step else "epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 0.5
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if resumed:
+            handles.append(Line2D([], [], color="0.4", linestyle=":"))
+            labels.append("resumed")
+        ax.legend(handles, labels, fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(str(run_dirs[0]) if len(run_dirs) == 1 else "  ".join(
+        n if n == str(r) else f"{n} = {r}" for n, r in zip(names, run_dirs, strict=True)), fontsize="medium")
+    return fig
+
+
+def _short_names(run_dirs: list[Path]) -> list[str]:
+    """Each run's last path component, or more of its path where two runs would share a name."""
+    for depth in range(1, 8):
+        names = ["/".join(Path(r).resolve().parts[-depth:]) for r in run_dirs]
+        if len(set(names)) == len(names):
+            return names
+    return [str(r) for r in run_dirs]
+
+
+def plot_run(run_dir: Path, out: Path) -> Path:
+    """One run's :func:`curves` to a PNG (:func:`plot_runs` of one run)."""
+    return plot_runs([run_dir], out)

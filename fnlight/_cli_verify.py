@@ -7,9 +7,11 @@ which they differ and the first leaf that differs there; the final states
 are compared bitwise, leaf by leaf, as ``fnlight.testing`` does.
 
 Example:
-    >>> report = verify(lambda: digits(hidden=32), steps=30, stop_at=15)
-    >>> report.ok, report.lines()[0]
-    (True, 'verify: OK: ...')
+    ```python
+    report = verify(lambda: digits(hidden=32), steps=30, stop_at=15)
+    report.ok, report.lines()[0]
+    # (True, 'verify: OK: ...')
+    ```
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from ._cli_common import CliError
 from .experiment import Experiment
-from .testing.assertions import _history_difference
+from .testing.assertions import history_difference
 from .train import Callback, FitResult, Trainer, TrainState
 from .train.callbacks import NOTHING, FitContext, Signal
 from .tree import named_leaves, tree_first_difference, tree_hash
@@ -107,7 +109,7 @@ def _compare(full: Run, other: Run, names: list[str]) -> str | None:
     if state_diff is not None or full.hashes != other.hashes:
         return (f"{other.label} differs from {full.label} {_first_step(full, other, names)}\n"
                 f"    final states differ at {state_diff or 'no leaf (only intermediate states differ)'}")
-    history = _history_difference(full.result.history, other.result.history)
+    history = history_difference(full.result.history, other.result.history)
     if history is not None:
         return f"{other.label} ends in the same state as {full.label}, but its metrics differ at {history}"
     return None

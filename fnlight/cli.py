@@ -14,7 +14,7 @@ Example:
     $ fnlight verify my_exp.py:mlp --steps 20       # bitwise reproducible and resumable?
     $ fnlight inspect runs/mlp/checkpoints/step_000000460
     $ fnlight export my_exp.py:mlp --ckpt runs/mlp --format torchscript -o mlp.pt
-    $ fnlight plot runs/mlp -o curves.png
+    $ fnlight plot runs/mlp runs/mlp2 -o curves.png   # several runs in one figure
     $ fnlight data describe                         # the pipeline, hyperparameters and fingerprint
     $ fnlight data bench
 
@@ -72,13 +72,12 @@ from .train import (
     TrainState,
     load_checkpoint,
 )
-from .train._checks import NOTED
 from .train.checkpoint import list_checkpoints
 from .train.checkpoint_tree import differences
+from .train.checks import NOTED
 from .train.ensemble import num_members, scalar_step
 from .train.loop import next_version, set_aside
-from .train.step import _batch_size
-from .tree import device_put
+from .tree import batch_size, device_put
 
 #: Errors that are the user's input, not a bug: one line and exit code 2 (the traceback with --debug).
 USER_ERRORS = (CheckpointError, FingerprintError, DownloadError)
@@ -699,27 +698,34 @@ def export(ctx: click.Context, target: str | None, ckpt: str, fmt: str, output: 
     diff, ok = run_export(exp, state, batch, fmt, out, metadata={"target": tgt.spec, "checkpoint": str(path),
                                                                   "step": str(int(state.step))})
     verdict = "matches" if ok else "DOES NOT match"
-    click.echo(f"export: {fmt} -> {out} ({out.stat().st_size:,} bytes); on a batch of {_batch_size(batch)} from "
+    click.echo(f"export: {fmt} -> {out} ({out.stat().st_size:,} bytes); on a batch of {batch_size(batch)} from "
                f"{split!r} it {verdict} the functional model (max abs difference {diff:.3g})")
     ctx.exit(0 if ok else 1)
 
 
-@main.command(short_help="Plot a run's loss and metric curves to a PNG.")
-@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@main.command(short_help="Plot runs' loss and metric curves in one PNG.")
+@click.argument("run_dirs", metavar="RUN [RUN ...]", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="The PNG (default: <RUN_DIR>/curves.png).")
-def plot(run_dir: str, output: str | None) -> None:
-    """Plot a run's loss and metric curves (from its metrics.jsonl or .csv) to a PNG.
+              help="The PNG (default: <RUN>/curves.png for one run, curves.png for several).")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Only this metric's panels (loss, acc, 'loss per step'...); repeat for more. Default: all.")
+def plot(run_dirs: tuple[str, ...], output: str | None, metrics: tuple[str, ...]) -> None:
+    """Plot runs' loss and metric curves (from their metrics.jsonl or .csv) to a PNG.
 
+    Several runs share one figure: a colour per run and a legend. Epoch ticks
+    are whole numbers; a dotted line marks where a run was resumed.
     Needs matplotlib: pip install 'fnlight[plot]'.
 
     \b
     Example:
         fnlight plot runs/version_0 -o curves.png
+        fnlight plot runs/a runs/b --metric loss --metric acc -o ab.png
     """
-    from ._cli_files import plot_run
+    from ._cli_files import plot_runs
 
-    out = plot_run(Path(run_dir), Path(output) if output else Path(run_dir) / "curves.png")
+    runs = [Path(r) for r in run_dirs]
+    default = runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png")
+    out = plot_runs(runs, Path(output) if output else default, metrics)
     click.echo(f"plot: {out}")
 
 
@@ -816,7 +822,7 @@ def data_bench(target: str | None, epochs: int, splits: tuple[str, ...], sets: t
             with dm.batches(split, epoch) as batches:
                 for b in batches:
                     n_batches += 1
-                    n_samples += _batch_size(b)
+                    n_samples += batch_size(b)
         s = max(time.perf_counter() - t, 1e-9)
         click.echo(f"{split:<10} {n_batches:>8} {n_samples:>9} {s:>8.3f} {n_batches / s:>10.1f} "
                    f"{n_samples / s:>11.1f}")

@@ -161,7 +161,9 @@ def all_reduce_mean(tree: T, *, bucket_bytes: int = BUCKET_BYTES) -> T:
     (or with one rank) the tree is returned as it is.
 
     Example:
-        >>> grads = all_reduce_mean(grads)   # inside a train step
+        ```python
+        grads = all_reduce_mean(grads)   # inside a train step
+        ```
     """
     n = world_size()
     if n == 1:
@@ -187,7 +189,9 @@ def broadcast(tree: T, src: int = 0, *, bucket_bytes: int = BUCKET_BYTES) -> T:
     is returned as it is.
 
     Example:
-        >>> state = broadcast(state)      # every rank now holds rank 0's state
+        ```python
+        state = broadcast(state)      # every rank now holds rank 0's state
+        ```
     """
     if world_size() == 1:
         return tree
@@ -213,7 +217,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     a list of the same length.
 
     Example:
-        >>> total_loss, total_count = all_reduce_sum([loss_sum, count])
+        ```python
+        total_loss, total_count = all_reduce_sum([loss_sum, count])
+        ```
     """
     if world_size() == 1:
         return list(values)
@@ -226,7 +232,9 @@ def any_true(flag: bool) -> bool:
     """True when ``flag`` is true on some rank: decisions (stop, skip) that every rank must share.
 
     Example:
-        >>> stop = any_true(stop)
+        ```python
+        stop = any_true(stop)
+        ```
     """
     return flag if world_size() == 1 else not all_true(not flag, _collective_device())
 
@@ -235,7 +243,9 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank ``src``'s value of a small picklable object, on every rank (e.g. a run directory).
 
     Example:
-        >>> run_dir = broadcast_object(make_run_dir() if rank() == 0 else None)
+        ```python
+        run_dir = broadcast_object(make_run_dir() if rank() == 0 else None)
+        ```
     """
     if world_size() == 1:
         return obj
@@ -248,7 +258,8 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Every rank's ``t`` concatenated along dim 0, in rank order (sizes along dim 0 may differ).
 
     Example:
-        >>> all_gather_cat(torch.tensor([rank()]))     # on 2 ranks: tensor([0, 1])
+        >>> all_gather_cat(torch.tensor([rank()]))     # in one process; on 2 ranks: tensor([0, 1])
+        tensor([0])
     """
     n = world_size()
     if n == 1:

@@ -8,14 +8,16 @@ factory's keyword parameters are the experiment's hyperparameters, which
 With no TARGET the command trains :func:`digits`.
 
 Example:
-    >>> def mlp(hidden: int = 128, lr: float = 1e-3, seed: int = 0) -> Experiment:
-    ...     model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
-    ...     return Experiment(digits_datamodule(seed), model, loss_fn, fo.adam(lr), metrics_fn, max_epochs=5,
-    ...                       seed=seed, name="my MLP")
-    >>> hparams_of(mlp)
-    {'hidden': 128, 'lr': 0.001, 'seed': 0}
-    >>> exp = build_experiment(mlp, {"hidden": 64})
-    >>> result, test_metrics = exp.run(fnlight.Trainer(max_epochs=exp.max_epochs, run_dir="runs/mlp"))
+    ```python
+    def mlp(hidden: int = 128, lr: float = 1e-3, seed: int = 0) -> Experiment:
+        model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+        return Experiment(digits_datamodule(seed), model, loss_fn, fo.adam(lr), metrics_fn, max_epochs=5,
+                          seed=seed, name="my MLP")
+    hparams_of(mlp)
+    # {'hidden': 128, 'lr': 0.001, 'seed': 0}
+    exp = build_experiment(mlp, {"hidden": 64})
+    result, test_metrics = exp.run(fnlight.Trainer(max_epochs=exp.max_epochs, run_dir="runs/mlp"))
+    ```
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ class Experiment:
         """The model's eval-mode output on a batch, with the state's weights (no gradients).
 
         Example:
-            >>> logits = exp.forward(state, next(iter(exp.datamodule.batches("test"))))
+            ```python
+            logits = exp.forward(state, next(iter(exp.datamodule.batches("test"))))
+            ```
         """
         if self.model.training:
             self.model.eval()  # (as the eval step does: the template's mode is not part of any result)

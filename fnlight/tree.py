@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "NAMESPACE",
+    "batch_size",
     "device_put",
     "named_leaves",
     "register_node",
@@ -238,3 +239,16 @@ def tree_hash(tree: Any) -> str:
         else:
             h.update(f"{type(leaf).__qualname__}:{leaf!r}".encode())
     return h.hexdigest()
+
+
+def batch_size(batch: Any) -> int:
+    """The leading dimension of the first tensor leaf of ``batch`` that has one: how many samples it holds.
+
+    Example:
+        >>> batch_size({"x": torch.zeros(8, 3), "y": torch.zeros(8)})
+        8
+    """
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    raise ValueError("cannot tell the batch size: the batch has no tensor with a leading dimension")

@@ -8,11 +8,11 @@ Example:
     >>> x, y = next(iter(dm.batches("train", epoch=0)))
 """
 
-from ._describe import FingerprintError
 from .batch import Batch, batch
 from .cache import Cache, cache
 from .datamodule import DataModule
 from .dataset import Dataset, MapDataset, ShapeError, Splits, SubsetDataset, TensorDataset, TorchDataset
+from .describe import FingerprintError
 from .digits import digits
 from .download import ChecksumError, Download, DownloadError, download
 from .hf import FromHF, HFDataset, from_hf

@@ -207,7 +207,9 @@ def cache(where: Literal["memory", "disk"] = "memory", on: str | tuple[str, ...]
     """Materialize the stages before it once (see the module docstring).
 
     Example:
-        >>> p = download_stage >> split({"train": 0.9, "val": 0.1}) >> transform(decode) >> cache("disk")
+        ```python
+        p = download_stage >> split({"train": 0.9, "val": 0.1}) >> transform(decode) >> cache("disk")
+        ```
     """
     if where not in ("memory", "disk"):
         raise ValueError(f"cache(where=...) is 'memory' or 'disk', got {where!r}")

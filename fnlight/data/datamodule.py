@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ._describe import fingerprint_of
 from .batch import batch as batch_stage
 from .dataset import Dataset
+from .describe import fingerprint_of
 from .loader import BatchIterator
 from .order import BatchOrder
 from .shuffle import shuffle as shuffle_stage
@@ -161,7 +161,9 @@ class DataModule:
         The Trainer calls it at the start of ``fit``.
 
         Example:
-            >>> dm.prepare()                 # one download for the whole job
+            ```python
+            dm.prepare()                 # one download for the whole job
+            ```
         """
         ctx = self.context
         if distributed.world_size() > 1:

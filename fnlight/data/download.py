@@ -18,9 +18,11 @@ only then renamed into place, so a reader never sees a partial or wrong file:
   ``user:pass@`` is sent as HTTP basic authentication.
 
 Example:
-    >>> import fnlight.data as fd
-    >>> src = fd.download("https://example.org/iris.csv", sha256="ab12...",
-    ...                   read=fd.read_csv(label=-1))
+    ```python
+    import fnlight.data as fd
+    src = fd.download("https://example.org/iris.csv", sha256="ab12...",
+                      read=fd.read_csv(label=-1))
+    ```
 """
 
 from __future__ import annotations
@@ -265,8 +267,10 @@ def download(url: str, sha256: str | None = None, filename: str | None = None,
             ``timeout_s`` later); then it is retried. None: no limit.
 
     Example:
-        >>> src = download("https://example.org/iris.csv.gz", sha256="0f3a...",
-        ...                read=read_csv(label=-1))
+        ```python
+        src = download("https://example.org/iris.csv.gz", sha256="0f3a...",
+                       read=read_csv(label=-1))
+        ```
     """
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https", "file"):

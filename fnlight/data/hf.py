@@ -119,9 +119,11 @@ def from_hf(dataset: Any, columns: str | Sequence[str] | None = None) -> FromHF:
     same at every load, from any path, though not equal to that of the dataset before saving.)
 
     Example:
-        >>> import datasets
-        >>> ds = datasets.load_from_disk("data/tokenized")  # e.g. columns input_ids, labels
-        >>> pipeline = fd.from_hf(ds, columns=["input_ids", "labels"]) >> fd.shuffle() >> fd.batch(8)
+        ```python
+        import datasets
+        ds = datasets.load_from_disk("data/tokenized")  # e.g. columns input_ids, labels
+        pipeline = fd.from_hf(ds, columns=["input_ids", "labels"]) >> fd.shuffle() >> fd.batch(8)
+        ```
     """
     cols = columns if columns is None or isinstance(columns, str) else tuple(columns)
     if isinstance(dataset, Mapping):  # a DatasetDict

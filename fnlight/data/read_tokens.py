@@ -172,8 +172,10 @@ def read_tokens(path: str | os.PathLike[str] | None = None, dtype: str = "uint16
     not a multiple of the dtype's size.
 
     Example:
-        >>> p = read_tokens("data/shakespeare_char/train.bin") >> windows(256) >> shuffle() >> batch(64)
-        >>> p = read_tokens(train="train.bin", val="val.bin", dtype="uint32") >> windows(1024)
+        ```python
+        p = read_tokens("data/shakespeare_char/train.bin") >> windows(256) >> shuffle() >> batch(64)
+        p = read_tokens(train="train.bin", val="val.bin", dtype="uint32") >> windows(1024)
+        ```
     """
     if path is not None and splits:
         raise TypeError("read_tokens takes one path or named split files (train=..., val=...), not both.")

@@ -32,7 +32,7 @@ class Reader:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        from ._describe import describe_value
+        from .describe import describe_value
 
         out: dict[str, Any] = {"reader": self.name}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]

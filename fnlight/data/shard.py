@@ -72,7 +72,9 @@ def shard(rank: int | None = None, world_size: int | None = None, drop_remainder
     ``torch.distributed``'s when a process group is initialized (else 0 and 1).
 
     Example:
-        >>> p = shard() >> batch(32)          # before batch(): deal out samples
+        ```python
+        p = shard() >> batch(32)          # before batch(): deal out samples
+        ```
     """
     if (rank is None) != (world_size is None):
         raise ValueError("give shard() both rank and world_size, or neither.")

@@ -3,7 +3,7 @@
 Example:
     >>> import torch, fnlight.data as fd
     >>> src = fd.from_tensors(torch.zeros(5, 3), torch.arange(5))
-    >>> len(src.load(fd.Context())["train"])
+    >>> len(src.load(fd.Context()))   # one dataset; fd.split(...) makes named splits of it
     5
 """
 
@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..tree import tree_hash
-from ._describe import UNSTABLE
 from .dataset import Dataset, Splits, TensorDataset, TorchDataset
+from .describe import UNSTABLE
 from .stage import Context, Plans, Stage, Where, splits_to_plans
 
 
@@ -119,10 +119,12 @@ def from_torch(dataset: Any = None, /, *, fingerprint: str | None = None, **spli
     pipeline has no fingerprint (and cannot be cached on disk or checkpointed).
 
     Example:
-        >>> import torch
-        >>> tds = torch.utils.data.TensorDataset(torch.zeros(4, 2))
-        >>> src = from_torch(train=tds)
-        >>> src2 = from_torch(train=my_image_folder, fingerprint="imagenette-v2")
+        ```python
+        import torch
+        tds = torch.utils.data.TensorDataset(torch.zeros(4, 2))
+        src = from_torch(train=tds)
+        src2 = from_torch(train=my_image_folder, fingerprint="imagenette-v2")
+        ```
     """
     if dataset is not None:
         if splits:

@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 import torch
 
 from .. import random as fr
-from ._describe import describe_value, fingerprint_of
 from .dataset import Dataset, Splits
+from .describe import describe_value, fingerprint_of
 from .order import BatchOrder, Order
 
 DEFAULT_SPLIT = "train"

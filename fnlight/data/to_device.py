@@ -62,6 +62,8 @@ def to_device(device: str | torch.device | None = None, non_blocking: bool = Tru
     available, else CPU), through pinned memory when the target is CUDA.
 
     Example:
-        >>> p = batch(128) >> to_device() >> transform(augment_on_gpu, batched=True)
+        ```python
+        p = batch(128) >> to_device() >> transform(augment_on_gpu, batched=True)
+        ```
     """
     return ToDevice(None if device is None else str(torch.device(device)), non_blocking, normalize_on(on))

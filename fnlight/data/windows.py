@@ -119,8 +119,10 @@ def windows(block_size: int, stride: int | None = None) -> Windows:
     a ``split()`` after them shares tokens between its parts.
 
     Example:
-        >>> p = read_tokens("train.bin") >> windows(256) >> shuffle() >> batch(64)
-        >>> p = read_tokens("train.bin") >> windows(256, stride=1)     # every start position
+        ```python
+        p = read_tokens("train.bin") >> windows(256) >> shuffle() >> batch(64)
+        p = read_tokens("train.bin") >> windows(256, stride=1)     # every start position
+        ```
     """
     for what, v in (("block_size", block_size), ("stride", stride)):
         if v is None and what == "stride":

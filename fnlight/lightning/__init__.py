@@ -10,10 +10,12 @@
   ``LightningModule`` with fnlight's functional step, its ``training_step`` as the loss.
 
 Example:
-    >>> import lightning, fnlight.lightning as fl
-    >>> trainer = lightning.Trainer(max_epochs=3)
-    >>> trainer.fit(lit_model, datamodule=fl.to_lightning(dm))
-    >>> pipeline = fl.from_lightning(MNISTDataModule()) >> fd.shuffle(on="train") >> fd.batch(64)
+    ```python
+    import lightning, fnlight.lightning as fl
+    trainer = lightning.Trainer(max_epochs=3)
+    trainer.fit(lit_model, datamodule=fl.to_lightning(dm))
+    pipeline = fl.from_lightning(MNISTDataModule()) >> fd.shuffle(on="train") >> fd.batch(64)
+    ```
 """
 
 try:

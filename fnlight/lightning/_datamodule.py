@@ -1,9 +1,11 @@
 """``to_lightning``: an fnlight DataModule as a ``LightningDataModule``.
 
 Example:
-    >>> import lightning, fnlight.lightning as fl
-    >>> ldm = fl.to_lightning(fnlight.DataModule(pipeline, seed=0))
-    >>> lightning.Trainer(max_epochs=5).fit(lit_model, datamodule=ldm)
+    ```python
+    import lightning, fnlight.lightning as fl
+    ldm = fl.to_lightning(fnlight.DataModule(pipeline, seed=0))
+    lightning.Trainer(max_epochs=5).fit(lit_model, datamodule=ldm)
+    ```
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ..data._describe import FingerprintError
+from ..data import FingerprintError
 from ..data.datamodule import DataModule
 
 
@@ -118,7 +120,9 @@ class ToLightning(pl.LightningDataModule):
         ``fingerprint``...). Lists or dicts of datasets are refused with an explanation.
 
         Example:
-            >>> ldm = ToLightning.from_datasets(train_dataset=tds, val_dataset=vds, batch_size=32, seed=0)
+            ```python
+            ldm = ToLightning.from_datasets(train_dataset=tds, val_dataset=vds, batch_size=32, seed=0)
+            ```
         """
         return cls(DataModule.from_datasets(train_dataset=train_dataset, val_dataset=val_dataset,
                                             test_dataset=test_dataset, predict_dataset=predict_dataset,
@@ -311,9 +315,11 @@ def to_lightning(datamodule: DataModule) -> ToLightning:
     ``DataModule(workers=...)`` replaces ``DataLoader(num_workers=...)``.
 
     Example:
-        >>> ldm = to_lightning(fnlight.experiment.digits_datamodule(seed=0))
-        >>> trainer = lightning.Trainer(max_epochs=10, callbacks=[ModelCheckpoint(every_n_train_steps=100)])
-        >>> trainer.fit(lit_model, datamodule=ldm)
-        >>> trainer.fit(lit_model, datamodule=to_lightning(dm), ckpt_path="last.ckpt")  # resumes mid-epoch
+        ```python
+        ldm = to_lightning(fnlight.experiment.digits_datamodule(seed=0))
+        trainer = lightning.Trainer(max_epochs=10, callbacks=[ModelCheckpoint(every_n_train_steps=100)])
+        trainer.fit(lit_model, datamodule=ldm)
+        trainer.fit(lit_model, datamodule=to_lightning(dm), ckpt_path="last.ckpt")  # resumes mid-epoch
+        ```
     """
     return ToLightning(datamodule)

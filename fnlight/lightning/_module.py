@@ -7,11 +7,13 @@ inside ``training_step`` compute with them, and ``torch.func.grad`` differentiat
 through them. ``self.log(...)`` values come back as the step's metrics.
 
 Example:
-    >>> import fnlight, fnlight.optim as fo, fnlight.lightning as fl
-    >>> step = fl.train_step_from_module(lit_model, fo.adam(1e-3))
-    >>> state = fnlight.TrainState.create(lit_model, fo.adam(1e-3), seed=0)
-    >>> result = fnlight.Trainer(max_epochs=5).fit(state, step, dm, eval_step=fl.eval_step_from_module(lit_model))
-    >>> result.state.write_to(lit_model)  # back into the LightningModule
+    ```python
+    import fnlight, fnlight.optim as fo, fnlight.lightning as fl
+    step = fl.train_step_from_module(lit_model, fo.adam(1e-3))
+    state = fnlight.TrainState.create(lit_model, fo.adam(1e-3), seed=0)
+    result = fnlight.Trainer(max_epochs=5).fit(state, step, dm, eval_step=fl.eval_step_from_module(lit_model))
+    result.state.write_to(lit_model)  # back into the LightningModule
+    ```
 """
 
 from __future__ import annotations
@@ -135,7 +137,9 @@ def loss_from_module(module: Any, *, batch_idx: int = 0) -> LossFn:
     ``batch_idx`` is passed as given (fnlight's step has no batch index).
 
     Example:
-        >>> step = fnlight.make_train_step(lit_model, loss_from_module(lit_model), fo.adam(1e-3), clip=1.0)
+        ```python
+        step = fnlight.make_train_step(lit_model, loss_from_module(lit_model), fo.adam(1e-3), clip=1.0)
+        ```
     """
     _check_module(module, "training_step")
 
@@ -161,7 +165,9 @@ def metrics_from_module(module: Any, method: str = "validation_step", *,
     ``test_step``) and returns what it logs, plus its returned scalar as ``"loss"``.
 
     Example:
-        >>> eval_step = fnlight.make_eval_step(lit_model, metrics_from_module(lit_model, "test_step"))
+        ```python
+        eval_step = fnlight.make_eval_step(lit_model, metrics_from_module(lit_model, "test_step"))
+        ```
     """
     _check_module(module, method)
 
@@ -189,8 +195,10 @@ def train_step_from_module(module: Any, optimizer: GradientTransformation, *, ba
     hooks. ``compile=True`` is not supported (the call redirection is not traceable).
 
     Example:
-        >>> step = train_step_from_module(lit_model, fo.adamw(1e-3), clip=1.0)
-        >>> state = fnlight.TrainState.create(lit_model, fo.adamw(1e-3), seed=0)
+        ```python
+        step = train_step_from_module(lit_model, fo.adamw(1e-3), clip=1.0)
+        state = fnlight.TrainState.create(lit_model, fo.adamw(1e-3), seed=0)
+        ```
     """
     if isinstance(optimizer, torch.optim.Optimizer) or not isinstance(optimizer, GradientTransformation):
         raise TypeError(f"train_step_from_module needs an optimizer from fnlight.optim (e.g. fo.adam(1e-3)), got "
@@ -207,7 +215,9 @@ def eval_step_from_module(module: Any, method: str = "validation_step", **step_o
     """``make_eval_step(module, metrics_from_module(module, method))``.
 
     Example:
-        >>> trainer.test(state, eval_step_from_module(lit_model, "test_step"), dm)
-        {'test_acc': 0.97}
+        ```python
+        trainer.test(state, eval_step_from_module(lit_model, "test_step"), dm)
+        # {'test_acc': 0.97}
+        ```
     """
     return make_eval_step(module, metrics_from_module(module, method), **step_options)

@@ -1,8 +1,10 @@
 """``from_lightning``: an existing ``LightningDataModule`` as an fnlight source stage.
 
 Example:
-    >>> import fnlight.data as fd, fnlight.lightning as fl
-    >>> pipeline = fl.from_lightning(MNISTDataModule("data/")) >> fd.shuffle(on="train") >> fd.batch(64)
+    ```python
+    import fnlight.data as fd, fnlight.lightning as fl
+    pipeline = fl.from_lightning(MNISTDataModule("data/")) >> fd.shuffle(on="train") >> fd.batch(64)
+    ```
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..data._describe import UNSTABLE
 from ..data.dataset import Splits, TorchDataset
+from ..data.describe import UNSTABLE
 from ..data.sources import Source
 from ..data.stage import Context
 
@@ -118,9 +120,11 @@ def from_lightning(datamodule: Any, *, splits: tuple[str, ...] | list[str] | Non
             fnlight checkpoints), as for :func:`~fnlight.data.from_torch`.
 
     Example:
-        >>> pipeline = (from_lightning(MNISTDataModule("data/"), fingerprint="mnist-v1")
-        ...             >> fd.transform(augment, on="train") >> fd.shuffle(on="train") >> fd.batch(64))
-        >>> dm = fnlight.DataModule(pipeline, seed=0)
+        ```python
+        pipeline = (from_lightning(MNISTDataModule("data/"), fingerprint="mnist-v1")
+                    >> fd.transform(augment, on="train") >> fd.shuffle(on="train") >> fd.batch(64))
+        dm = fnlight.DataModule(pipeline, seed=0)
+        ```
     """
     for method in ("prepare_data", "setup"):
         if not callable(getattr(datamodule, method, None)):

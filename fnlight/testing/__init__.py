@@ -15,8 +15,10 @@ Names are imported on first use, so ``import fnlight.testing`` (and the pytest
 plugin) stays cheap and works without hypothesis installed.
 
 Example:
-    >>> from fnlight.testing import assert_reproducible
-    >>> new_state, metrics = assert_reproducible(train_step, state, batch)
+    ```python
+    from fnlight.testing import assert_reproducible
+    new_state, metrics = assert_reproducible(train_step, state, batch)
+    ```
 """
 
 from __future__ import annotations

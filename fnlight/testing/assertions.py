@@ -6,10 +6,12 @@ that differs (``result[0].params['0.weight']``), both values' dtypes and shapes,
 how many elements differ and by how much at most.
 
 Example:
-    >>> from fnlight.testing import assert_reproducible, assert_resume_equivalent
-    >>> assert_reproducible(train_step, state, batch)
-    >>> assert_resume_equivalent(fnlight.Trainer(max_epochs=2), state, train_step, dm, stop_at=[3, 7],
-    ...                          tmp_path=tmp_path)
+    ```python
+    from fnlight.testing import assert_reproducible, assert_resume_equivalent
+    assert_reproducible(train_step, state, batch)
+    assert_resume_equivalent(fnlight.Trainer(max_epochs=2), state, train_step, dm, stop_at=[3, 7],
+                             tmp_path=tmp_path)
+    ```
 """
 
 from __future__ import annotations
@@ -91,10 +93,12 @@ def assert_reproducible(fn: Callable[..., R], *args: Any, runs: int = 2, check_i
     function that draws from it (``lambda x: x + torch.rand(3)``) fails.
 
     Example:
-        >>> new_state, metrics = assert_reproducible(train_step, state, batch)
-        >>> assert_reproducible(lambda x: x + torch.rand(3), torch.zeros(3))
-        Traceback (most recent call last):
-        AssertionError: fn is not reproducible: run 2 differs from run 1 at result: float32[3], 3 of 3 elements ...
+        ```python
+        new_state, metrics = assert_reproducible(train_step, state, batch)
+        assert_reproducible(lambda x: x + torch.rand(3), torch.zeros(3))
+        # Traceback (most recent call last):
+        # AssertionError: fn is not reproducible: run 2 differs from run 1 at result: float32[3], 3 of 3 elements ...
+        ```
     """
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 2:
         raise ValueError(f"runs must be an int >= 2, got {runs!r}")
@@ -190,11 +194,13 @@ def assert_resume_equivalent(trainer: Trainer, state: TrainState, train_step: Ca
         The uninterrupted run's :class:`~fnlight.FitResult`.
 
     Example:
-        >>> trainer = fnlight.Trainer(max_epochs=2, ckpt_every_n_epochs=1)
-        >>> full = assert_resume_equivalent(trainer, state, train_step, dm, eval_step, stop_at=[1, 5, 9],
-        ...                                 tmp_path=tmp_path)
-        >>> int(full.state.step)
-        20
+        ```python
+        trainer = fnlight.Trainer(max_epochs=2, ckpt_every_n_epochs=1)
+        full = assert_resume_equivalent(trainer, state, train_step, dm, eval_step, stop_at=[1, 5, 9],
+                                        tmp_path=tmp_path)
+        int(full.state.step)
+        # 20
+        ```
     """
     from ..train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, step_dir
 
@@ -227,7 +233,7 @@ def assert_resume_equivalent(trainer: Trainer, state: TrainState, train_step: Ca
             resumed = dataclasses.replace(base, run_dir=where / "run", ckpt_dir=where / "ckpt").fit(
                 state, train_step, datamodule, eval_step)
             diff = (tree_first_difference(full.state, resumed.state, "state")
-                    or _history_difference(full.history, resumed.history)
+                    or history_difference(full.history, resumed.history)
                     or tree_first_difference(full.callback_states, resumed.callback_states, "callback_states"))
             if diff is not None:
                 raise AssertionError(f"resuming after {p} of {total} steps does not reproduce the uninterrupted "
@@ -235,7 +241,16 @@ def assert_resume_equivalent(trainer: Trainer, state: TrainState, train_step: Ca
     return full
 
 
-def _history_difference(full: list[dict[str, Any]], resumed: list[dict[str, Any]]) -> str | None:
+def history_difference(full: list[dict[str, Any]], resumed: list[dict[str, Any]]) -> str | None:
+    """Where two fit histories (lists of epoch rows) first differ, ignoring the wall-clock ``time_s``;
+    None when they are equal bitwise.
+
+    Example:
+        >>> history_difference([{"train/loss": 1.0, "time_s": 3.0}], [{"train/loss": 1.0, "time_s": 9.0}]) is None
+        True
+        >>> history_difference([{"train/loss": 1.0}], [])
+        'history: 1 rows vs 0 rows'
+    """
     a, b = _without_time(full), _without_time(resumed)
     if len(a) != len(b):
         return f"history: {len(a)} rows vs {len(b)} rows"

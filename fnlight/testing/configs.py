@@ -45,7 +45,7 @@ class OptimizerConfig:
     test a few lines (see :func:`fnlight.testing.optimizers`).
 
     Example:
-        >>> OptimizerConfig("adamw", lr=1e-3, weight_decay=0.05).build()
+        >>> opt = OptimizerConfig("adamw", lr=1e-3, weight_decay=0.05).build()
     """
 
     name: Literal["sgd", "adam", "adamw"]

@@ -71,9 +71,11 @@ def models(draw: Any, din: IntOrStrategy = 4, dout: IntOrStrategy = 3, *, depth:
     generator (the global generator is untouched).
 
     Example:
-        >>> @given(model=models(din=6, dout=2, batchnorm=True))
-        ... def test_forward(model):
-        ...     assert model(torch.zeros(4, 6)).shape == (4, 2)
+        ```python
+        @given(model=models(din=6, dout=2, batchnorm=True))
+        def test_forward(model):
+            assert model(torch.zeros(4, 6)).shape == (4, 2)
+        ```
     """
     din_, dout_ = _pick(draw, din, st.just(4)), _pick(draw, dout, st.just(3))
     depth_ = _pick(draw, depth, st.integers(1, 2))
@@ -112,10 +114,12 @@ def datasets(draw: Any, n: IntOrStrategy = None, din: IntOrStrategy = 4,
         dout: classes.
 
     Example:
-        >>> @given(data=datasets(n=32, din=5, dout=2))
-        ... def test_shapes(data):
-        ...     x, y = data
-        ...     assert x.shape == (32, 5) and y.max() < 2
+        ```python
+        @given(data=datasets(n=32, din=5, dout=2))
+        def test_shapes(data):
+            x, y = data
+            assert x.shape == (32, 5) and y.max() < 2
+        ```
     """
     n_ = _pick(draw, n, st.integers(8, 48))
     din_, dout_ = _pick(draw, din, st.just(4)), _pick(draw, dout, st.just(3))
@@ -132,7 +136,9 @@ class AddNoise:
     A frozen dataclass, so pipelines using it have a stable fingerprint.
 
     Example:
-        >>> p = fd.from_tensors(x, y) >> fd.transform(AddNoise(0.1), on="train") >> fd.batch(8)
+        ```python
+        p = fd.from_tensors(x, y) >> fd.transform(AddNoise(0.1), on="train") >> fd.batch(8)
+        ```
     """
 
     std: float = 0.1
@@ -163,10 +169,12 @@ def pipelines(draw: Any, n: IntOrStrategy = None, din: IntOrStrategy = 4, dout: 
         shuffle: None: drawn; True/False: with/without shuffling the training split.
 
     Example:
-        >>> @given(pipeline=pipelines(din=4, dout=3), seed=seeds)
-        ... def test_batches(pipeline, seed):
-        ...     dm = fnlight.DataModule(pipeline, seed=seed)
-        ...     assert all(len(x) > 1 for x, _ in dm.batches("train"))
+        ```python
+        @given(pipeline=pipelines(din=4, dout=3), seed=seeds)
+        def test_batches(pipeline, seed):
+            dm = fnlight.DataModule(pipeline, seed=seed)
+            assert all(len(x) > 1 for x, _ in dm.batches("train"))
+        ```
     """
     x, y = draw(datasets(n, din, dout))
     size = len(x)
@@ -199,11 +207,13 @@ def optimizers(draw: Any, names: tuple[str, ...] = NAMES) -> OptimizerConfig:
         names: which of ``"sgd"``, ``"adam"``, ``"adamw"`` to draw from.
 
     Example:
-        >>> @given(cfg=optimizers())
-        ... def test_matches_torch(cfg):
-        ...     params = {"w": torch.randn(3, 2)}
-        ...     ours, ref = cfg.build(), cfg.torch([torch.nn.Parameter(params["w"].clone())])
-        ...     ...  # step both on the same gradients, compare with torch.testing.assert_close
+        ```python
+        @given(cfg=optimizers())
+        def test_matches_torch(cfg):
+            params = {"w": torch.randn(3, 2)}
+            ours, ref = cfg.build(), cfg.torch([torch.nn.Parameter(params["w"].clone())])
+            ...  # step both on the same gradients, compare with torch.testing.assert_close
+        ```
     """
     unknown = set(names) - set(NAMES)
     if unknown or not names:
@@ -228,10 +238,12 @@ def interruption_points(total_steps: int, max_points: int = 3) -> st.SearchStrat
     to interrupt a run of ``total_steps`` steps; made for ``assert_resume_equivalent(stop_at=...)``.
 
     Example:
-        >>> @given(stop_at=interruption_points(20))
-        ... def test_resume(tmp_path_factory, stop_at):
-        ...     assert_resume_equivalent(trainer, state, step, dm, stop_at=stop_at,
-        ...                              tmp_path=tmp_path_factory.mktemp("resume"))
+        ```python
+        @given(stop_at=interruption_points(20))
+        def test_resume(tmp_path_factory, stop_at):
+            assert_resume_equivalent(trainer, state, step, dm, stop_at=stop_at,
+                                     tmp_path=tmp_path_factory.mktemp("resume"))
+        ```
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 2:
         raise ValueError(f"a run of {total_steps!r} steps has no step to interrupt it after (needs >= 2)")

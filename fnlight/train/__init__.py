@@ -22,6 +22,7 @@ from .ensemble import DPConfig, num_members, per_sample_grads, stack_states, uns
 from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from .loop import FitResult, Interrupted, Trainer
 from .lr_callbacks import LRFinder, ReduceLROnPlateau
+from .mlflow_logger import MLflowLogger
 from .state import TrainState
 from .step import (
     EvalStep,
@@ -54,6 +55,7 @@ __all__ = [
     "LambdaCallback",
     "LearningRateMonitor",
     "Logger",
+    "MLflowLogger",
     "ModelCheckpoint",
     "NonFiniteError",
     "ReduceLROnPlateau",

@@ -3,9 +3,11 @@ first call (reported with the user's line and the known fixes), a code object pe
 inductor's ``_foreach_norm`` warning kept quiet.
 
 Example:
-    >>> with DynamoWatch() as watch:
-    ...     compiled_step(state, batch)
-    >>> watch.reasons  # Dynamo's reasons for the graph breaks and skipped frames of the call, if any
+    ```python
+    with DynamoWatch() as watch:
+        compiled_step(state, batch)
+    watch.reasons  # Dynamo's reasons for the graph breaks and skipped frames of the call, if any
+    ```
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ loop threads through its hooks (and that a checkpoint can save):
     cb_state, signal = cb.on_epoch(cb_state, state, metrics, ctx)   # after every epoch
 
 Example:
-    >>> trainer = Trainer(max_epochs=50, callbacks=(EarlyStopping("val/loss", patience=3),))
+    ```python
+    trainer = Trainer(max_epochs=50, callbacks=(EarlyStopping("val/loss", patience=3),))
+    ```
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class EarlyStopping(Callback):
 
     Example:
         >>> EarlyStopping("val/acc", mode="max", patience=5, min_delta=1e-3)
+        EarlyStopping(monitor='val/acc', mode='max', patience=5, min_delta=0.001, check_finite=True)
     """
 
     monitor: str = "val/loss"
@@ -142,9 +145,11 @@ class ModelCheckpoint(Callback):
     checkpoint, so a resumed run keeps ranking where it stopped.
 
     Example:
-        >>> best = ModelCheckpoint("val/acc", mode="max", save_top_k=3)
-        >>> result = Trainer(max_epochs=20, ckpt_dir="runs/a/ckpt", keep_last=1, callbacks=(best,)).fit(...)
-        >>> state, meta = fnlight.load_checkpoint(best.best_path(result))
+        ```python
+        best = ModelCheckpoint("val/acc", mode="max", save_top_k=3)
+        result = Trainer(max_epochs=20, ckpt_dir="runs/a/ckpt", keep_last=1, callbacks=(best,)).fit(...)
+        state, meta = fnlight.load_checkpoint(best.best_path(result))
+        ```
     """
 
     monitor: str = "val/loss"
@@ -247,7 +252,7 @@ class LambdaCallback(Callback):
     (stop) or a :class:`Signal`.
 
     Example:
-        >>> LambdaCallback(on_epoch=lambda state, m: m["val/acc"] > 0.99)   # stop when good enough
+        >>> good_enough = LambdaCallback(on_epoch=lambda state, m: m["val/acc"] > 0.99)   # stops the run
     """
 
     step_fn: Callable[[Any, Mapping[str, Any]], Any] | None = field(default=None)

@@ -21,8 +21,10 @@ truncated file, bad JSON, a FIFO or a dangling symlink in place of a file),
 always naming the file and what is wrong.
 
 Example:
-    >>> fnlight.save_checkpoint("runs/a/step_100", state, meta={"epoch": 3})
-    >>> state2, meta = fnlight.load_checkpoint("runs/a/step_100", like=state)
+    ```python
+    fnlight.save_checkpoint("runs/a/step_100", state, meta={"epoch": 3})
+    state2, meta = fnlight.load_checkpoint("runs/a/step_100", like=state)
+    ```
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     """The Trainer's ``step_<n>`` checkpoint directories in ``ckpt_dir``, oldest first.
 
     Example:
-        >>> list_checkpoints("runs/a/ckpt")[-1]   # the newest
+        ```python
+        list_checkpoints("runs/a/ckpt")[-1]   # the newest
+        ```
     """
     found = [p for p in Path(ckpt_dir).glob("step_*") if p.name[5:].isdigit() and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[5:]))
@@ -115,7 +119,9 @@ def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any]
     See :class:`AsyncCheckpointer` to write in the background.
 
     Example:
-        >>> save_checkpoint("runs/a/step_100", state, meta={"epoch": 3, "position": 12})
+        ```python
+        save_checkpoint("runs/a/step_100", state, meta={"epoch": 3, "position": 12})
+        ```
     """
     tensors, doc = _prepare(state, meta)
     return files.write(Path(path), {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, doc)
@@ -135,11 +141,13 @@ class AsyncCheckpointer:
     write is atomic, as with :func:`save_checkpoint`).
 
     Example:
-        >>> with AsyncCheckpointer() as ckpt:
-        ...     for step in range(1000):
-        ...         state, _ = train_step(state, next(batches))
-        ...         if step % 100 == 0:
-        ...             ckpt.save(f"runs/a/step_{step}", state)   # returns after the host copy
+        ```python
+        with AsyncCheckpointer() as ckpt:
+            for step in range(1000):
+                state, _ = train_step(state, next(batches))
+                if step % 100 == 0:
+                    ckpt.save(f"runs/a/step_{step}", state)   # returns after the host copy
+        ```
     """
 
     def __init__(self) -> None:
@@ -226,7 +234,9 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
     kind raises :class:`CorruptCheckpointError` naming the file.
 
     Example:
-        >>> state, meta = load_checkpoint("runs/a/step_100", like=state, pipeline_fingerprint=dm.fingerprint)
+        ```python
+        state, meta = load_checkpoint("runs/a/step_100", like=state, pipeline_fingerprint=dm.fingerprint)
+        ```
     """
     path = Path(path)
     doc, tensors, where = files.read(path)
@@ -271,9 +281,11 @@ class Resumable(NamedTuple):
         """One line saying what was skipped and why, and where the run resumes (None when nothing was skipped).
 
         Example:
-            >>> find_resumable("runs/a/ckpt", like=state).message()
-            'skipped the damaged checkpoint runs/a/ckpt/step_000000200 (... is corrupted: ...); resuming from
-            runs/a/ckpt/step_000000100'
+            ```python
+            find_resumable("runs/a/ckpt", like=state).message()
+            # 'skipped the damaged checkpoint runs/a/ckpt/step_000000200 (... is corrupted: ...); resuming from
+            # runs/a/ckpt/step_000000100'
+            ```
         """
         if not self.skipped:
             return None
@@ -294,9 +306,11 @@ def find_resumable(ckpt_dir: str | os.PathLike, like: Any = None, device: torch.
     other data) is raised, since an older checkpoint would not fix it. Arguments as :func:`load_checkpoint`.
 
     Example:
-        >>> found = find_resumable("runs/a/ckpt", like=state, pipeline_fingerprint=dm.fingerprint)
-        >>> if found.message(): print(found.message())
-        >>> state = found.state if found.path is not None else state
+        ```python
+        found = find_resumable("runs/a/ckpt", like=state, pipeline_fingerprint=dm.fingerprint)
+        if found.message(): print(found.message())
+        state = found.state if found.path is not None else state
+        ```
     """
     skipped: list[tuple[Path, str]] = []
     for path in reversed(list_checkpoints(ckpt_dir)):

@@ -31,7 +31,10 @@ malformation is a :class:`CorruptCheckpointError` naming the file.
 
 Example:
     >>> write(Path("runs/a/step_100"), {"w": torch.zeros(3)}, {"structure": {"tensor": "w"}, "meta": {}})
-    >>> doc, tensors = read(Path("runs/a/step_100"))
+    PosixPath('runs/a/step_100')
+    >>> doc, tensors, where = read(Path("runs/a/step_100"))
+    >>> tensors["w"]
+    tensor([0., 0., 0.])
 """
 
 from __future__ import annotations

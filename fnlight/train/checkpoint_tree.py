@@ -82,7 +82,9 @@ def encode(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     Raises CheckpointError for anything that cannot round-trip exactly.
 
     Example:
-        >>> tensors, structure = encode(state)   # tensors["params/0.weight"] is state.params["0.weight"]
+        ```python
+        tensors, structure = encode(state)   # tensors["params/0.weight"] is state.params["0.weight"]
+        ```
     """
     tensors: dict[str, torch.Tensor] = {}
 
@@ -131,8 +133,10 @@ def tensor_names(state: Any) -> dict[str, torch.Tensor]:
     """The tensors of ``state`` under the names a checkpoint file gives them, in tree order.
 
     Example:
-        >>> list(tensor_names(state))[:2]
-        ['params/0.weight', 'params/0.bias']
+        ```python
+        list(tensor_names(state))[:2]
+        # ['params/0.weight', 'params/0.bias']
+        ```
     """
     return encode(state)[0]
 

@@ -52,8 +52,8 @@ from .. import distributed
 from .. import random as fr
 from ..optim import GradientTransformation, global_norm
 from ..optim import step as optim_step
-from ..tree import named_leaves, tree_leaves, tree_map, tree_structure
-from . import _checks
+from ..tree import batch_size, named_leaves, tree_leaves, tree_map, tree_structure
+from . import checks
 from .state import TrainState
 from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError
 
@@ -111,8 +111,10 @@ def unstack_states(state: TrainState) -> list[TrainState]:
     """The members of a stacked state, as ordinary states (copies).
 
     Example:
-        >>> [int(s.step) for s in fnlight.unstack_states(stacked)]
-        [0, 0, 0]
+        ```python
+        [int(s.step) for s in fnlight.unstack_states(stacked)]
+        # [0, 0, 0]
+        ```
     """
     n = num_members(state)
     if n is None:
@@ -124,8 +126,10 @@ def num_members(state: TrainState) -> int | None:
     """The number of members of a stacked state, or ``None`` for an ordinary state.
 
     Example:
-        >>> fnlight.num_members(stacked), fnlight.num_members(states[0])
-        (3, None)
+        ```python
+        fnlight.num_members(stacked), fnlight.num_members(states[0])
+        # (3, None)
+        ```
     """
     step = state.step
     return int(step.shape[0]) if isinstance(step, torch.Tensor) and step.dim() == 1 else None
@@ -136,8 +140,10 @@ def scalar_step(state: TrainState) -> int:
     lockstep, so they share one step; members at different steps are an error).
 
     Example:
-        >>> fnlight.train.ensemble.scalar_step(stacked)
-        0
+        ```python
+        fnlight.train.ensemble.scalar_step(stacked)
+        # 0
+        ```
     """
     step = state.step
     if step.dim() == 0:
@@ -367,13 +373,6 @@ def _autocast(precision: Precision, device: torch.device) -> contextlib.Abstract
     return contextlib.nullcontext()
 
 
-def _batch_size(batch: Any) -> int:
-    for leaf in tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    raise ValueError("cannot tell the batch size: the batch has no tensor with a leading dimension")
-
-
 def member_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each member's global L2 norm over a stacked tree (``[members]``): the norm of the per-tensor
     norms, as :func:`fnlight.optim.global_norm` computes it for one model.
@@ -470,7 +469,7 @@ class EnsembleTrainStep:
     member_chunk: int | None = None
 
     def __post_init__(self) -> None:
-        _checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite, self.clip)
+        checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite, self.clip)
         if self.member_chunk is not None and (type(self.member_chunk) is not int or self.member_chunk < 1):
             raise ValueError(f"member_chunk must be a positive int (members per vectorized pass), got "
                              f"{self.member_chunk!r}")
@@ -505,7 +504,7 @@ class EnsembleTrainStep:
         if self.accumulate == 1:
             g, (loss, (metrics, buffers)) = fn(params, buffers, batch, key, device)
             return g, loss, metrics, buffers
-        n = _batch_size(batch)
+        n = batch_size(batch)
         if n < self.accumulate:
             raise ValueError(f"accumulate={self.accumulate} needs batches of at least that many samples, got {n}")
         total: Any = None
@@ -514,7 +513,7 @@ class EnsembleTrainStep:
         for i in range(self.accumulate):
             chunk = tree_map(lambda t, i=i: torch.tensor_split(t, self.accumulate)[i]
                              if isinstance(t, torch.Tensor) else t, batch)
-            w = _batch_size(chunk) / n
+            w = batch_size(chunk) / n
             g, (l_i, (m_i, buffers)) = fn(params, buffers, chunk, fr.fold_in(key, i), device)
             g = {k: v * w for k, v in g.items()}
             total = g if total is None else {k: total[k] + g[k] for k in g}
@@ -683,7 +682,7 @@ class PerSampleGrads:
         """Per-sample gradients and per-sample losses (``[batch]``)."""
         if self.model.training is False:
             self.model.train(True)
-        n = _batch_size(batch)
+        n = batch_size(batch)
         base = fr.fold_in(state.key, state.step) if key is None else key
         keys = fr.fold_in(base.expand(n), torch.arange(n, device=base.device))
         with _explain_vmap_errors("per-sample gradients"):
@@ -703,10 +702,12 @@ def per_sample_grads(model: torch.nn.Module, loss_fn: LossFn, *, precision: Prec
     BatchNorm, which mixes the samples of a batch, is refused.
 
     Example:
-        >>> psg = fnlight.per_sample_grads(model, loss_fn)
-        >>> g = psg(fnlight.TrainState.create(model, fo.sgd(0.1)), (torch.randn(5, 4), torch.randint(0, 2, (5,))))
-        >>> tuple(g["weight"].shape)
-        (5, 2, 4)
+        ```python
+        psg = fnlight.per_sample_grads(model, loss_fn)
+        g = psg(fnlight.TrainState.create(model, fo.sgd(0.1)), (torch.randn(5, 4), torch.randint(0, 2, (5,))))
+        tuple(g["weight"].shape)
+        # (5, 2, 4)
+        ```
     """
     return PerSampleGrads(model, loss_fn, precision)
 
@@ -777,7 +778,7 @@ class DPTrainStep:
     on_nonfinite: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self) -> None:
-        _checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite)
+        checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite)
         object.__setattr__(self, "_psg", PerSampleGrads(self.model, self.loss_fn, self.precision))
 
     def donating(self) -> DPTrainStep:
@@ -787,14 +788,14 @@ class DPTrainStep:
     def gradients(self, state: TrainState, batch: Any) -> tuple[dict[str, torch.Tensor], Metrics]:
         """The noised, averaged DP gradient of ``batch`` at ``state``, and the step's metrics."""
         key = fr.fold_in(state.key, state.step)
-        n = _batch_size(batch)
+        n = batch_size(batch)
         if n < self.accumulate:
             raise ValueError(f"accumulate={self.accumulate} needs batches of at least that many samples, got {n}")
         total: dict[str, torch.Tensor] = {}
         losses, norms = [], []
         offset = 0
         for chunk in _chunks(batch, self.accumulate):  # sample i keeps key fold_in(key, i) in any chunking
-            m = _batch_size(chunk)
+            m = batch_size(chunk)
             keys = fr.fold_in(key.expand(m), torch.arange(offset, offset + m, device=key.device))
             with _explain_vmap_errors("per-sample gradients"):
                 per, loss_i = self._psg._vmapped(state.params, state.buffers, chunk, keys)

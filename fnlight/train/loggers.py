@@ -4,7 +4,8 @@
 - :class:`CSVLogger`: ``metrics.csv`` (epoch rows) and ``steps.csv`` (step rows);
 - :class:`JSONLLogger`: ``metrics.jsonl``, every row, flushed as it is written;
 - :class:`ConsoleLogger`: one line per epoch;
-- :class:`TensorBoardLogger`: event files (``pip install fnlight[tensorboard]``).
+- :class:`TensorBoardLogger`: event files (``pip install fnlight[tensorboard]``);
+- :class:`~fnlight.train.mlflow_logger.MLflowLogger`: an MLflow run (``pip install fnlight[mlflow]``).
 
 Files are appended to (``O_APPEND``), so two runs sharing a ``run_dir`` never
 leave NUL-filled holes, and rewritten only atomically (temp file, rename). On
@@ -14,6 +15,7 @@ it is never fatal. A write that fails (a full disk) raises an OSError naming
 the file.
 
 Example:
+    >>> from fnlight import Trainer
     >>> trainer = Trainer(run_dir="runs/a", loggers=(CSVLogger(), JSONLLogger(), ConsoleLogger()))
 """
 
@@ -46,6 +48,15 @@ class Logger:
 
     def log(self, row: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def log_hparams(self, hparams: dict[str, Any]) -> None:
+        """The run's hyperparameter record (``fit(hparams=...)``, JSON-able), once after ``open``
+        (again on every resume). Loggers that have no place for it ignore it."""
+
+    def log_checkpoint(self, path: Path) -> None:
+        """The run's last checkpoint directory, once when ``fit`` ends (finished, stopped, or interrupted
+        by a signal; not when it raised), before ``close``, where it has a ``ckpt_dir``. Loggers that
+        keep no artifacts ignore it."""
 
     def close(self) -> None:
         pass
@@ -206,21 +217,29 @@ class ConsoleLogger(Logger):
 
 
 class TensorBoardLogger(Logger):
-    """Scalars to TensorBoard event files in the run directory (needs ``tensorboard``)."""
+    """Scalars to TensorBoard event files in the run directory (needs ``tensorboard``): epoch rows under
+    their names, step rows as ``step/<name>``, at the row's step. A resumed run's first event purges
+    what the earlier run logged from that step on (TensorBoard's ``purge_step``), so no step shows twice."""
 
     def __init__(self) -> None:
         self._writer: Any = None
+        self._dir: Path | None = None
+        self._resumed = False
 
     def open(self, run_dir: Path, keep: Rows | None = None) -> TensorBoardLogger:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError as e:
             raise ImportError("TensorBoardLogger needs tensorboard: pip install 'fnlight[tensorboard]'") from e
         out = TensorBoardLogger()
-        out._writer = SummaryWriter(str(run_dir))
+        out._dir, out._resumed = Path(run_dir), keep is not None
         return out
 
     def log(self, row: dict[str, Any]) -> None:
+        if self._writer is None:  # at the first row: a resumed run's first step is where the purge starts
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self._dir), purge_step=row["step"] if self._resumed else None)
         for k, v in row.items():
             if k not in ("kind", "step", "epoch") and isinstance(v, float):
                 self._writer.add_scalar(f"{row['kind']}/{k}" if row["kind"] == "step" else k, v, row["step"])

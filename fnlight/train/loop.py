@@ -4,10 +4,12 @@ is one short function (``fit``) that reads top to bottom, with every callback
 and logger call visible in it.
 
 Example:
-    >>> trainer = fnlight.Trainer(max_epochs=5, run_dir="runs/digits")
-    >>> result = trainer.fit(state, train_step, dm, eval_step=eval_step)
-    >>> trainer.test(result.state, eval_step, dm)
-    {'loss': 0.08, 'acc': 0.97}
+    ```python
+    trainer = fnlight.Trainer(max_epochs=5, run_dir="runs/digits")
+    result = trainer.fit(state, train_step, dm, eval_step=eval_step)
+    trainer.test(result.state, eval_step, dm)
+    # {'loss': 0.08, 'acc': 0.97}
+    ```
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ import torch
 
 from .. import distributed
 from ..data.datamodule import DataModule
-from ..tree import device_put, tree_leaves, tree_map
-from ._checks import check_state_matches, noted
+from ..tree import batch_size, device_put, tree_leaves, tree_map
 from .callbacks import Callback, FitContext, Signal
 from .checkpoint import (
     AsyncCheckpointer,
@@ -42,10 +43,11 @@ from .checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from .checks import check_state_matches, noted
 from .ensemble import EnsembleTrainStep, PerMember, member_metrics, scalar_step, spread_members
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
-from .step import TrainStep, _batch_size
+from .step import TrainStep
 
 Metrics = dict[str, float]
 log = logging.getLogger("fnlight")  # resume, early stop and interrupt lines
@@ -163,11 +165,13 @@ class Interrupted(Exception):
     (128 + its number: 143 for SIGTERM, 130 for SIGINT).
 
     Example:
-        >>> try:
-        ...     trainer.fit(state, train_step, dm)
-        ... except fnlight.train.Interrupted as e:
-        ...     print(e.signal.name, e.step, e.checkpoint)
-        ...     sys.exit(e.exit_code)
+        ```python
+        try:
+            trainer.fit(state, train_step, dm)
+        except fnlight.train.Interrupted as e:
+            print(e.signal.name, e.step, e.checkpoint)
+            sys.exit(e.exit_code)
+        ```
     """
 
     def __init__(self, signum: int, step: int, epoch: int, position: int, checkpoint: Path | None) -> None:
@@ -326,11 +330,58 @@ def _limit(limit: int | float | None, total: int) -> int:
     return min(limit, total)
 
 
+#: One JSON line per resume in the run directory (what ``fnlight plot`` marks on the curves).
+RESUMES = "resumes.jsonl"
+
+
+def record_resume(run_dir: Path, step: int, epoch: int, position: int, checkpoint: Path | None) -> None:
+    """Append where a run resumed to ``<run_dir>/resumes.jsonl`` (one whole line per write, never fatal:
+    a full disk costs the mark, not the run).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> record_resume(d, step=30, epoch=2, position=0, checkpoint=d / "ckpt" / "step_000000030")
+        >>> read_resumes(d)[0]["step"]
+        30
+    """
+    line = json.dumps({"step": step, "epoch": epoch, "position": position,
+                       "checkpoint": str(checkpoint) if checkpoint is not None else None,
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+    try:
+        fd = os.open(Path(run_dir) / RESUMES, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warning("could not record the resume in %s: %s", Path(run_dir) / RESUMES, e)
+
+
+def read_resumes(run_dir: Path) -> list[dict[str, Any]]:
+    """The resumes :func:`record_resume` recorded in ``run_dir``, oldest first (damaged lines skipped)."""
+    try:
+        text = (Path(run_dir) / RESUMES).read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("epoch"), int):
+            out.append(row)
+    return out
+
+
 def next_version(root: str | os.PathLike) -> Path:
     """A new directory ``root/version_<n>``, n one more than the largest existing (as Lightning): where a run
     without a ``run_dir`` goes.
 
     Example:
+        >>> for n in range(3):
+        ...     Path(f"runs/version_{n}").mkdir(parents=True)
         >>> next_version("runs")
         PosixPath('runs/version_3')
     """
@@ -353,6 +404,8 @@ def set_aside(run_dir: str | os.PathLike) -> Path | None:
     ``fnlight fit --no-resume`` does. Returns where it went; None when there was nothing to move.
 
     Example:
+        >>> Path("runs/mlp").mkdir(parents=True)
+        >>> _ = Path("runs/mlp/metrics.jsonl").write_text("")
         >>> set_aside("runs/mlp")
         PosixPath('runs/mlp/previous/0')
     """
@@ -547,18 +600,22 @@ class Trainer:
         there, closes the loggers and raises :class:`Interrupted`.
 
         Example:
-            >>> result = Trainer(max_epochs=5, ckpt_dir="runs/a/ckpt").fit(state, step, dm, hparams={"lr": 1e-3})
+            ```python
+            result = Trainer(max_epochs=5, ckpt_dir="runs/a/ckpt").fit(state, step, dm, hparams={"lr": 1e-3})
+            ```
         """
         run = _Fit(self, train_step, self._datamodule(datamodule), eval_step, hparams, on_checkpoint)
         state = run.start(state)  # start, or resume where the newest checkpoint left off
         if run.finished_before:
             return run.result(state)
         with _SignalFlag(self.signal_numbers) as signals, _deterministic(self.deterministic):
+            ended = False  # training ended (finished, stopped or interrupted by a signal), not an exception
             try:
                 while run.epoch < run.max_epochs and run.stopped is None and not run.interrupted:
                     state = run.train_epoch(state, signals)
+                ended = True
             finally:
-                run.close()
+                run.close(ended)
         if run.interrupted:
             raise Interrupted(run.interrupted, run.step, run.epoch, run.position, run.checkpoints.last
                               if run.checkpoints is not None else None)
@@ -579,7 +636,7 @@ class Trainer:
                     break
                 with noted(lambda: f"in the eval step ({_fn_name(eval_step, 'metrics_fn')}) for {stage}, "  # noqa: B023
                            f"batch {i} of split {split!r}"):  # noqa: B023
-                    totals.add(eval_step(state, device_put(batch, self.torch_device)), _batch_size(batch))
+                    totals.add(eval_step(state, device_put(batch, self.torch_device)), batch_size(batch))
                 bar.update()
         return totals.reduced().result()
 
@@ -606,7 +663,9 @@ class Trainer:
         (first dimension: the batch).
 
         Example:
-            >>> logits = trainer.predict(state, lambda s, b: model_fn_of(s)(b[0]), dm)
+            ```python
+            logits = trainer.predict(state, lambda s, b: model_fn_of(s)(b[0]), dm)
+            ```
         """
         dm = self._datamodule(datamodule)
         state = device_put(state, self.torch_device)
@@ -732,6 +791,14 @@ class _Fit:
         if self.lead:
             self.loggers = [lg.open(self.run_dir, self.logged if meta is not None else None)
                             for lg in (t.loggers if t.loggers is not None else (CSVLogger(), JSONLLogger()))]
+            if self.hparams is not None:
+                for lg in self.loggers:
+                    lg.log_hparams(self.hparams)
+            if meta is not None:
+                record_resume(self.run_dir, self.step, self.epoch, self.position, self.resumed.path)
+            else:  # a fresh run in a reused directory (its logs start afresh too)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.run_dir / RESUMES).unlink()
         return state
 
     def _finished(self, meta: Mapping[str, Any]) -> bool:
@@ -792,14 +859,14 @@ class _Fit:
                 with noted(lambda: f"in the train step ({_fn_name(self.train_step, 'loss_fn')}) {where}"):  # noqa: B023
                     state, metrics = self.step_fn(state, device_put(batch, t.torch_device))
                 self.step += 1
-                totals.add(metrics, _batch_size(batch))
+                totals.add(metrics, batch_size(batch))
                 extra, stopper = self.callbacks.signal("on_step", state, metrics, ctx, where)
                 state = _edited(state, extra)
                 extra, stopper = self._agree(extra, stopper, signals)
                 if stopper is None and self.step >= self.max_steps:
                     stopper = "max_steps"
                 if self.step % t.log_every_n_steps == 0:
-                    row = _reduce_row(member_metrics(metrics), _batch_size(batch))
+                    row = _reduce_row(member_metrics(metrics), batch_size(batch))
                     row |= dict(extra.log)
                     self._log("step", row)
                     bar.set_postfix({"loss": f"{row.get('loss', float('nan')):.4g}",
@@ -890,13 +957,19 @@ class _Fit:
             progress_log.info("epoch %d (step %d): %s  (%.1f s)", epoch, self.step, values, row.get("time_s", 0.0))
 
     # -- close ---------------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, ended: bool = True) -> None:
         try:
             if self.checkpoints is not None:
                 self.checkpoints.close()
         finally:
-            for lg in self.loggers:
-                lg.close()
+            last = self.checkpoints.last if self.checkpoints is not None else None
+            try:
+                if ended and last is not None and last.exists():
+                    for lg in self.loggers:
+                        lg.log_checkpoint(last)
+            finally:
+                for lg in self.loggers:
+                    lg.close()
         if self.interrupted and self.lead:
             log.warning("interrupted by %s at step %d, epoch %d; %s", signal.Signals(self.interrupted).name,
                         self.step, self.epoch, f"checkpoint {self.checkpoints.last}" if self.checkpoints is not None

@@ -62,7 +62,9 @@ class TrainState:
         """Copy the parameters and buffers into ``model`` (for export or plain inference).
 
         Example:
-            >>> model = state.write_to(torch.nn.Linear(2, 1)).eval()
+            ```python
+            model = state.write_to(torch.nn.Linear(2, 1)).eval()
+            ```
         """
         named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         values = {**self.params, **self.buffers}

@@ -40,8 +40,8 @@ from .. import distributed
 from .. import random as fr
 from ..optim import GradientTransformation, clip_by_global_norm
 from ..optim import step as optim_step
-from ..tree import tree_leaves, tree_map
-from . import _checks
+from ..tree import batch_size, tree_leaves, tree_map
+from . import checks
 from ._compile import (
     DynamoWatch,
     GraphBreakError,
@@ -211,13 +211,6 @@ def _nonfinite(loss: torch.Tensor, state: TrainState) -> NonFiniteError:
                           "on_nonfinite='skip' to skip such steps, or lower the learning rate / clip the gradients.")
 
 
-def _batch_size(batch: Any) -> int:
-    for leaf in tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    raise ValueError("cannot tell the batch size: the batch has no tensor with a leading dimension")
-
-
 def _split(out: Any) -> tuple[torch.Tensor, Metrics]:
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
         loss, metrics = out
@@ -304,7 +297,7 @@ class TrainStep:
             else self.model
         object.__setattr__(self, "_template", template)
         object.__setattr__(self, "_call", _Functional(template))
-        _checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite, self.clip)
+        checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite, self.clip)
         object.__setattr__(self, "_clipper", clip_by_global_norm(self.clip) if self.clip is not None else None)
         object.__setattr__(self, "_cache", _Cache())
 
@@ -338,7 +331,9 @@ class TrainStep:
         to compile the in-place graph from the start.)
 
         Example:
-            >>> fast = make_train_step(model, loss_fn, opt).donating()  # its input state must not be reused
+            ```python
+            fast = make_train_step(model, loss_fn, opt).donating()  # its input state must not be reused
+            ```
         """
         if self.donate or self.compile:
             return self
@@ -509,7 +504,7 @@ class TrainStep:
                      device: torch.device) -> tuple[Tensors, torch.Tensor, Metrics]:
         """Gradients of k micro-batches, weighted by their sizes: for a mean-reduced
         loss this equals the gradient of the whole batch."""
-        n = _batch_size(batch)
+        n = batch_size(batch)
         if n < self.accumulate:
             raise ValueError(f"accumulate={self.accumulate} needs batches of at least that many samples, got {n}")
         chunks = [tree_map(lambda t, i=i: torch.tensor_split(t, self.accumulate)[i], batch)
@@ -518,7 +513,7 @@ class TrainStep:
         loss = torch.zeros(())
         metrics: Metrics = {}
         for i, chunk in enumerate(chunks):
-            w = _batch_size(chunk) / n
+            w = batch_size(chunk) / n
             g, l_i, m_i = self._micro(fns, params, buffers, chunk, fr.fold_in(key, i), device)
             keys = list(g)
             scaled = torch._foreach_mul([g[k] for k in keys], w)
@@ -595,11 +590,13 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
     The finite check reads the loss on the host once per step.
 
     Example:
-        >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), clip=1.0, accumulate=2)
-        >>> step = make_train_step(model, loss_fn, fo.adamw(1e-3), sync_batchnorm=True)  # under torchrun
+        ```python
+        step = make_train_step(model, loss_fn, fo.adamw(1e-3), clip=1.0, accumulate=2)
+        step = make_train_step(model, loss_fn, fo.adamw(1e-3), sync_batchnorm=True)  # under torchrun
+        ```
     """
     for opt in optimizer if ensemble and type(optimizer) in (list, tuple) else (optimizer,):  # (not a NamedTuple)
-        _checks.check_train_step_args(loss_fn, opt)
+        checks.check_train_step_args(loss_fn, opt)
     if ensemble or dp is not None:
         from .ensemble import make_vectorized_train_step
         return make_vectorized_train_step(model, loss_fn, optimizer, accumulate=accumulate, clip=clip,
@@ -645,16 +642,18 @@ def make_eval_step(model: torch.nn.Module, metrics_fn: Callable[[Callable[..., A
     Trainer averages them over batches weighted by batch size.
 
     Example:
-        >>> def metrics_fn(model_fn, batch):
-        ...     x, y = batch
-        ...     logits = model_fn(x)
-        ...     return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
-        >>> eval_step = make_eval_step(model, metrics_fn)
+        ```python
+        def metrics_fn(model_fn, batch):
+            x, y = batch
+            logits = model_fn(x)
+            return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+        eval_step = make_eval_step(model, metrics_fn)
+        ```
 
     With ``ensemble=True`` it evaluates a stacked state (metrics of shape ``[members]``; with
     ``member_batches=True`` one batch per member).
     """
-    _checks.check_metrics_fn(metrics_fn)
+    checks.check_metrics_fn(metrics_fn)
     if ensemble:
         from .ensemble import EnsembleEvalStep
         return EnsembleEvalStep(model, metrics_fn, precision, member_batches)

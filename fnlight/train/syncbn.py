@@ -16,8 +16,10 @@ with a separate ``setup_context`` (which torch.func supports):
 custom steps.
 
 Example:
-    >>> template = convert_sync_batchnorm(model)     # model: an nn.Module with BatchNorm layers
-    >>> out = torch.func.functional_call(template, (state.params, state.buffers), (x,))
+    ```python
+    template = convert_sync_batchnorm(model)     # model: an nn.Module with BatchNorm layers
+    out = torch.func.functional_call(template, (state.params, state.buffers), (x,))
+    ```
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ def all_reduce_sum(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     Every rank must call it, in the same order, with a tensor of the same shape and dtype.
 
     Example:
-        >>> total = all_reduce_sum(local_sum)   # inside a loss: gradients flow to every rank
+        ```python
+        total = all_reduce_sum(local_sum)   # inside a loss: gradients flow to every rank
+        ```
     """
     if group_size(group) == 1:
         return x
@@ -104,7 +108,9 @@ def sync_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_
     batch. Statistics are computed in at least float32; the result has ``x``'s dtype.
 
     Example:
-        >>> y = sync_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, 0.1, 1e-5)
+        ```python
+        y = sync_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, 0.1, 1e-5)
+        ```
     """
     if x.dim() < 2:
         raise ValueError(f"sync_batch_norm expects an input of shape (N, C, ...), got {tuple(x.shape)}")

@@ -4,7 +4,7 @@ instead of deep inside the first call; and the note that errors from the user's 
 Example:
     >>> check_loss_fn(lambda model_fn, batch: 0.0)
     Traceback (most recent call last):
-    TypeError: loss_fn <lambda>(model_fn, batch) cannot be called as loss_fn(model_fn, batch, key) ...
+    TypeError: loss_fn <lambda>(model_fn, batch) cannot be called as loss_fn(model_fn, batch, key): it must take 3 ...
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def check_state_matches(state: Any, optimizer: Any) -> None:
     Computed on the meta device (no memory); an optimizer whose ``init`` cannot run there is not checked.
 
     Example:
-        >>> check_state_matches(TrainState.create(model, fo.sgd(0.1)), fo.adam(1e-3))
+        >>> state = fnlight.TrainState.create(torch.nn.Linear(2, 1), fo.sgd(0.1, momentum=0.9))
+        >>> check_state_matches(state, fo.adam(1e-3))
         Traceback (most recent call last):
         ValueError: the state was created with another optimizer than the train step's: ...
     """
