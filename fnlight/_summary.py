@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import functional_call
 
 from .experiment import Experiment
 from .train.state import TrainState

@@ -150,17 +150,18 @@ class Experiment:
         return state.write_to(copy.deepcopy(self.model).to(state.step.device)).eval()
 
     def run(self, trainer: Trainer, *, hparams: Mapping[str, Any] | None = None,
-            on_checkpoint: Callable[[Any], Any] | None = None, **step_options: Any,
+            on_checkpoint: Callable[[Any], Any] | None = None, config: Mapping[str, Any] | None = None,
+            **step_options: Any,
             ) -> tuple[FitResult, dict[str, float]]:
         """Fit (validating when there is a validate split), then test: ``(fit result, test metrics)``.
 
-        ``hparams`` and ``on_checkpoint`` go to :meth:`Trainer.fit`, ``step_options`` to
+        ``hparams``, ``on_checkpoint`` and ``config`` go to :meth:`Trainer.fit`, ``step_options`` to
         :meth:`train_step`. The test metrics are ``{}`` when the datamodule has no test split.
         """
         eval_step = self.eval_step(step_options.get("precision"))
         result = trainer.fit(self.init_state(), self.train_step(**step_options), self.datamodule,
                              eval_step=eval_step if self.has_stage("validate") else None, hparams=hparams,
-                             on_checkpoint=on_checkpoint)
+                             on_checkpoint=on_checkpoint, config=config)
         test = trainer.test(result.state, eval_step, self.datamodule) if self.has_stage("test") else {}
         return result, test
 
