@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
+import importlib
 import os
 import re
 import sys
@@ -544,6 +544,14 @@ class FitConfig:
         return {k: self.options[k] for k in ("precision", "compile", "clip", "accumulate")}
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def _check_loggers(names: list[str], file: ConfigFile | None, from_file: bool) -> None:
     for name in names:
         problem = None
@@ -551,7 +559,7 @@ def _check_loggers(names: list[str], file: ConfigFile | None, from_file: bool) -
             close = difflib.get_close_matches(name, list(LOGGERS), n=1)
             problem = f"unknown logger {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "") + \
                 f"; the loggers are {', '.join(LOGGERS)}"
-        elif LOGGERS[name][1] is not None and importlib.util.find_spec(LOGGERS[name][1]) is None:
+        elif LOGGERS[name][1] is not None and not _importable(LOGGERS[name][1]):
             problem = f"the {name} logger needs the {LOGGERS[name][1]} package: pip install 'fnlight[{name}]'"
         if problem is not None:
             if from_file and file is not None:
