@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import json
 import os
 import re
 import sys
@@ -74,6 +75,7 @@ class Option:
     flag: str | None = None
     optional: bool = False  # may be None (null)
     minimum: float | None = None
+    above: bool = False  # the value must be > minimum (not >=)
     metavar: str | None = None
     dest: str = ""  # the command's parameter name (default: the last part of the path)
 
@@ -97,7 +99,7 @@ class Option:
         elif self.kind is int:
             kind = click.IntRange(min=None if self.minimum is None else int(self.minimum))
         elif self.kind is float:
-            kind = click.FloatRange(min=self.minimum, min_open=self.minimum == 0)
+            kind = click.FloatRange(min=self.minimum, min_open=self.above)
         else:
             kind = str
         return click.option(self.flag, self.name, type=kind, default=None, metavar=self.metavar, help=help)
@@ -118,7 +120,7 @@ OPTIONS: tuple[Option, ...] = (
            "on CPU), started through torchrun's launcher. Under torchrun, leave it out.", "--devices", minimum=1),
     Option((*T, "timeout_s"), float, None, "With several processes: how long a collective waits for the other "
            "ranks before failing (default: $FNLIGHT_DIST_TIMEOUT or 300).", "--timeout-s", optional=True,
-           minimum=0),
+           minimum=0, above=True),
     Option((*T, "run_dir"), str, None, "Where logs and checkpoints (<run-dir>/checkpoints) go (default: "
            "runs/version_<n>).", "--run-dir", optional=True),
     Option((*T, "compile"), bool, EXPERIMENT, "Run the step through torch.compile.", "--compile/--no-compile"),
@@ -128,7 +130,7 @@ OPTIONS: tuple[Option, ...] = (
            "(--no-resume: move the previous run to <run-dir>/previous/<n> and start afresh).",
            "--resume/--no-resume"),
     Option((*T, "clip"), float, EXPERIMENT, "Clip the gradients to this global L2 norm.", "--clip",
-           optional=True, minimum=0, metavar="NORM"),
+           optional=True, minimum=0, above=True, metavar="NORM"),
     Option((*T, "accumulate"), int, EXPERIMENT, "Split each batch into this many micro-batches (gradient "
            "accumulation).", "--accumulate", minimum=1),
     Option((*T, "log_every_n_steps"), int, EXPERIMENT, "Log a step row every N steps.", "--log-every-n-steps",
@@ -316,7 +318,8 @@ def _expected(kind: Any, optional: bool = False) -> str:
     return (name or getattr(kind, "__name__", str(kind))) + (" or null" if optional else "")
 
 
-def check_value(kind: Any, value: Any, optional: bool = False, minimum: float | None = None) -> Any:
+def check_value(kind: Any, value: Any, optional: bool = False, minimum: float | None = None,
+                above: bool = False) -> Any:
     """``value`` as an option of ``kind`` wants it, or ValueError saying what was expected.
 
     Example:
@@ -349,10 +352,8 @@ def check_value(kind: Any, value: Any, optional: bool = False, minimum: float | 
         ok = value
     if ok is dataclasses.MISSING:
         raise ValueError(f"expected {_expected(kind, optional)}, got {value!r} ({type(value).__name__})")
-    if minimum is not None and isinstance(ok, int | float) and (ok < minimum or (minimum == 0 and kind is float
-                                                                                  and ok == 0 and optional)):
-        raise ValueError(f"expected a value {'>' if minimum == 0 and kind is float and optional else '>='} "
-                         f"{minimum:g}, got {ok!r}")
+    if minimum is not None and isinstance(ok, int | float) and (ok < minimum or above and ok == minimum):
+        raise ValueError(f"expected a value {'>' if above else '>='} {minimum:g}, got {ok!r}")
     return ok
 
 
@@ -381,7 +382,7 @@ def _options_of(file: ConfigFile, data: Mapping[str, Any], schema: Mapping[str, 
             out |= _options_of(file, value, sub, path)
             continue
         try:
-            out[sub.name] = check_value(sub.kind, value, sub.optional, sub.minimum)
+            out[sub.name] = check_value(sub.kind, value, sub.optional, sub.minimum, sub.above)
         except ValueError as e:
             raise file.error(path, f"{'.'.join(path)}: {e}") from None
     return out
@@ -510,12 +511,17 @@ class FitConfig:
         return out
 
     def to_yaml(self) -> str:
-        """:meth:`as_dict` as YAML, with a comment saying how to use it."""
-        import yaml
+        """:meth:`as_dict` as YAML, with a comment saying how to use it. (Without PyYAML, as JSON, which is
+        YAML too: ``--config`` reads it once PyYAML is installed.)"""
+        try:
+            import yaml
 
+            body = yaml.safe_dump(self.as_dict(), sort_keys=False, allow_unicode=True)
+        except ImportError:
+            body = json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n"
         return (f"# fnlight {__version__}: the resolved config of a fit (every option, defaults filled in);\n"
                 "# fnlight fit --config <this file> trains the same run (options given there override it)\n"
-                + yaml.safe_dump(self.as_dict(), sort_keys=False, allow_unicode=True))
+                + body)
 
     def callbacks(self) -> tuple[Callback, ...]:
         """The callbacks the options ask for (``--early-stopping``, ``--save-best``, ``--lr-monitor``)."""

@@ -8,10 +8,13 @@ one, commands use the bundled digits experiment. See docs/cli.md.
 Example:
     $ fnlight fit                                   # the bundled digits experiment
     $ fnlight fit my_exp.py:mlp --set lr=3e-3 --run-dir runs/mlp
+    $ fnlight fit --early-stopping val/loss --logger csv,tensorboard
+    $ fnlight fit --max-steps 500 --print-config > run.yaml && fnlight fit --config run.yaml   # the same run
     $ fnlight fit --devices 2                       # the same in 2 processes (torchrun's launcher, started for you)
     $ torchrun --nproc-per-node 2 -m fnlight.cli fit   # or started by torchrun itself
     $ fnlight test my_exp.py:mlp --ckpt runs/mlp    # the newest checkpoint of that run
     $ fnlight verify my_exp.py:mlp --steps 20       # bitwise reproducible and resumable?
+    $ fnlight summary my_exp.py:mlp                 # modules, output shapes, state size, data
     $ fnlight inspect runs/mlp/checkpoints/step_000000460
     $ fnlight export my_exp.py:mlp --ckpt runs/mlp --format torchscript -o mlp.pt
     $ fnlight plot runs/mlp -o curves.png
@@ -20,7 +23,7 @@ Example:
 
 Exit codes: 0 success; 1 a failed check (``verify``, ``export``) or an error in
 the experiment's own code; 2 a usage error (bad option, bad TARGET or ``--set``,
-missing or corrupted checkpoint, unknown device), printed as one line
+missing or corrupted checkpoint, unknown device, a bad config file), printed as one line
 ``error: ...`` (``fnlight --debug ...`` adds the traceback).
 """
 

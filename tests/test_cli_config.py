@@ -102,6 +102,7 @@ def _leaves(tree):
         yield tree
 
 
+@pytest.mark.slow
 def test_command_line_overrides_the_file(tmp_path):
     (tmp_path / "run.yaml").write_text(
         "hparams:\n  hidden: 16\n  lr: 0.01\ntrainer:\n  max_steps: 50\n  loggers: [csv, jsonl]\n"
@@ -231,6 +232,7 @@ def partly_frozen(hidden: int = 32):
 '''
 
 
+@pytest.mark.slow
 def test_summary_command(tmp_path):
     (tmp_path / "frozen_exp.py").write_text(FROZEN)
     res = fnlight("summary", "frozen_exp.py:partly_frozen", "--set", "hidden=32", cwd=tmp_path)
@@ -266,3 +268,47 @@ def test_check_value_law():
     assert check_value(int, None, optional=True) is None
     with pytest.raises(ValueError, match="got null"):
         check_value(int, None)
+
+
+# -- the experiment's own run options ------------------------------------------------------------------------
+
+OWN = '''
+import dataclasses
+from fnlight.experiment import digits
+from fnlight.train import EarlyStopping
+
+
+def tuned(hidden: int = 16):
+    return dataclasses.replace(digits(hidden=hidden), ckpt_every_n_steps=5, log_every_n_steps=7, clip=0.5,
+                               callbacks=(EarlyStopping("val/acc", mode="max"),))
+'''
+
+
+def test_the_experiments_run_options_are_the_defaults(tmp_path, monkeypatch):
+    (tmp_path / "own_exp.py").write_text(OWN)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["fit", "own_exp.py:tuned", "--log-every-n-steps", "3", "--print-config"])
+    assert res.exit_code == 0, res.output
+    trainer = yaml.safe_load(res.stdout)["trainer"]
+    assert trainer["ckpt_every_n_steps"] == 5 and trainer["clip"] == 0.5  # the experiment's
+    assert trainer["log_every_n_steps"] == 3  # the command line's
+    assert trainer["max_epochs"] == 40 and trainer["seed"] == 0  # the factory takes neither: the trainer's
+
+
+def test_experiment_trainer_adds_the_runs_callbacks_and_loggers_to_its_own():
+    import dataclasses
+
+    from fnlight.experiment import digits
+    from fnlight.train import CSVLogger, EarlyStopping, JSONLLogger, LearningRateMonitor
+
+    own, extra = EarlyStopping("val/acc", mode="max"), LearningRateMonitor()
+    exp = dataclasses.replace(digits(hidden=8, max_epochs=3), callbacks=[own], max_steps=9, val_every_n_steps=4)
+    trainer = exp.trainer(callbacks=(extra,), run_dir="unused")
+    assert trainer.callbacks == (own, extra) and trainer.loggers is None  # None: the Trainer's default loggers
+    assert (trainer.max_epochs, trainer.max_steps, trainer.val_every_n_steps) == (3, 9, 4)
+    logger = JSONLLogger()
+    exp = dataclasses.replace(exp, loggers=(logger,))
+    assert exp.trainer().loggers == (logger,)
+    csv = CSVLogger()
+    assert exp.trainer(loggers=(csv,), max_steps=2).loggers == (logger, csv)
+    assert exp.step_options() == {"precision": "32", "compile": False, "clip": None, "accumulate": 1}
