@@ -567,12 +567,14 @@ def predict(target: str | None, ckpt: str, output: str, split: str | None, sets:
               help="Interrupt the third run after this step (default: half of the steps).")
 @click.option("--seed", type=int, default=None, help="As for fit.")
 @_device_option
-@click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile.")
-@click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default="32", show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile (default: as the "
+                                                          "experiment says).")
+@click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default=None,
+              help="Autocast to bfloat16 (default: the experiment's precision).")
 @_set_option
 @click.pass_context
 def verify(ctx: click.Context, target: str | None, steps: int, stop_at: int | None, seed: int | None,
-           device: str | None, compile_: bool, precision: str, sets: tuple[str, ...]) -> None:
+           device: str | None, compile_: bool, precision: str | None, sets: tuple[str, ...]) -> None:
     """Check that TARGET trains bitwise reproducibly and resumes exactly.
 
     Trains it twice from scratch, and once interrupted after --stop-at steps
@@ -598,7 +600,8 @@ def verify(ctx: click.Context, target: str | None, steps: int, stop_at: int | No
     click.echo(f"verify: {exp.name}" + (f" ({format_hparams(hparams)})" if hparams else "")
                + f", device {dev}: 3 runs of up to {steps} steps ...", err=True)
     report = run_verify(build, steps, stop_at, device=device, name=exp.name,
-                        step_options={"compile": compile_, "precision": precision})
+                        step_options={k: v for k, v in (("compile", compile_ or None), ("precision", precision))
+                                      if v is not None})
     click.echo("\n".join(report.lines()))
     ctx.exit(0 if report.ok else 1)
 
