@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from . import __version__
-from ._cli_common import CliError, Target, configure, load_target, parse_device
+from ._cli_common import CliError, Target, check_device_available, configure, load_target, parse_device
 from .experiment import Experiment, accepts_any, hparams_of
 from .train import (
     Callback,
@@ -611,6 +612,31 @@ def read_fit(params: Mapping[str, Any]) -> FitConfig:
             options[name] = EXPERIMENT
     _check_loggers(options["loggers"], file, params.get("loggers") is None)
     return FitConfig(target, hparams, options, sets, file)
+
+
+def check_processes(cfg: FitConfig, seed_given: bool = False) -> tuple[torch.device, bool]:
+    """Check ``--device``, ``--devices`` and ``--seeds``/``--sweep`` together, and against this machine and a
+    torchrun launch: the device, and whether this process is one rank of a launch (``WORLD_SIZE`` is set)."""
+    device, devices, members = cfg["device"], cfg["devices"], cfg["seeds"] is not None or cfg["sweep"] is not None
+    dev = parse_device(device)
+    launched = "WORLD_SIZE" in os.environ
+    several = devices > 1 or (launched and os.environ["WORLD_SIZE"] != "1")
+    if several and dev.type == "cuda" and dev.index is not None:
+        raise CliError(f"--device {device}: with several processes each rank uses cuda:<its local rank>; "
+                       "give --device cuda")
+    if devices > 1 and launched:
+        raise CliError(f"--devices: this process is already one of {os.environ['WORLD_SIZE']} ranks launched "
+                       "by torchrun (WORLD_SIZE is set): leave out --devices, torchrun decides how many "
+                       "processes run")
+    if devices > 1 and dev.type == "cuda" and devices > torch.cuda.device_count():
+        raise CliError(f"--devices {devices}: {devices} processes on CUDA need {devices} GPUs; this machine has "
+                       f"{torch.cuda.device_count()} (use --device cpu for CPU processes)")
+    check_device_available(dev)
+    if members and (devices > 1 or launched):
+        raise CliError("--seeds/--sweep train in one process (one vectorized step); leave out --devices")
+    if seed_given and cfg["seeds"] is not None:
+        raise CliError("--seed and --seeds together: give the seeds with --seeds only")
+    return dev, launched
 
 
 def write_config(run_dir: Path, cfg: FitConfig) -> Path:

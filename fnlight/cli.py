@@ -61,7 +61,7 @@ from ._cli_common import (
     user_error_lines,
     write_record,
 )
-from ._cli_config import FitConfig, fit_options, read_fit, write_config
+from ._cli_config import FitConfig, check_processes, fit_options, read_fit, write_config
 from ._cli_ensemble import Members, build_members
 from ._cli_ensemble import summary as members_summary
 from ._summary import pipeline_tree, summary_lines
@@ -272,28 +272,13 @@ def fit(ctx: click.Context, **params: Any) -> None:
         fnlight fit --max-steps 200 --print-config > run.yaml && fnlight fit --config run.yaml
     """
     cfg = read_fit(params)
-    device, devices, seeds, sweep = cfg["device"], cfg["devices"], cfg["seeds"], cfg["sweep"]
-    dev = parse_device(device)
-    launched = "WORLD_SIZE" in os.environ  # this process is one rank of a torchrun launch
-    several = devices > 1 or (launched and os.environ["WORLD_SIZE"] != "1")
-    if several and dev.type == "cuda" and dev.index is not None:
-        raise CliError(f"--device {device}: with several processes each rank uses cuda:<its local rank>; "
-                       "give --device cuda")
+    devices, seeds, sweep = cfg["devices"], cfg["seeds"], cfg["sweep"]
     _check_sets_early(cfg)
     if params["print_config"]:
         exp, hparams = cfg.build()
         click.echo(cfg.resolve(exp, hparams).to_yaml(), nl=False)
         return
-    if devices > 1 and launched:
-        raise CliError(f"--devices: this process is already one of {os.environ['WORLD_SIZE']} ranks launched "
-                       "by torchrun (WORLD_SIZE is set): leave out --devices, torchrun decides how many "
-                       "processes run")
-    if devices > 1 and dev.type == "cuda" and devices > torch.cuda.device_count():
-        raise CliError(f"--devices {devices}: {devices} processes on CUDA need {devices} GPUs; this machine has "
-                       f"{torch.cuda.device_count()} (use --device cpu for CPU processes)")
-    check_device_available(dev)
-    if (seeds is not None or sweep is not None) and (devices > 1 or launched):
-        raise CliError("--seeds/--sweep train in one process (one vectorized step); leave out --devices")
+    dev, launched = check_processes(cfg, seed_given=params["seed"] is not None)
     if devices > 1:
         ctx.exit(_launch(ctx, devices))
     if launched:
@@ -302,8 +287,6 @@ def fit(ctx: click.Context, **params: Any) -> None:
     # (after init: the data is sharded, and the learning-rate schedule counted, for this rank)
     tgt, members = cfg.target, None
     if seeds is not None or sweep is not None:
-        if params["seed"] is not None and seeds is not None:
-            raise CliError("--seed and --seeds together: give the seeds with --seeds only")
         members = build_members(tgt, cfg.sets, seeds=seeds, sweep=sweep, max_epochs=cfg.given("max_epochs"),
                                 recorded=cfg.hparams)
         exp, hparams = members.first, members.hparams[0]
@@ -327,12 +310,13 @@ def fit(ctx: click.Context, **params: Any) -> None:
     trainer = exp.trainer(**{**options, "loggers": (*options["loggers"], ConsoleLogger())}, run_dir=run,
                           ckpt_dir=ckpt_dir, resume=cfg["resume"], async_save=True)
     ranks = f", {world} ranks" if world > 1 else ""
-    _echo_rank0(f"fit: {exp.name}, {exp.init_state().num_params:,} parameters, "
+    state0 = exp.init_state()
+    _echo_rank0(f"fit: {exp.name}, {state0.num_params:,} parameters, "
                 f"data fingerprint {exp.datamodule.fingerprint[:16]}, device {trainer.torch_device}{ranks}")
     if cfg["summary"]:
         exp.datamodule.prepare()  # (every rank: a download waits at a barrier)
         if lead:
-            click.echo("\n".join(summary_lines(exp)))
+            click.echo("\n".join(summary_lines(exp, state0)))
     if members is not None:
         _echo_rank0(f"{len(members.labels)} members in one vectorized step ({members.what}): "
                     + ", ".join(members.labels))

@@ -50,6 +50,7 @@ def test_print_config_then_config_is_the_same_run_bitwise(tmp_path):
             "--log-every-n-steps", "5")
     direct = fnlight("fit", *args, "--run-dir", "direct", cwd=tmp_path)
     assert direct.returncode == 0, direct.stderr
+    assert "model: digits MLP (Sequential)" in direct.stdout and "  train    1,437             23" in direct.stdout
     printed = fnlight("fit", *args, "--print-config", cwd=tmp_path)
     assert printed.returncode == 0, printed.stderr
     assert not (tmp_path / "runs").exists()  # --print-config trains nothing and writes nothing
