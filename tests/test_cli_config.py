@@ -5,6 +5,7 @@ The round trip is the contract: ``fit ... --print-config > run.yaml`` then ``fit
 run, bitwise (the final checkpoint's tensors), and a config printed from a config is the config again.
 """
 
+import csv
 import os
 import subprocess
 import sys
@@ -47,10 +48,14 @@ def meta_of(run: Path) -> dict:
 @pytest.mark.slow
 def test_print_config_then_config_is_the_same_run_bitwise(tmp_path):
     args = (*SMALL, "--set", "lr=0.005", "--max-steps", "12", "--seed", "3", "--clip", "1.0", "--accumulate", "2",
-            "--log-every-n-steps", "5")
+            "--log-every-n-steps", "5", "--ckpt-every-n-steps", "5")
     direct = fnlight("fit", *args, "--run-dir", "direct", cwd=tmp_path)
     assert direct.returncode == 0, direct.stderr
     assert "model: digits MLP (Sequential)" in direct.stdout and "  train    1,437             23" in direct.stdout
+    assert [c.name for c in list_checkpoints(tmp_path / "direct" / "checkpoints")] == \
+        ["step_000000005", "step_000000010", "step_000000012"]  # --ckpt-every-n-steps 5, and where it stopped
+    with open(tmp_path / "direct" / "steps.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["5", "10"]  # --log-every-n-steps 5
     printed = fnlight("fit", *args, "--print-config", cwd=tmp_path)
     assert printed.returncode == 0, printed.stderr
     assert not (tmp_path / "runs").exists()  # --print-config trains nothing and writes nothing
