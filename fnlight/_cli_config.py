@@ -281,7 +281,11 @@ def read_config(path: str) -> ConfigFile:
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # pragma: no cover
-            import tomli as tomllib
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise CliError("--config with a TOML file needs tomli on Python 3.10: pip install "
+                               "'fnlight[config]'") from None
         try:
             data: Any = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:

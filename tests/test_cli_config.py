@@ -198,17 +198,21 @@ def test_tensorboard_logger_without_tensorboard_is_a_clear_error(tmp_path):
 # -- callbacks and loggers from the command line ----------------------------------------------------------
 
 @pytest.mark.slow
-def test_early_stopping_from_the_command_line_stops_with_the_configs_patience(tmp_path):
+def test_early_stopping_and_save_best_from_the_command_line(tmp_path):
     # lr=0: the validation loss never improves after the first epoch, so patience 1 stops after epoch 1
     (tmp_path / "es.yaml").write_text("callbacks:\n  early_stopping:\n    patience: 1\n")
     res = fnlight("fit", "--config", "es.yaml", *SMALL, "--set", "lr=0", "--set", "weight_decay=0",
-                  "--early-stopping", "val/loss", "--logger", "csv", "--run-dir", "run", "--no-summary", cwd=tmp_path)
+                  "--early-stopping", "val/loss", "--logger", "csv", "--run-dir", "run", "--no-summary",
+                  "--save-best", "val/loss", "--keep-last", "1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "46 steps in" in res.stdout and "stopped by EarlyStopping" in res.stdout, res.stdout
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 1 + 2  # header + epochs 0, 1
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # --logger csv: only the CSV logger
     assert "model:" not in res.stdout  # --no-summary
     assert meta_of(tmp_path / "run")["finished"] == "stopped by EarlyStopping"
+    # --save-best val/loss keeps the best epoch's checkpoint (the first: ties keep the earlier) beside the newest
+    assert [c.name for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000000023",
+                                                                                   "step_000000046"]
 
 
 @pytest.mark.slow
