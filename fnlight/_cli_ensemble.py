@@ -12,7 +12,7 @@ learning rate, weight decay): the step then updates each member with its own opt
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +81,9 @@ def _values(text: str, option: str) -> list[str]:
 
 
 def build_members(target: Target, sets: Sequence[str], *, seeds: str | None, sweep: str | None,
-                  max_epochs: int | None) -> Members:
-    """The members for ``--seeds`` or ``--sweep``, checked to train correctly in one vectorized step."""
+                  max_epochs: int | None, recorded: Mapping[str, Any] | None = None) -> Members:
+    """The members for ``--seeds`` or ``--sweep``, checked to train correctly in one vectorized step;
+    ``recorded`` are hyperparameters given before ``sets`` (a config file's)."""
     if seeds is not None and sweep is not None:
         raise CliError("--seeds and --sweep together are not supported: give one (for seeds of a swept "
                        "configuration, --sweep seed=0,1,2 --set key=value)")
@@ -103,7 +104,7 @@ def build_members(target: Target, sets: Sequence[str], *, seeds: str | None, swe
         what = f"--sweep {key}"
     exps, hps = [], []
     for _, member_sets, seed in configs:
-        exp, hp = configure(target, member_sets, seed=seed, max_epochs=max_epochs)
+        exp, hp = configure(target, member_sets, seed=seed, max_epochs=max_epochs, recorded=recorded)
         exps.append(exp)
         hps.append(hp)
     labels = [label for label, _, _ in configs]

@@ -66,7 +66,7 @@ def _fit(build: Callable[[], Experiment], label: str, where: Path, max_steps: in
     trainer = Trainer(max_epochs=exp.max_epochs, max_steps=max_steps, loggers=(), progress=False, device=device,
                       run_dir=where / "run", ckpt_dir=where / "ckpt" if checkpoints else None,
                       callbacks=(recorder,))
-    eval_step = exp.eval_step(step_options.get("precision", "32")) if exp.has_stage("validate") else None
+    eval_step = exp.eval_step(step_options.get("precision")) if exp.has_stage("validate") else None
     result = trainer.fit(state, exp.train_step(**step_options), exp.datamodule, eval_step=eval_step)
     return Run(label, result, [initial or leaf_hashes(state), *result.callback_state(recorder)])
 

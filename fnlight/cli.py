@@ -8,10 +8,13 @@ one, commands use the bundled digits experiment. See docs/cli.md.
 Example:
     $ fnlight fit                                   # the bundled digits experiment
     $ fnlight fit my_exp.py:mlp --set lr=3e-3 --run-dir runs/mlp
+    $ fnlight fit --early-stopping val/loss --logger csv,tensorboard
+    $ fnlight fit --max-steps 500 --print-config > run.yaml && fnlight fit --config run.yaml   # the same run
     $ fnlight fit --devices 2                       # the same in 2 processes (torchrun's launcher, started for you)
     $ torchrun --nproc-per-node 2 -m fnlight.cli fit   # or started by torchrun itself
     $ fnlight test my_exp.py:mlp --ckpt runs/mlp    # the newest checkpoint of that run
     $ fnlight verify my_exp.py:mlp --steps 20       # bitwise reproducible and resumable?
+    $ fnlight summary my_exp.py:mlp                 # modules, output shapes, state size, data
     $ fnlight inspect runs/mlp/checkpoints/step_000000460
     $ fnlight export my_exp.py:mlp --ckpt runs/mlp --format torchscript -o mlp.pt
     $ fnlight plot runs/mlp runs/mlp2 -o curves.png   # several runs in one figure
@@ -20,7 +23,7 @@ Example:
 
 Exit codes: 0 success; 1 a failed check (``verify``, ``export``) or an error in
 the experiment's own code; 2 a usage error (bad option, bad TARGET or ``--set``,
-missing or corrupted checkpoint, unknown device), printed as one line
+missing or corrupted checkpoint, unknown device, a bad config file), printed as one line
 ``error: ...`` (``fnlight --debug ...`` adds the traceback).
 """
 
@@ -58,16 +61,16 @@ from ._cli_common import (
     user_error_lines,
     write_record,
 )
+from ._cli_config import FitConfig, check_processes, fit_options, read_fit, write_config
 from ._cli_ensemble import Members, build_members, member_labels, pick_members, recorded_members
 from ._cli_ensemble import summary as members_summary
+from ._summary import pipeline_tree, summary_lines
 from .data import DownloadError, FingerprintError
 from .experiment import Experiment, digits_datamodule  # noqa: F401  (digits_datamodule: tests import it from here)
 from .train import (
     CheckpointError,
     ConsoleLogger,
-    CSVLogger,
     Interrupted,
-    JSONLLogger,
     Trainer,
     TrainState,
     load_checkpoint,
@@ -226,12 +229,12 @@ def _launch(ctx: click.Context, devices: int) -> int:
     return 0
 
 
-def _check_sets_early(target: Target, sets: tuple[str, ...]) -> None:
+def _check_sets_early(cfg: FitConfig) -> None:
     """Bad ``--set`` values fail here, before any process or data is started."""
-    if sets and not isinstance(target.obj, Experiment):
-        parse_sets(sets, target.obj)
-    elif sets:
-        configure(target, sets)  # raises: an Experiment object has no hyperparameters
+    if cfg.sets and not isinstance(cfg.target.obj, Experiment):
+        parse_sets(cfg.sets, cfg.target.obj)
+    elif cfg.sets:
+        configure(cfg.target, cfg.sets)  # raises: an Experiment object has no hyperparameters
 
 
 def _metrics_line(metrics: dict[str, float], prefix: str = "") -> str:
@@ -241,43 +244,20 @@ def _metrics_line(metrics: dict[str, float], prefix: str = "") -> str:
 
 
 @main.command()
-@_target_argument
-@click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the experiment's).")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
-@click.option("--seed", type=int, default=None,
-              help="Seed of the weights, shuffles and dropout (default: the experiment's).")
-@_device_option
-@click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train in this many processes (data parallel; one GPU each with CUDA, gloo on CPU), "
-                   "started through torchrun's launcher. Under torchrun, leave it out.")
-@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="With several processes: how long a collective waits for the other ranks before failing "
-                   "(default: $FNLIGHT_DIST_TIMEOUT or 300).")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Where logs and checkpoints (<run-dir>/checkpoints) go (default: runs/version_<n>).")
-@click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile.")
-@click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default="32", show_default=True)
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue from the newest checkpoint in <run-dir>/checkpoints, if any (--no-resume: move "
-                   "the previous run to <run-dir>/previous/<n> and start afresh).")
-@click.option("--seeds", default=None, metavar="S1,S2,...",
-              help="Train one member per seed (weights, dropout), all in one vectorized step; prints a table "
-                   "of the members and the best one.")
-@click.option("--sweep", default=None, metavar="KEY=V1,V2,...",
-              help="Train one member per value of a hyperparameter that changes only the optimizer or the "
-                   "initial weights (e.g. --sweep lr=1e-3,3e-3,1e-2), all in one vectorized step.")
-@_set_option
+@fit_options
 @click.pass_context
-def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_steps: int | None, seed: int | None,
-        device: str | None, devices: int, timeout_s: float | None, run_dir: str | None, compile_: bool,
-        precision: str, resume: bool, seeds: str | None, sweep: str | None, sets: tuple[str, ...]) -> None:
+def fit(ctx: click.Context, **params: Any) -> None:
     """Train TARGET, then test it; print a summary.
 
     TARGET defaults to the bundled digits experiment. Logs go to the run
-    directory (metrics.csv, metrics.jsonl, experiment.json), checkpoints to
-    <run-dir>/checkpoints (every epoch and where training stops; the newest 3
-    are kept). Run it again with the same --run-dir and it resumes;
+    directory (metrics.csv, metrics.jsonl, experiment.json, config.yaml),
+    checkpoints to <run-dir>/checkpoints (every epoch and where training stops;
+    the newest 3 are kept). Run it again with the same --run-dir and it resumes;
     --no-resume moves the previous run to <run-dir>/previous/<n> and starts afresh.
+
+    --config FILE reads the TARGET, hyperparameters and options from a YAML or
+    TOML file; options on the command line override it. --print-config prints
+    the complete resolved config (what --config reads back as the same run).
 
     With --devices N (N > 1) the command starts N processes of itself, as
     `torchrun --nproc-per-node N -m fnlight.cli fit ...` would; if one rank
@@ -288,59 +268,55 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
     \b
     Example:
         fnlight fit --max-epochs 5 --run-dir runs/digits
-        fnlight fit my_exp.py:mlp --set hidden=128 --set lr=3e-3
+        fnlight fit my_exp.py:mlp --set hidden=128 --set lr=3e-3 --early-stopping val/loss
+        fnlight fit --max-steps 200 --print-config > run.yaml && fnlight fit --config run.yaml
     """
-    dev = parse_device(device)
-    launched = "WORLD_SIZE" in os.environ  # this process is one rank of a torchrun launch
-    several = devices > 1 or (launched and os.environ["WORLD_SIZE"] != "1")
-    if several and dev.type == "cuda" and dev.index is not None:
-        raise CliError(f"--device {device}: with several processes each rank uses cuda:<its local rank>; "
-                       "give --device cuda")
-    if devices > 1 and launched:
-        raise CliError(f"--devices: this process is already one of {os.environ['WORLD_SIZE']} ranks launched "
-                       "by torchrun (WORLD_SIZE is set): leave out --devices, torchrun decides how many "
-                       "processes run")
-    if devices > 1 and dev.type == "cuda" and devices > torch.cuda.device_count():
-        raise CliError(f"--devices {devices}: {devices} processes on CUDA need {devices} GPUs; this machine has "
-                       f"{torch.cuda.device_count()} (use --device cpu for CPU processes)")
-    check_device_available(dev)
-    tgt = load_target(target)
-    _check_sets_early(tgt, sets)
-    if (seeds is not None or sweep is not None) and (devices > 1 or launched):
-        raise CliError("--seeds/--sweep train in one process (one vectorized step); leave out --devices")
+    cfg = read_fit(params)
+    devices, seeds, sweep = cfg["devices"], cfg["seeds"], cfg["sweep"]
+    _check_sets_early(cfg)
+    if params["print_config"]:
+        exp, hparams = cfg.build()
+        click.echo(cfg.resolve(exp, hparams).to_yaml(), nl=False)
+        return
+    dev, launched = check_processes(cfg, seed_given=params["seed"] is not None)
     if devices > 1:
         ctx.exit(_launch(ctx, devices))
     if launched:
-        distributed.init(backend="nccl" if dev.type == "cuda" else "gloo", timeout_s=timeout_s)
+        distributed.init(backend="nccl" if dev.type == "cuda" else "gloo", timeout_s=cfg["timeout_s"])
     lead, world = distributed.rank() == 0, distributed.world_size()
     # (after init: the data is sharded, and the learning-rate schedule counted, for this rank)
-    members = None
+    tgt, members = cfg.target, None
     if seeds is not None or sweep is not None:
-        if seed is not None and seeds is not None:
-            raise CliError("--seed and --seeds together: give the seeds with --seeds only")
-        members = build_members(tgt, sets, seeds=seeds, sweep=sweep, max_epochs=max_epochs)
+        members = build_members(tgt, cfg.sets, seeds=seeds, sweep=sweep, max_epochs=cfg.given("max_epochs"),
+                                recorded=cfg.hparams)
         exp, hparams = members.first, members.hparams[0]
     else:
-        exp, hparams = configure(tgt, sets, seed=seed, max_epochs=max_epochs)
-    run = Path(run_dir) if run_dir is not None else \
+        exp, hparams = cfg.build()
+    run = Path(cfg["run_dir"]) if cfg["run_dir"] is not None else \
         distributed.broadcast_object(next_version("runs") if lead else None)
+    cfg = cfg.resolve(exp, hparams, run_dir=run)
     ckpt_dir = run / "checkpoints"
-    if lead and not resume:
+    if lead and not cfg["resume"]:
         aside = set_aside(run)  # kept, not deleted: a new run that fails at step 0 loses nothing
         if aside is not None:
             click.echo(f"--no-resume: the previous run is kept in {aside} (delete it when no longer needed)",
                        err=True)
-    if lead and resume and ckpt_dir.is_dir() and list_checkpoints(ckpt_dir):
+    if lead and cfg["resume"] and ckpt_dir.is_dir() and list_checkpoints(ckpt_dir):
         before = read_record(run).get("overrides")
         if before is not None and before != json.loads(json.dumps(hparams, default=repr)):
             click.echo(f"note: resuming {run}, trained with {format_hparams(before) or 'the defaults'}, with "
                        f"{format_hparams(hparams) or 'the defaults'} now", err=True)
-    trainer = Trainer(max_epochs=exp.max_epochs, max_steps=max_steps, run_dir=run, device=device,
-                      loggers=(CSVLogger(), JSONLLogger(), ConsoleLogger()), ckpt_dir=ckpt_dir, resume=resume,
-                      keep_last=3, async_save=True)
+    options = cfg.trainer_options()
+    trainer = exp.trainer(**{**options, "loggers": (*options["loggers"], ConsoleLogger())}, run_dir=run,
+                          ckpt_dir=ckpt_dir, resume=cfg["resume"], async_save=True)
     ranks = f", {world} ranks" if world > 1 else ""
-    _echo_rank0(f"fit: {exp.name}, {exp.init_state().num_params:,} parameters, "
+    state0 = exp.init_state()
+    _echo_rank0(f"fit: {exp.name}, {state0.num_params:,} parameters, "
                 f"data fingerprint {exp.datamodule.fingerprint[:16]}, device {trainer.torch_device}{ranks}")
+    if cfg["summary"]:
+        exp.datamodule.prepare()  # (every rank: a download waits at a barrier)
+        if lead:
+            click.echo("\n".join(summary_lines(exp, state0)))
     if members is not None:
         _echo_rank0(f"{len(members.labels)} members in one vectorized step ({members.what}): "
                     + ", ".join(members.labels))
@@ -348,9 +324,10 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
         _echo_rank0(f"hyperparameters: {format_hparams(hparams)}")
     recorded = []
 
-    def record(_: Path) -> None:  # experiment.json: once this run has a checkpoint, never before
+    def record(_: Path) -> None:  # experiment.json and config.yaml: once this run has a checkpoint, never before
         if not recorded:
             write_record(run, tgt, exp, hparams)
+            write_config(run, cfg)
             recorded.append(True)
 
     t0 = time.perf_counter()
@@ -358,9 +335,9 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
         with _lines_to_console(lead):
             if members is None:
                 result, test = exp.run(trainer, hparams=all_hparams(tgt, hparams), on_checkpoint=record,
-                                       compile=compile_, precision=precision)
+                                       config=cfg.as_dict(), **cfg.step_options())
             else:
-                result, test = _fit_members(trainer, tgt, members, record, compile_, precision)
+                result, test = _fit_members(trainer, tgt, members, record, cfg)
     except CheckpointError as e:
         raise CliError(f"cannot resume from {ckpt_dir} (--no-resume starts afresh, keeping this run aside; or "
                        f"give another --run-dir): {e}") from e
@@ -386,21 +363,23 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
     if result.already_finished:
         _echo_rank0(f"already finished at step {steps} ({_reason(result.finished)}; {result.resumed_from}): nothing "
                     f"trained (raise --max-epochs or --max-steps to continue); run directory: {result.run_dir}")
+    elif result.finished and result.finished.startswith("stopped by"):
+        _echo_rank0(f"{steps} steps in {wall:.1f} s, {result.finished}; run directory: {result.run_dir}")
     else:
         _echo_rank0(f"{steps} steps in {wall:.1f} s" + (f" (resumed at step {resumed_at})" if resumed_at is not None
                                                         else "") + f"; run directory: {result.run_dir}")
     _close_group()
 
 
-def _fit_members(trainer: Trainer, tgt: Target, members: Members, record: Callable[[Path], None], compile_: bool,
-                 precision: str) -> tuple[Any, dict[str, float]]:
+def _fit_members(trainer: Trainer, tgt: Target, members: Members, record: Callable[[Path], None],
+                 cfg: FitConfig) -> tuple[Any, dict[str, float]]:
     """``Experiment.run`` for an ensemble run: fit the stacked members, then test them."""
     exp = members.first
-    eval_step = members.eval_step(precision)
+    eval_step = members.eval_step(cfg["precision"])
     hparams = {"members": [all_hparams(tgt, hp) for hp in members.hparams], "labels": members.labels}
-    result = trainer.fit(members.state, members.train_step(compile=compile_, precision=precision), exp.datamodule,
+    result = trainer.fit(members.state, members.train_step(**cfg.step_options()), exp.datamodule,
                          eval_step=eval_step if exp.has_stage("validate") else None, hparams=hparams,
-                         on_checkpoint=record)
+                         on_checkpoint=record, config=cfg.as_dict())
     test = trainer.test(result.state, eval_step, exp.datamodule) if exp.has_stage("test") else {}
     return result, test
 
@@ -605,12 +584,14 @@ def predict(target: str | None, ckpt: str, output: str, split: str | None, membe
               help="Interrupt the third run after this step (default: half of the steps).")
 @click.option("--seed", type=int, default=None, help="As for fit.")
 @_device_option
-@click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile.")
-@click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default="32", show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile (default: as the "
+                                                          "experiment says).")
+@click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default=None,
+              help="Autocast to bfloat16 (default: the experiment's precision).")
 @_set_option
 @click.pass_context
 def verify(ctx: click.Context, target: str | None, steps: int, stop_at: int | None, seed: int | None,
-           device: str | None, compile_: bool, precision: str, sets: tuple[str, ...]) -> None:
+           device: str | None, compile_: bool, precision: str | None, sets: tuple[str, ...]) -> None:
     """Check that TARGET trains bitwise reproducibly and resumes exactly.
 
     Trains it twice from scratch, and once interrupted after --stop-at steps
@@ -636,7 +617,8 @@ def verify(ctx: click.Context, target: str | None, steps: int, stop_at: int | No
     click.echo(f"verify: {exp.name}" + (f" ({format_hparams(hparams)})" if hparams else "")
                + f", device {dev}: 3 runs of up to {steps} steps ...", err=True)
     report = run_verify(build, steps, stop_at, device=device, name=exp.name,
-                        step_options={"compile": compile_, "precision": precision})
+                        step_options={k: v for k, v in (("compile", compile_ or None), ("precision", precision))
+                                      if v is not None})
     click.echo("\n".join(report.lines()))
     ctx.exit(0 if report.ok else 1)
 
@@ -729,37 +711,35 @@ def plot(run_dirs: tuple[str, ...], output: str | None, metrics: tuple[str, ...]
     click.echo(f"plot: {out}")
 
 
+@main.command(short_help="Show TARGET's modules, parameters, state size and data.")
+@_target_argument
+@_set_option
+@click.option("--config", default=None, metavar="FILE", help="Read the TARGET and hyperparameters from a config "
+                                                             "file (as fit --print-config writes it).")
+@click.option("--depth", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Show modules down to this depth (1: the model's children).")
+def summary(target: str | None, sets: tuple[str, ...], config: str | None, depth: int) -> None:
+    """Show TARGET's summary: its modules (type, parameters, trainable or
+    frozen, output shape on one batch), totals, the training state's size in
+    bytes (optimizer state included), and its data (splits, samples, batches
+    per epoch, the pipeline). `fit` prints the same when it starts.
+
+    \b
+    Example:
+        fnlight summary --set hidden=64 --depth 2
+    """
+    cfg = read_fit({"target": target, "sets": sets, "config": config})
+    exp, hparams = cfg.build()
+    click.echo(f"{exp.name} ({cfg.target.spec})" + (f"; {format_hparams(hparams)}" if hparams else ""))
+    exp.datamodule.prepare()
+    click.echo("\n".join(summary_lines(exp, depth=depth)))
+
+
 # -- data ---------------------------------------------------------------------------------------------
 
 @main.group()
 def data() -> None:
     """Inspect and time data pipelines."""
-
-
-def _value(v: Any) -> str:
-    """A hyperparameter as JSON, with a function as its name and hashes shortened (``--json`` has them whole)."""
-    if isinstance(v, dict) and "function" in v:
-        sha = v.get("source_sha256") or v.get("sha256")
-        return str(v["function"]) + (f"[{sha[:12]}]" if isinstance(sha, str) else "")
-    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
-        return f'"{v[:12]}…"'
-    return json.dumps(v, separators=(", ", ": "), ensure_ascii=False)
-
-
-def _tree(desc: dict[str, Any], indent: str = "") -> list[str]:
-    """A pipeline description as a tree: a stage per line with all its hyperparameters; nested pipelines
-    as branches."""
-    lines = []
-    stages = desc["stages"]
-    for i, st in enumerate(stages):
-        last = i == len(stages) - 1
-        nested = {k: v for k, v in st.items() if isinstance(v, dict) and "stages" in v}
-        params = ", ".join(f"{k}={_value(v)}" for k, v in st.items() if k != "stage" and k not in nested)
-        lines.append(f"{indent}{'└── ' if last else '├── '}{st['stage']}({params})")
-        for k, sub in nested.items():
-            lines.append(f"{indent}{'    ' if last else '│   '}{k}:")
-            lines += _tree(sub, indent + ("    " if last else "│   ") + "    ")
-    return lines
 
 
 @data.command("describe")
@@ -783,7 +763,7 @@ def data_describe(target: str | None, sets: tuple[str, ...], as_json: bool) -> N
         return
     click.echo(f"{exp.name} ({tgt.spec})" + (f"; {format_hparams(hparams)}" if hparams else ""))
     click.echo("pipeline")
-    click.echo("\n".join(_tree(dm.pipeline.describe())))
+    click.echo("\n".join(pipeline_tree(dm.pipeline.describe())))
     click.echo(f"seed: {dm.seed}\nstages: {', '.join(f'{k} -> {v}' for k, v in dm.stages.items())}")
     click.echo(f"fingerprint: {dm.fingerprint}")
 

@@ -36,6 +36,8 @@ from . import data as fd
 from . import optim as fo
 from .data.datamodule import DataModule
 from .train import FitResult, Trainer, TrainState, make_eval_step, make_train_step
+from .train.callbacks import Callback
+from .train.loggers import Logger
 from .train.step import EvalStep, Precision, TrainStep
 
 
@@ -58,6 +60,16 @@ class Experiment:
         seed: the seed of the state's key (dropout and other per-step randomness).
         name: what the command line calls it.
         inputs: the model's positional inputs in a batch (for ``predict`` and ``export``).
+        callbacks: :class:`~fnlight.train.callbacks.Callback` objects every run of it has (``fnlight fit``
+            adds those its options ask for, such as ``--early-stopping``).
+        loggers: :class:`~fnlight.train.loggers.Logger` objects every run of it has, besides the named
+            ones (``--logger csv,jsonl``).
+        max_steps: stop after this many steps (None: only ``max_epochs``).
+        log_every_n_steps, val_every_n_steps, ckpt_every_n_steps: as for :class:`~fnlight.Trainer`.
+        precision, compile, clip, accumulate: as for :func:`~fnlight.make_train_step`.
+
+    The fields after ``inputs`` are the run's defaults: ``fnlight fit``'s options (and config file) override
+    them, and :meth:`trainer` builds a Trainer from them.
     """
 
     datamodule: DataModule
@@ -69,16 +81,55 @@ class Experiment:
     seed: int = 0
     name: str = "experiment"
     inputs: Callable[[Any], tuple[Any, ...]] = first_input
+    callbacks: tuple[Callback, ...] = ()
+    loggers: tuple[Logger, ...] = ()
+    max_steps: int | None = None
+    log_every_n_steps: int = 50
+    val_every_n_steps: int | None = None
+    ckpt_every_n_steps: int | None = None
+    precision: Precision = "32"
+    compile: bool = False
+    clip: float | None = None
+    accumulate: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "callbacks", tuple(self.callbacks))
+        object.__setattr__(self, "loggers", tuple(self.loggers))
+
+    def trainer(self, **options: Any) -> Trainer:
+        """A :class:`~fnlight.Trainer` with this experiment's run options, ``options`` overriding them;
+        ``callbacks`` and ``loggers`` given there are added to the experiment's own.
+
+        Example:
+            >>> trainer = digits(max_epochs=5).trainer(run_dir="runs/digits", max_steps=100)
+            >>> trainer.max_epochs, trainer.max_steps
+            (5, 100)
+        """
+        callbacks = (*self.callbacks, *options.pop("callbacks", ()))
+        given_loggers = options.pop("loggers", None)
+        loggers = None if given_loggers is None and not self.loggers else (*self.loggers, *(given_loggers or ()))
+        return Trainer(**{"max_epochs": self.max_epochs, "max_steps": self.max_steps,
+                          "log_every_n_steps": self.log_every_n_steps, "val_every_n_steps": self.val_every_n_steps,
+                          "ckpt_every_n_steps": self.ckpt_every_n_steps, "callbacks": callbacks,
+                          "loggers": loggers, **options})
+
+    def step_options(self) -> dict[str, Any]:
+        """The options of :meth:`train_step` this experiment sets: ``precision``, ``compile``, ``clip``,
+        ``accumulate``."""
+        return {"precision": self.precision, "compile": self.compile, "clip": self.clip,
+                "accumulate": self.accumulate}
 
     def init_state(self) -> TrainState:
         return TrainState.create(self.model, self.optimizer, seed=self.seed)
 
     def train_step(self, **options: Any) -> TrainStep:
-        """``make_train_step`` of this experiment; ``options`` as there (``compile``, ``precision``...)."""
-        return make_train_step(self.model, self.loss_fn, self.optimizer, **options)
+        """``make_train_step`` of this experiment with its :meth:`step_options`; ``options`` as there
+        (``compile``, ``precision``...) override them."""
+        return make_train_step(self.model, self.loss_fn, self.optimizer, **{**self.step_options(), **options})
 
-    def eval_step(self, precision: Precision = "32") -> EvalStep:
-        return make_eval_step(self.model, self.metrics_fn, precision=precision)
+    def eval_step(self, precision: Precision | None = None) -> EvalStep:
+        """``make_eval_step`` of this experiment, in its precision unless ``precision`` is given."""
+        return make_eval_step(self.model, self.metrics_fn, precision=precision or self.precision)
 
     def has_stage(self, stage: str) -> bool:
         """Whether the datamodule has the split that ``stage`` (fit, validate, test, predict) reads."""
@@ -103,17 +154,18 @@ class Experiment:
         return state.write_to(copy.deepcopy(self.model).to(state.step.device)).eval()
 
     def run(self, trainer: Trainer, *, hparams: Mapping[str, Any] | None = None,
-            on_checkpoint: Callable[[Any], Any] | None = None, **step_options: Any,
+            on_checkpoint: Callable[[Any], Any] | None = None, config: Mapping[str, Any] | None = None,
+            **step_options: Any,
             ) -> tuple[FitResult, dict[str, float]]:
         """Fit (validating when there is a validate split), then test: ``(fit result, test metrics)``.
 
-        ``hparams`` and ``on_checkpoint`` go to :meth:`Trainer.fit`, ``step_options`` to
+        ``hparams``, ``on_checkpoint`` and ``config`` go to :meth:`Trainer.fit`, ``step_options`` to
         :meth:`train_step`. The test metrics are ``{}`` when the datamodule has no test split.
         """
-        eval_step = self.eval_step(step_options.get("precision", "32"))
+        eval_step = self.eval_step(step_options.get("precision"))
         result = trainer.fit(self.init_state(), self.train_step(**step_options), self.datamodule,
                              eval_step=eval_step if self.has_stage("validate") else None, hparams=hparams,
-                             on_checkpoint=on_checkpoint)
+                             on_checkpoint=on_checkpoint, config=config)
         test = trainer.test(result.state, eval_step, self.datamodule) if self.has_stage("test") else {}
         return result, test
 

@@ -582,7 +582,8 @@ class Trainer:
     def fit(self, state: TrainState, train_step: Callable[[TrainState, Any], tuple[TrainState, Any]],
             datamodule: DataModule, eval_step: Callable[[TrainState, Any], Any] | None = None, *,
             hparams: Mapping[str, Any] | None = None,
-            on_checkpoint: Callable[[Path], Any] | None = None) -> FitResult:
+            on_checkpoint: Callable[[Path], Any] | None = None,
+            config: Mapping[str, Any] | None = None) -> FitResult:
         """Train ``state`` with ``train_step`` on the fit split of ``datamodule``.
 
         Returns the final state and one metrics row per epoch (``train/...`` means
@@ -592,6 +593,8 @@ class Trainer:
             hparams: the hyperparameters that produced this run (JSON-able), recorded in every
                 checkpoint (``fnlight inspect`` shows them), as Lightning's ``save_hyperparameters``.
             on_checkpoint: called on rank 0 with the path of each checkpoint once it is on disk.
+            config: the whole configuration of the run (JSON-able; ``fnlight fit`` gives its resolved
+                config), recorded in every checkpoint beside ``hparams``.
 
         With a ``ckpt_dir`` it resumes from the newest checkpoint that loads (skipping damaged
         ones, with a warning); a run that had finished (``max_epochs``/``max_steps`` reached, or
@@ -605,6 +608,7 @@ class Trainer:
             ```
         """
         run = _Fit(self, train_step, self._datamodule(datamodule), eval_step, hparams, on_checkpoint)
+        run.config = _json_hparams(config)
         state = run.start(state)  # start, or resume where the newest checkpoint left off
         if run.finished_before:
             return run.result(state)
@@ -720,6 +724,7 @@ class _Fit:
                  hparams: Mapping[str, Any] | None, on_checkpoint: Callable[[Path], Any] | None) -> None:
         self.t, self.train_step, self.dm, self.eval_step = trainer, train_step, dm, eval_step
         self.hparams = _json_hparams(hparams)
+        self.config: dict[str, Any] | None = None
         self.lead = distributed.rank() == 0  # only rank 0 writes logs and checkpoints
         self.callbacks = _Callbacks(trainer.callbacks)
         self.checkpoints = _Checkpoints(trainer, self.callbacks, self.lead, on_checkpoint) \
@@ -940,7 +945,7 @@ class _Fit:
         totals = totals.reduced() if position else totals  # (a collective: every rank comes here)
         meta = {"epoch": epoch, "position": position, "callbacks": self.callbacks.snapshot(), "history": self.history,
                 "totals": totals.snapshot(), "logged": self.logged, "finished": self.stopped,
-                "hparams": self.hparams,
+                "hparams": self.hparams, **({"config": self.config} if self.config is not None else {}),
                 "pipeline": {"fingerprint": self.fingerprint, "description": self.dm.describe()}}
         self.checkpoints.save(state, self.step, meta)
 
