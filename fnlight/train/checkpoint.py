@@ -328,8 +328,9 @@ class Resumable(NamedTuple):
         return f"skipped the damaged checkpoint{s} {what}; {where}"
 
 
-def find_resumable(ckpt_dir: str | os.PathLike | RemotePath, like: Any = None, device: torch.device | str | None = None, *,
-                   pipeline_fingerprint: str | None = None, allow_pipeline_change: bool = False) -> Resumable:
+def find_resumable(ckpt_dir: str | os.PathLike | RemotePath, like: Any = None,
+                   device: torch.device | str | None = None, *, pipeline_fingerprint: str | None = None,
+                   allow_pipeline_change: bool = False) -> Resumable:
     """Load the newest ``step_<n>`` checkpoint in ``ckpt_dir`` that is intact, skipping damaged ones.
 
     Every :class:`CorruptCheckpointError` (a failed checksum of a tensor file or of ``checkpoint.json``,

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
@@ -117,10 +118,9 @@ def clear(path: RemotePath) -> None:
         return
     listed: set[str] = set()
     if MANIFEST in present:
-        try:
+        # (a damaged manifest: its checkpoint is replaced like any other)
+        with contextlib.suppress(ValueError, AttributeError, FileNotFoundError):
             listed = set(json.loads((path / MANIFEST).read_bytes()).get("files", {}))
-        except (ValueError, AttributeError, FileNotFoundError):
-            pass  # a damaged manifest: its checkpoint is replaced like any other
     foreign = sorted(n for n in present if not _ours(n, listed))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")

@@ -6,6 +6,10 @@
 - :class:`ConsoleLogger`: one line per epoch;
 - :class:`TensorBoardLogger`: event files (``pip install fnlight[tensorboard]``).
 
+In a remote run directory (a URL such as ``s3://bucket/runs/a``) the CSV and JSONL
+logs are chunk objects written whole, never appended to, and cut back on resume
+so that no row is missing or repeated (see ``fnlight.train._remote_logs``).
+
 Files are appended to (``O_APPEND``), so two runs sharing a ``run_dir`` never
 leave NUL-filled holes, and rewritten only atomically (temp file, rename). On
 resume, a line that a killed or out-of-space run left half-written (no final
@@ -31,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from .._remote import is_remote
+
 log = logging.getLogger("fnlight")
 
 Rows = dict[str, int]  # rows already logged per kind ("epoch", "step"): what a resumed run keeps
@@ -46,6 +52,9 @@ class Logger:
 
     def log(self, row: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Store the rows logged so far (the Trainer calls it before each checkpoint)."""
 
     def close(self) -> None:
         pass
@@ -96,7 +105,10 @@ class CSVLogger(Logger):
         self._rows: dict[str, list[dict[str, Any]]] = {"epoch": [], "step": []}
         self._columns: dict[str, list[str]] = {"epoch": [], "step": []}
 
-    def open(self, run_dir: Path, keep: Rows | None = None) -> CSVLogger:
+    def open(self, run_dir: Path, keep: Rows | None = None) -> Logger:
+        if is_remote(run_dir):
+            from ._remote_logs import RemoteCSVLogger
+            return RemoteCSVLogger().open(run_dir, keep)
         out = CSVLogger()
         out.dir = run_dir
         for kind, name in (("epoch", "metrics.csv"), ("step", "steps.csv")):
@@ -147,7 +159,10 @@ class JSONLLogger(Logger):
         self._f: TextIO | None = None
         self._path: Path | None = None
 
-    def open(self, run_dir: Path, keep: Rows | None = None) -> JSONLLogger:
+    def open(self, run_dir: Path, keep: Rows | None = None) -> Logger:
+        if is_remote(run_dir):
+            from ._remote_logs import RemoteJSONLLogger
+            return RemoteJSONLLogger().open(run_dir, keep)
         path = run_dir / "metrics.jsonl"
         kept: list[str] = []
         if keep and path.exists():
