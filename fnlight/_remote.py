@@ -144,6 +144,10 @@ class RemotePath:
         self.fs.invalidate_cache(self.path)
         return bool(self.fs.exists(self.path))
 
+    def is_file(self) -> bool:
+        self.fs.invalidate_cache(self.path)
+        return bool(self.fs.isfile(self.path))
+
     def read_bytes(self) -> bytes:
         return bytes(self.fs.cat_file(self.path))
 

@@ -60,6 +60,7 @@ from ._cli_common import (
 )
 from ._cli_ensemble import Members, build_members
 from ._cli_ensemble import summary as members_summary
+from ._remote import location
 from .data import DownloadError, FingerprintError
 from .experiment import Experiment, digits_datamodule  # noqa: F401  (digits_datamodule: tests import it from here)
 from .train import (
@@ -254,7 +255,8 @@ def _metrics_line(metrics: dict[str, float], prefix: str = "") -> str:
               help="With several processes: how long a collective waits for the other ranks before failing "
                    "(default: $FNLIGHT_DIST_TIMEOUT or 300).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Where logs and checkpoints (<run-dir>/checkpoints) go (default: runs/version_<n>).")
+              help="Where logs and checkpoints (<run-dir>/checkpoints) go (default: runs/version_<n>); a URL "
+                   "(s3://bucket/runs/a, gs://...) keeps them in an object store (pip install 'fnlight[remote]').")
 @click.option("--compile", "compile_", is_flag=True, help="Run the step through torch.compile.")
 @click.option("--precision", type=click.Choice(["32", "bf16-mixed"]), default="32", show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True,
@@ -322,7 +324,7 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
         exp, hparams = members.first, members.hparams[0]
     else:
         exp, hparams = configure(tgt, sets, seed=seed, max_epochs=max_epochs)
-    run = Path(run_dir) if run_dir is not None else \
+    run = location(run_dir) if run_dir is not None else \
         distributed.broadcast_object(next_version("runs") if lead else None)
     ckpt_dir = run / "checkpoints"
     if lead and not resume:
@@ -330,7 +332,7 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
         if aside is not None:
             click.echo(f"--no-resume: the previous run is kept in {aside} (delete it when no longer needed)",
                        err=True)
-    if lead and resume and ckpt_dir.is_dir() and list_checkpoints(ckpt_dir):
+    if lead and resume and list_checkpoints(ckpt_dir):
         before = read_record(run).get("overrides")
         if before is not None and before != json.loads(json.dumps(hparams, default=repr)):
             click.echo(f"note: resuming {run}, trained with {format_hparams(before) or 'the defaults'}, with "
@@ -348,7 +350,7 @@ def fit(ctx: click.Context, target: str | None, max_epochs: int | None, max_step
         _echo_rank0(f"hyperparameters: {format_hparams(hparams)}")
     recorded = []
 
-    def record(_: Path) -> None:  # experiment.json: once this run has a checkpoint, never before
+    def record(_: object) -> None:  # experiment.json: once this run has a checkpoint, never before
         if not recorded:
             write_record(run, tgt, exp, hparams)
             recorded.append(True)

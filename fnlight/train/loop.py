@@ -360,7 +360,9 @@ def set_aside(run_dir: str | os.PathLike) -> Path | None:
         >>> set_aside("runs/mlp")
         PosixPath('runs/mlp/previous/0')
     """
-    run = Path(run_dir)
+    run = location(run_dir)
+    if isinstance(run, RemotePath):
+        return _set_aside_remote(run)
     items = sorted(p for p in run.iterdir() if p.name != "previous") if run.is_dir() else []
     if not items:
         return None
@@ -374,6 +376,23 @@ def set_aside(run_dir: str | os.PathLike) -> Path | None:
             n += 1
     for p in items:
         os.rename(p, dest / p.name)  # the same file system: nothing is copied, nothing half-moved
+    return dest
+
+
+def _set_aside_remote(run: RemotePath) -> RemotePath | None:
+    """set_aside in an object store: each file is copied to ``previous/<n>/`` (server-side) before it is
+    deleted, checkpoints' manifests last, so a kill midway loses nothing (the next call moves what is left)."""
+    files = {rel: size for rel, size in run.files().items() if not rel.startswith("previous/")}
+    if not files:
+        return None
+    taken = {int(rel.split("/")[1]) for rel in run.files() if rel.startswith("previous/") and
+             rel.split("/")[1].isdigit()}
+    dest = run / "previous" / str(max(taken, default=-1) + 1)
+    order = sorted(files, key=lambda rel: (rel.endswith("/manifest.json"), rel))  # a copy is committed last
+    for rel in order:
+        run.fs.copy((run / rel).path, (dest / rel).path)
+    for rel in reversed(order):  # manifests first: a checkpoint stops existing before its files go
+        (run / rel).unlink()
     return dest
 
 
