@@ -96,7 +96,10 @@ class RemotePath:
                 raise ImportError(f"{self} is a remote location: that needs fsspec (and, for {self.protocol}://, "
                                   "its package, e.g. s3fs or gcsfs): pip install 'fnlight[remote]'") from None
             try:
-                fs, path = fsspec.core.url_to_fs(self.url)
+                try:  # listings are never cached: other processes write (and a cached listing hides their files)
+                    fs, path = fsspec.core.url_to_fs(self.url, use_listings_cache=False)
+                except TypeError:  # a file system that takes no such option
+                    fs, path = fsspec.core.url_to_fs(self.url)
             except (ImportError, ValueError) as e:
                 raise ImportError(f"cannot open {self}: {e} (pip install 'fnlight[remote]' installs fsspec and "
                                   "s3fs; gcsfs for gs://)") from None

@@ -288,7 +288,9 @@ def test_s3_cli_fit_resume_inspect_test(s3, tmp_path, monkeypatch):
     assert "step 20," in invoke("inspect", url)
     info = json.loads(invoke("inspect", f"{url}/checkpoints", "--json"))
     assert info["step"] == 20 and info["checksum"] == "OK"
-    assert "test " in invoke("test", "--ckpt", url, "--json") or True
+    tested = json.loads(invoke("test", "--ckpt", url, "--json").splitlines()[-1])
+    assert tested["checkpoint"] == f"{url}/checkpoints/step_000000020" and tested["step"] == 20
+    assert 0.0 <= tested["metrics"]["acc"] <= 1.0
     out = invoke("fit", "--max-steps", "4", "--set", "hidden=16", "--run-dir", url, "--no-resume")
     assert f"{url}/previous/0" in out
     kept = RemotePath(url) / "previous" / "0"
