@@ -7,7 +7,7 @@ fsync), untouched by fsspec. :func:`location` makes the choice; code that handle
 
 Object stores have no rename and no append, so what is written remotely is written as whole objects: a
 checkpoint as its files plus a manifest written last (``train/checkpoint_remote.py``), a log as chunk objects
-(``train/_remote_logs.py``). A single object written with one PUT is atomic on S3 and GCS: a reader sees the
+(``train/remote_logs.py``). A single object written with one PUT is atomic on S3 and GCS: a reader sees the
 old one or the new one, never a part.
 
 Credentials are never handled here: fsspec and the store's own client read them from the environment or their

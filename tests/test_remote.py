@@ -24,7 +24,6 @@ fsspec = pytest.importorskip("fsspec")
 import fnlight  # noqa: E402
 from fnlight._remote import RemotePath, is_remote, location, redact  # noqa: E402
 from fnlight.train import checkpoint_files, checkpoint_remote  # noqa: E402
-from fnlight.train._remote_logs import read_log  # noqa: E402
 from fnlight.train.checkpoint import (  # noqa: E402
     CheckpointError,
     CorruptCheckpointError,
@@ -33,6 +32,7 @@ from fnlight.train.checkpoint import (  # noqa: E402
     step_dir,
 )
 from fnlight.train.loggers import CSVLogger, JSONLLogger  # noqa: E402
+from fnlight.train.remote_logs import read_log  # noqa: E402
 from fnlight.tree import tree_equal  # noqa: E402
 
 from .test_resume import setup  # noqa: E402

@@ -8,7 +8,7 @@
 
 In a remote run directory (a URL such as ``s3://bucket/runs/a``) the CSV and JSONL
 logs are chunk objects written whole, never appended to, and cut back on resume
-so that no row is missing or repeated (see ``fnlight.train._remote_logs``).
+so that no row is missing or repeated (see ``fnlight.train.remote_logs``).
 
 Files are appended to (``O_APPEND``), so two runs sharing a ``run_dir`` never
 leave NUL-filled holes, and rewritten only atomically (temp file, rename). On
@@ -107,7 +107,7 @@ class CSVLogger(Logger):
 
     def open(self, run_dir: Path, keep: Rows | None = None) -> Logger:
         if is_remote(run_dir):
-            from ._remote_logs import RemoteCSVLogger
+            from .remote_logs import RemoteCSVLogger
             return RemoteCSVLogger().open(run_dir, keep)
         out = CSVLogger()
         out.dir = run_dir
@@ -161,7 +161,7 @@ class JSONLLogger(Logger):
 
     def open(self, run_dir: Path, keep: Rows | None = None) -> Logger:
         if is_remote(run_dir):
-            from ._remote_logs import RemoteJSONLLogger
+            from .remote_logs import RemoteJSONLLogger
             return RemoteJSONLLogger().open(run_dir, keep)
         path = run_dir / "metrics.jsonl"
         kept: list[str] = []

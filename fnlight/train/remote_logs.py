@@ -196,13 +196,15 @@ class RemoteJSONLLogger(Logger):
         self.flush()
 
 
-def read_log(run_dir: RemotePath, name: str) -> list[Row]:
-    """The rows of the remote log ``name`` (``metrics.jsonl``, ``metrics.csv`` or ``steps.csv``) of a run.
+def read_log(run_dir: str | RemotePath, name: str) -> list[Row]:
+    """The rows of the remote log ``name`` (``metrics.jsonl``, ``metrics.csv`` or ``steps.csv``) of a run
+    whose ``run_dir`` is a URL.
 
     Example:
-        >>> read_log(RemotePath("s3://bucket/runs/a"), "metrics.jsonl")[-1]["val/acc"]
+        >>> read_log("s3://bucket/runs/a", "metrics.jsonl")[-1]["val/acc"]
         0.97
     """
+    run_dir = RemotePath(run_dir) if isinstance(run_dir, str) else run_dir
     if name.endswith(".jsonl"):
         return _Series(run_dir, name, _jsonl_text, _jsonl_rows).rows()
     kind = "epoch" if name == "metrics.csv" else "step"
