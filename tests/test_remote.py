@@ -6,6 +6,8 @@ killed with SIGKILL mid-checkpoint, a resume from the bucket in a fresh process 
 and credentials that never show in what is written or in errors.
 """
 
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -84,7 +86,7 @@ def test_a_remote_checkpoint_is_its_files_and_a_manifest_of_all_of_them(monkeypa
     for name, entry in manifest["files"].items():
         data = (p / name).read_bytes()
         assert entry["size"] == len(data)
-        assert entry["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
     # a sharded state: every shard is in the manifest; overwriting replaces the old checkpoint whole
     monkeypatch.setattr(checkpoint_files, "SHARD_BYTES", 16)
     bigger = {**tree, "v": torch.randn(40)}
@@ -102,7 +104,7 @@ def test_files_other_writers_put_in_the_checkpoint_are_committed_too():
     (p / "optimizer-rank-00001.safetensors").write_bytes(b"another rank's shard")  # not hashed by this writer
     manifest = checkpoint_remote.commit(p, known)
     entry = manifest["files"]["optimizer-rank-00001.safetensors"]
-    assert entry["size"] == 20 and entry["sha256"] == __import__("hashlib").sha256(b"another rank's shard").hexdigest()
+    assert entry["size"] == 20 and entry["sha256"] == hashlib.sha256(b"another rank's shard").hexdigest()
 
 
 def test_damage_and_incomplete_checkpoints_are_errors_naming_the_file():
@@ -311,3 +313,12 @@ def test_s3_errors_name_the_place_but_never_the_credentials(s3):
         text = "".join(traceback.format_exception(e.value))
         assert_no_credentials(text)
     assert "s3://fnlight-no-such-bucket/ck" in str(e2.value)
+
+
+def test_a_url_whose_file_system_is_not_installed_says_what_to_install():
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(ImportError, match=r"gcsfs.*fnlight\[remote\]|fnlight\[remote\].*gcsfs"):
+        fnlight.load_checkpoint("gs://bucket/ck")
+    with pytest.raises(ImportError, match="cannot open nosuchfs://x"):
+        fnlight.load_checkpoint("nosuchfs://x")
