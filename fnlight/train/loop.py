@@ -901,8 +901,9 @@ class _Fit:
                 "totals": totals.snapshot(), "logged": self.logged, "finished": self.stopped,
                 "hparams": self.hparams,
                 "pipeline": {"fingerprint": self.fingerprint, "description": self.dm.describe()}}
-        for lg in self.loggers:
-            lg.flush()  # the rows this checkpoint counts are stored before it exists (remote logs buffer them)
+        for lg in self.loggers:  # the rows this checkpoint counts are stored before it exists (remote logs buffer)
+            if callable(flush := getattr(lg, "flush", None)):  # (a logger of the user's may not derive from Logger)
+                flush()
         self.checkpoints.save(state, self.step, meta)
 
     def _log(self, kind: str, values: Mapping[str, float]) -> None:
