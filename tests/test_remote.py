@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 fsspec = pytest.importorskip("fsspec")
 
@@ -156,6 +158,28 @@ def test_find_resumable_skips_uncommitted_and_damaged_checkpoints():
     assert "step_000000003" in found.message() and "step_000000004" not in found.message()
     assert checkpoint_remote.remove_incomplete(ck, below=5) == [step_dir(ck, 4)]
     assert not any(rel.startswith("step_000000004/") for rel in ck.files())
+
+
+@settings(max_examples=25)
+@given(chunks=st.lists(st.integers(1, 5), max_size=6), keep_frac=st.floats(0, 1), then=st.integers(0, 4))
+def test_a_resumed_log_holds_each_row_once_whatever_its_chunks(chunks, keep_frac, then):
+    """Law: rows logged in any chunking, cut back to any count a checkpoint recorded, then continued, read
+    back as the kept prefix followed by the new rows."""
+    run = RemotePath(mem("log"))
+    first = JSONLLogger().open(run)
+    rows = []
+    for size in chunks:
+        for _ in range(size):
+            rows.append({"kind": "step", "step": len(rows)})
+            first.log(rows[-1])
+        first.flush()
+    keep = int(keep_frac * len(rows))
+    second = JSONLLogger().open(run, {"step": keep, "epoch": 0})
+    new = [{"kind": "step", "step": 1000 + i} for i in range(then)]
+    for row in new:
+        second.log(row)
+    second.close()
+    assert read_log(run, "metrics.jsonl") == rows[:keep] + new
 
 
 def trainer(run, **kw):
