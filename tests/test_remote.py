@@ -73,6 +73,26 @@ def test_urls_become_remote_paths_and_local_paths_stay_paths(tmp_path):
         "ftp://me:hunter2@host/x"))
 
 
+def test_local_paths_never_go_through_fsspec(tmp_path):
+    """Local checkpoints, resume and logs keep their own code path: fsspec is not even imported."""
+    code = f"""
+import sys
+import fnlight
+from fnlight.train.loggers import CSVLogger, JSONLLogger
+from tests.test_resume import setup
+dm, state, step, eval_step = setup()
+t = fnlight.Trainer(max_steps=4, run_dir={str(tmp_path)!r}, ckpt_dir={str(tmp_path / "ck")!r},
+                    loggers=(CSVLogger(), JSONLLogger()))
+t.fit(state, step, dm, eval_step)
+fnlight.load_checkpoint({f"file://{tmp_path}/ck/step_000000004"!r})
+print(sorted(m for m in ("fsspec", "s3fs", "gcsfs") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 # -- checkpoints on memory:// ------------------------------------------------------------------------------
 
 
