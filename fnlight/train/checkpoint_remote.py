@@ -15,7 +15,10 @@ and sha256 (and its own sha256). Since one object is written whole or not at all
   mix of two), then its files, and writes the new ones; removal also deletes the manifest first.
 
 Every file of the directory goes into the manifest, whoever wrote it (:func:`commit` hashes those it was not
-told about), so files that other processes wrote into the checkpoint before the commit are covered.
+told about), so files that other processes wrote into the checkpoint before the commit are covered. Several
+writers of one checkpoint (e.g. one per rank) compose the steps of :func:`write`: one :func:`clear` first, then
+each writes its files, then, once all are done (a barrier), one :func:`commit` (given the sizes and sha256s the
+others report, or hashing their files itself).
 
 Example:
     >>> write(RemotePath("s3://bucket/run/step_100"), {"w": torch.zeros(3)}, {"structure": ..., "meta": {}})
