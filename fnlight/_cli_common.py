@@ -28,8 +28,10 @@ from typing import Any
 import click
 import torch
 
+from ._remote import Location, RemotePath, location
 from .experiment import Experiment, ExperimentFactory, accepts_any, build_experiment, hparams_of
 from .train.checkpoint import META, list_checkpoints
+from .train.checkpoint_remote import MANIFEST
 
 DEFAULT_TARGET = "fnlight.experiment:digits"
 RECORD = "experiment.json"  # in a run directory: the target and hyperparameters it was trained with
@@ -298,15 +300,24 @@ def check_device_available(dev: torch.device) -> None:
             raise CliError(f"--device {dev}: this machine has {n} GPU(s) (cuda:0 .. cuda:{n - 1})")
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or the newest checkpoint in a checkpoints directory or a run directory.
+def resolve_checkpoint(path: str | os.PathLike) -> Location:
+    """A checkpoint directory, or the newest checkpoint in a checkpoints directory or a run directory
+    (local, or a URL such as ``s3://bucket/runs/a``: there, only committed checkpoints count).
 
     Example:
         ```python
         resolve_checkpoint("runs/version_0")      # runs/version_0/checkpoints/step_000000920
         ```
     """
-    p = Path(path)
+    p = location(path)
+    if isinstance(p, RemotePath):
+        if (p / MANIFEST).is_file():
+            return p
+        for where in (p, p / "checkpoints"):
+            if found := list_checkpoints(where):
+                return found[-1]
+        raise CliError(f"no checkpoint at {p}: neither a committed checkpoint (with its {MANIFEST}) nor a "
+                       "directory of committed step_<n> checkpoints (nor a run directory with checkpoints/)")
     if (p / META).is_file():
         return p
     for where in (p, p / "checkpoints"):
@@ -318,20 +329,20 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                    "step_<n> checkpoints (nor a run directory with checkpoints/)")
 
 
-def run_dir_of(ckpt: Path) -> Path | None:
+def run_dir_of(ckpt: Location) -> Location | None:
     """The run directory a Trainer checkpoint belongs to (``<run>/checkpoints/step_<n>``), if it has a record."""
     run = ckpt.parent.parent
     return run if ckpt.parent.name == "checkpoints" and (run / RECORD).is_file() else None
 
 
-def read_record(run_dir: Path) -> dict[str, Any]:
+def read_record(run_dir: Location) -> dict[str, Any]:
     try:
         return json.loads((run_dir / RECORD).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
 
-def recorded_hparams(ckpt: Path, target: Target) -> tuple[dict[str, Any], Path | None]:
+def recorded_hparams(ckpt: Location, target: Target) -> tuple[dict[str, Any], Location | None]:
     """The hyperparameters that produced the checkpoint, and where they were read: the checkpoint's own
     (``fit`` records them in each one), else its run's ``experiment.json``. Used when the run trained this
     same TARGET (or, for a checkpoint outside a run, always: the factory takes only the names it knows)."""
@@ -362,11 +373,14 @@ def all_hparams(target: Target, overrides: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(values, default=repr))
 
 
-def write_record(run_dir: Path, target: Target, exp: Experiment, overrides: Mapping[str, Any]) -> None:
+def write_record(run_dir: Location, target: Target, exp: Experiment, overrides: Mapping[str, Any]) -> None:
     """``<run_dir>/experiment.json``: the target, the hyperparameters given, and all of them (defaults included).
     Written atomically (a temp file renamed into place)."""
     doc = {"target": target.spec, "name": exp.name, "overrides": dict(overrides),
            "hparams": all_hparams(target, overrides), "seed": exp.seed, "max_epochs": exp.max_epochs}
+    if isinstance(run_dir, RemotePath):  # one object, written whole
+        (run_dir / RECORD).write_text(json.dumps(doc, indent=1, default=repr) + "\n")
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{RECORD}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(doc, indent=1, default=repr) + "\n")

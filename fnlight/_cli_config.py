@@ -32,6 +32,7 @@ import torch
 
 from . import __version__
 from ._cli_common import CliError, Target, check_device_available, configure, load_target, parse_device
+from ._remote import Location, RemotePath
 from .experiment import Experiment, accepts_any, hparams_of
 from .train import (
     Callback,
@@ -123,7 +124,8 @@ OPTIONS: tuple[Option, ...] = (
            "ranks before failing (default: $FNLIGHT_DIST_TIMEOUT or 300).", "--timeout-s", optional=True,
            minimum=0, above=True),
     Option((*T, "run_dir"), str, None, "Where logs and checkpoints (<run-dir>/checkpoints) go (default: "
-           "runs/version_<n>).", "--run-dir", optional=True),
+           "runs/version_<n>); a URL (s3://bucket/runs/a, gs://...) keeps them in an object store (pip install "
+           "'fnlight[remote]').", "--run-dir", optional=True),
     Option((*T, "compile"), bool, EXPERIMENT, "Run the step through torch.compile.", "--compile/--no-compile"),
     Option((*T, "precision"), ("32", "bf16-mixed"), EXPERIMENT, "Autocast to bfloat16 (weights stay float32).",
            "--precision"),
@@ -643,17 +645,26 @@ def check_processes(cfg: FitConfig, seed_given: bool = False) -> tuple[torch.dev
     return dev, launched
 
 
-def write_config(run_dir: Path, cfg: FitConfig) -> Path:
-    """``<run_dir>/config.yaml`` (atomically). A different one already there (of an earlier invocation of a
-    resumed run) is kept as ``config.<n>.yaml``, the lowest free n."""
+def write_config(run_dir: Location, cfg: FitConfig) -> Location:
+    """``<run_dir>/config.yaml`` (atomically; in a remote run directory, one object written whole). A
+    different one already there (of an earlier invocation of a resumed run) is kept as ``config.<n>.yaml``,
+    the lowest free n."""
     out = run_dir / "config.yaml"
     text = cfg.to_yaml()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if out.is_file() and out.read_text().split("\n", 2)[-1] != text.split("\n", 2)[-1]:
+    remote = isinstance(run_dir, RemotePath)
+    if not remote:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if out.is_file() and (old := out.read_text()).split("\n", 2)[-1] != text.split("\n", 2)[-1]:
         n = 0
         while (run_dir / f"config.{n}.yaml").exists():
             n += 1
-        os.replace(out, run_dir / f"config.{n}.yaml")
+        if remote:
+            (run_dir / f"config.{n}.yaml").write_text(old)
+        else:
+            os.replace(out, run_dir / f"config.{n}.yaml")
+    if remote:
+        out.write_text(text)
+        return out
     tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, out)

@@ -64,6 +64,7 @@ from ._cli_common import (
 from ._cli_config import FitConfig, check_processes, fit_options, read_fit, write_config
 from ._cli_ensemble import Members, build_members, member_labels, pick_members, recorded_members
 from ._cli_ensemble import summary as members_summary
+from ._remote import location
 from ._summary import pipeline_tree, summary_lines
 from .data import DownloadError, FingerprintError
 from .experiment import Experiment, digits_datamodule  # noqa: F401  (digits_datamodule: tests import it from here)
@@ -292,7 +293,7 @@ def fit(ctx: click.Context, **params: Any) -> None:
         exp, hparams = members.first, members.hparams[0]
     else:
         exp, hparams = cfg.build()
-    run = Path(cfg["run_dir"]) if cfg["run_dir"] is not None else \
+    run = location(cfg["run_dir"]) if cfg["run_dir"] is not None else \
         distributed.broadcast_object(next_version("runs") if lead else None)
     cfg = cfg.resolve(exp, hparams, run_dir=run)
     ckpt_dir = run / "checkpoints"
@@ -301,7 +302,7 @@ def fit(ctx: click.Context, **params: Any) -> None:
         if aside is not None:
             click.echo(f"--no-resume: the previous run is kept in {aside} (delete it when no longer needed)",
                        err=True)
-    if lead and cfg["resume"] and ckpt_dir.is_dir() and list_checkpoints(ckpt_dir):
+    if lead and cfg["resume"] and list_checkpoints(ckpt_dir):
         before = read_record(run).get("overrides")
         if before is not None and before != json.loads(json.dumps(hparams, default=repr)):
             click.echo(f"note: resuming {run}, trained with {format_hparams(before) or 'the defaults'}, with "
@@ -324,7 +325,7 @@ def fit(ctx: click.Context, **params: Any) -> None:
         _echo_rank0(f"hyperparameters: {format_hparams(hparams)}")
     recorded = []
 
-    def record(_: Path) -> None:  # experiment.json and config.yaml: once this run has a checkpoint, never before
+    def record(_: object) -> None:  # experiment.json and config.yaml: once this run has a checkpoint, never before
         if not recorded:
             write_record(run, tgt, exp, hparams)
             write_config(run, cfg)

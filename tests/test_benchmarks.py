@@ -76,3 +76,15 @@ def test_step_throughput_gpt_json():
     assert all(gpt[k] > 0 for k in ("torch_default", "fnlight_eager", "fnlight_donate"))
     assert set(gpt["peak_mb"]) == {"torch_default", "fnlight_eager", "fnlight_donate"}
     assert all(10 < mb < 1000 for mb in gpt["peak_mb"].values())  # model, Adam state, activations: ~70 MB
+
+
+@pytest.mark.slow
+def test_remote_json():
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "remote.py"), "--params", "2e5", "--repeats", "1",
+                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert res["bytes"] == 800_000
+    assert all(res[w][k] > 0 for w in ("local", "remote") for k in ("save_s", "load_s"))

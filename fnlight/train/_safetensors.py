@@ -26,6 +26,7 @@ import queue
 import struct
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -75,8 +76,9 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def write(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Write contiguous CPU ``tensors`` to ``path`` in the safetensors format, fsync it, return its sha256."""
+def pieces(tensors: dict[str, torch.Tensor]) -> list[memoryview]:
+    """The bytes of the safetensors file of contiguous CPU ``tensors``, in order, as views (no copy of the data):
+    the length, the JSON header, then each tensor's data in chunks of at most 64 MiB."""
     for name, t in tensors.items():
         if name == "__metadata__":
             raise ValueError("a tensor cannot be named __metadata__ (safetensors reserves that name)")
@@ -92,11 +94,31 @@ def write(path: Path, tensors: dict[str, torch.Tensor]) -> str:
         blobs.append(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-aligned
+    return [memoryview(struct.pack("<Q", len(head))), memoryview(head)] + [
+        blob[i:i + _CHUNK] for blob in blobs for i in range(0, blob.nbytes, _CHUNK)]
+
+
+def write_stream(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """Write contiguous CPU ``tensors`` in the safetensors format to the open binary file ``f`` (e.g. an
+    fsspec file); return their sha256 and size. Hashed by a second thread while written, as :func:`write`."""
+    hasher, size = _Hasher(), 0
+    try:
+        for piece in pieces(tensors):
+            hasher.add(piece)
+            f.write(piece)
+            size += piece.nbytes
+    finally:
+        hasher.close()
+    return hasher.hexdigest(), size
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write contiguous CPU ``tensors`` to ``path`` in the safetensors format, fsync it, return its sha256."""
+    parts = pieces(tensors)
     hasher = _Hasher()
     try:  # the hashing thread stops whatever happens (a full disk, a kill signal's exception)
         with open(path, "wb", buffering=0) as f:
-            for piece in [memoryview(struct.pack("<Q", len(head))), memoryview(head)] + [
-                    blob[i:i + _CHUNK] for blob in blobs for i in range(0, blob.nbytes, _CHUNK)]:
+            for piece in parts:
                 hasher.add(piece)
                 while piece.nbytes:  # a raw write may be short
                     piece = piece[f.write(piece):]
@@ -153,6 +175,24 @@ def read(path: Path) -> tuple[torch.Tensor, str]:
     """The bytes of a regular file as one CPU uint8 tensor (a copy), and their sha256."""
     with open(path, "rb") as f:
         return read_fd(f.fileno(), os.fstat(f.fileno()).st_size)
+
+
+def read_stream(f: BinaryIO, size: int) -> tuple[torch.Tensor, str]:
+    """The first ``size`` bytes of the open binary file ``f`` (e.g. an fsspec file) copied into one CPU uint8
+    tensor, and their sha256 (hashed while read, as :func:`read_fd`). EOFError when the file is shorter."""
+    buf, view = _buffer(size)
+    hasher = _Hasher()
+    try:
+        done = 0
+        while done < size:
+            n = f.readinto(view[done:done + _READ_CHUNK])
+            if not n:
+                raise EOFError(f"the file ended after {done} of {size} bytes (truncated while read?)")
+            hasher.add(view[done:done + n])
+            done += n
+    finally:
+        hasher.close()
+    return buf, hasher.hexdigest()
 
 
 MAX_HEADER = 100_000_000  # what safetensors itself accepts

@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +42,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._remote import Location, RemotePath, location
 from . import checkpoint_files as files
+from . import checkpoint_remote as remote
 from .checkpoint_files import FORMAT, MAX_SHARDS, META, TENSORS, VERSION
 from .checkpoint_tree import (
     NAMED_TUPLES,
@@ -59,32 +62,57 @@ from .state import TrainState
 __all__ = [
     "FORMAT", "MAX_SHARDS", "META", "NAMED_TUPLES", "TENSORS", "VERSION", "AsyncCheckpointer", "CheckpointError",
     "CorruptCheckpointError", "Resumable", "find_resumable", "list_checkpoints", "load_checkpoint",
-    "register_named_tuple", "save_checkpoint", "step_dir", "tensor_names",
+    "register_named_tuple", "remove_checkpoint", "save_checkpoint", "step_dir", "tensor_names",
 ]
 
 log = logging.getLogger("fnlight")
 
 
-def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
-    """Where the Trainer keeps the checkpoint of ``step``: ``<ckpt_dir>/step_<step:09d>``.
+def step_dir(ckpt_dir: str | os.PathLike | RemotePath, step: int) -> Location:
+    """Where the Trainer keeps the checkpoint of ``step``: ``<ckpt_dir>/step_<step:09d>`` (a Path, or a
+    RemotePath when ``ckpt_dir`` is a URL such as ``s3://bucket/run``).
 
     Example:
         >>> step_dir("runs/a/ckpt", 100)
         PosixPath('runs/a/ckpt/step_000000100')
     """
-    return Path(ckpt_dir) / f"step_{int(step):09d}"
+    return location(ckpt_dir) / f"step_{int(step):09d}"
 
 
-def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """The Trainer's ``step_<n>`` checkpoint directories in ``ckpt_dir``, oldest first.
+def list_checkpoints(ckpt_dir: str | os.PathLike | RemotePath) -> list[Location]:
+    """The Trainer's ``step_<n>`` checkpoint directories in ``ckpt_dir``, oldest first. In a remote
+    ``ckpt_dir``, only committed ones (with their manifest): one a writer is still writing, or was killed
+    writing, is not listed.
 
     Example:
         ```python
         list_checkpoints("runs/a/ckpt")[-1]   # the newest
         ```
     """
-    found = [p for p in Path(ckpt_dir).glob("step_*") if p.name[5:].isdigit() and p.is_dir()]
+    where = location(ckpt_dir)
+    if isinstance(where, RemotePath):
+        return list(remote.list_checkpoints(where))
+    found = [p for p in where.glob("step_*") if p.name[5:].isdigit() and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def remove_checkpoint(path: Location) -> None:
+    """Delete a checkpoint directory (a remote one's manifest first, so it stops existing at once); a missing
+    one is fine.
+
+    Example:
+        >>> remove_checkpoint(step_dir("s3://bucket/run/checkpoints", 100))
+    """
+    if isinstance(path, RemotePath):
+        remote.remove(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write(path: Location, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> Location:
+    if isinstance(path, RemotePath):
+        return remote.write(path, tensors, doc)
+    return files.write(path, tensors, doc)
 
 
 def _prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -109,7 +137,8 @@ def _prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.T
     return tensors, doc
 
 
-def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | os.PathLike | RemotePath, state: Any, *, meta: dict[str, Any] | None = None
+                    ) -> Location:
     """Write ``state`` (a TrainState or any tree of tensors) and JSON-able ``meta`` to the directory ``path``.
 
     Atomic: a reader sees the previous checkpoint at ``path`` (if any) or this one, never a part.
@@ -118,13 +147,19 @@ def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any]
     write (e.g. a full disk) raises an OSError naming ``path`` and leaves no temporary file behind.
     See :class:`AsyncCheckpointer` to write in the background.
 
+    ``path`` may be a URL (``s3://``, ``gs://``, ``memory://``...; needs ``fnlight[remote]``): object stores
+    have no rename, so the files are written and then committed by a manifest (sizes and sha256s of every
+    file) written last; until then, and if the writer dies first, readers see no checkpoint at ``path``.
+    Overwriting a remote checkpoint removes the old one first (see ``checkpoint_remote``).
+
     Example:
         ```python
         save_checkpoint("runs/a/step_100", state, meta={"epoch": 3, "position": 12})
+        save_checkpoint("s3://bucket/runs/a/step_100", state)
         ```
     """
     tensors, doc = _prepare(state, meta)
-    return files.write(Path(path), {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, doc)
+    return _write(location(path), {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, doc)
 
 
 class AsyncCheckpointer:
@@ -170,22 +205,24 @@ class AsyncCheckpointer:
         self._staging = staging
         return staging
 
-    def save(self, path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | None = None,
-             then: Callable[[Path], Any] | None = None) -> None:
+    def save(self, path: str | os.PathLike | RemotePath, state: Any, *, meta: dict[str, Any] | None = None,
+             then: Callable[[Location], Any] | None = None) -> None:
         """Copy ``state`` to host memory now and write it to ``path`` in the background;
         ``then(path)`` runs in the background after the write (e.g. pruning old checkpoints).
         A ``path`` that holds something other than a checkpoint is an error at once (and again
         when the write starts, in case something appeared there meanwhile)."""
         self.wait()
-        with contextlib.suppress(OSError):  # (an OSError, e.g. a parent that is a file, comes from the write)
-            files.check_replaceable(Path(path))
+        where = location(path)
+        if isinstance(where, Path):
+            with contextlib.suppress(OSError):  # (an OSError, e.g. a parent that is a file, comes from the write)
+                files.check_replaceable(where)
         tensors, doc = _prepare(state, meta)
         host = self._stage(tensors)
 
         def job() -> None:
-            files.write(Path(path), host, doc)
+            _write(where, host, doc)
             if then is not None:
-                then(Path(path))
+                then(where)
 
         self._pending = self._pool.submit(job)
 
@@ -210,7 +247,7 @@ class AsyncCheckpointer:
         self.close()
 
 
-def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.device | str | None = None, *,
+def load_checkpoint(path: str | os.PathLike | RemotePath, like: Any = None, device: torch.device | str | None = None, *,
                     pipeline_fingerprint: str | None = None,
                     allow_pipeline_change: bool = False) -> tuple[Any, dict[str, Any]]:
     """Read a checkpoint written by :func:`save_checkpoint`: ``(state, meta)``.
@@ -233,13 +270,20 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
     the load returns the previous one or the new one, whole. Damage of any
     kind raises :class:`CorruptCheckpointError` naming the file.
 
+    A remote ``path`` (a URL) is read through its manifest: a checkpoint without one does not exist
+    (CorruptCheckpointError: incomplete), every file is checked against the size and sha256 it records,
+    and a file it does not record is refused.
+
     Example:
         ```python
         state, meta = load_checkpoint("runs/a/step_100", like=state, pipeline_fingerprint=dm.fingerprint)
         ```
     """
-    path = Path(path)
-    doc, tensors, where = files.read(path)
+    path = location(path)
+    if isinstance(path, RemotePath):
+        (doc, tensors), where = remote.read(path), path
+    else:
+        doc, tensors, where = files.read(path)
     if where != path:
         log.warning("%s was being replaced when its writer stopped; loaded the previous checkpoint %s", path, where)
     meta = doc.get("meta", {})
@@ -272,10 +316,10 @@ class Resumable(NamedTuple):
     """What :func:`find_resumable` found: the newest checkpoint that loads (``path``, ``state``, ``meta``;
     all None when none does) and the newer ones it skipped, ``(path, reason)`` each, newest first."""
 
-    path: Path | None
+    path: Location | None
     state: Any
     meta: dict[str, Any] | None
-    skipped: tuple[tuple[Path, str], ...]
+    skipped: tuple[tuple[Location, str], ...]
 
     def message(self) -> str | None:
         """One line saying what was skipped and why, and where the run resumes (None when nothing was skipped).
@@ -296,8 +340,9 @@ class Resumable(NamedTuple):
         return f"skipped the damaged checkpoint{s} {what}; {where}"
 
 
-def find_resumable(ckpt_dir: str | os.PathLike, like: Any = None, device: torch.device | str | None = None, *,
-                   pipeline_fingerprint: str | None = None, allow_pipeline_change: bool = False) -> Resumable:
+def find_resumable(ckpt_dir: str | os.PathLike | RemotePath, like: Any = None,
+                   device: torch.device | str | None = None, *, pipeline_fingerprint: str | None = None,
+                   allow_pipeline_change: bool = False) -> Resumable:
     """Load the newest ``step_<n>`` checkpoint in ``ckpt_dir`` that is intact, skipping damaged ones.
 
     Every :class:`CorruptCheckpointError` (a failed checksum of a tensor file or of ``checkpoint.json``,
@@ -312,7 +357,7 @@ def find_resumable(ckpt_dir: str | os.PathLike, like: Any = None, device: torch.
         state = found.state if found.path is not None else state
         ```
     """
-    skipped: list[tuple[Path, str]] = []
+    skipped: list[tuple[Location, str]] = []
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
             state, meta = load_checkpoint(path, like, device, pipeline_fingerprint=pipeline_fingerprint,
@@ -321,7 +366,8 @@ def find_resumable(ckpt_dir: str | os.PathLike, like: Any = None, device: torch.
             skipped.append((path, " ".join(str(e).split())))
             continue
         except CheckpointError:
-            if not os.path.lexists(path):  # deleted meanwhile (another run's keep_last): not damage
+            gone = not remote.exists(path) if isinstance(path, RemotePath) else not os.path.lexists(path)
+            if gone:  # deleted meanwhile (another run's keep_last): not damage
                 continue
             raise
         return Resumable(path, state, meta, tuple(skipped))

@@ -283,6 +283,12 @@ def _read_doc(dfd: int, path: Path) -> dict[str, Any]:
         raw = _safetensors.read_fd(fd, size)[0].numpy().tobytes()
     finally:
         os.close(fd)
+    return parse_doc(raw, path)
+
+
+def parse_doc(raw: bytes, path: Any) -> dict[str, Any]:
+    """The checked document of the ``checkpoint.json`` bytes ``raw`` of the checkpoint ``path`` (a Path or a
+    remote location, for messages): its format, version, own checksum and the fields every checkpoint has."""
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -317,7 +323,7 @@ def _read_doc(dfd: int, path: Path) -> dict[str, Any]:
     return doc
 
 
-def _recorded_files(path: Path, doc: dict[str, Any], present: set[str]) -> dict[str, str]:
+def recorded_files(path: Any, doc: dict[str, Any], present: set[str]) -> dict[str, str]:
     """The tensor files ``doc`` records (name -> sha256), checked against the directory's files."""
     files = {TENSORS: doc.get("tensors_sha256")} if doc["version"] == 1 else doc.get("tensor_files")
     if not isinstance(files, dict) or not files or not all(
@@ -337,6 +343,12 @@ def _read_tensor_file(dfd: int, path: Path, name: str, recorded: str) -> dict[st
         raw, actual = _safetensors.read_fd(fd, size)
     finally:
         os.close(fd)
+    return parse_tensor_file(raw, actual, recorded, path, name)
+
+
+def parse_tensor_file(raw: torch.Tensor, actual: str, recorded: str, path: Any, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of the tensor file ``name`` of the checkpoint ``path``, read into ``raw`` with the sha256
+    ``actual``: CorruptCheckpointError unless that is the ``recorded`` one and the bytes are valid safetensors."""
     if actual != recorded:
         raise CorruptCheckpointError(f"{path / name} is corrupted: its sha256 is {actual}, the checkpoint "
                                      f"recorded {recorded}")
@@ -356,7 +368,7 @@ def _read_dir(dfd: int, path: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     if META not in present:
         raise _Missing(f"{path} is incomplete: {META} missing")
     doc = _read_doc(dfd, path)
-    files = _recorded_files(path, doc, present)
+    files = recorded_files(path, doc, present)
     parts = each(lambda name: _read_tensor_file(dfd, path, name, files[name]), list(files))
     tensors: dict[str, torch.Tensor] = {}
     for name, part in zip(files, parts, strict=True):

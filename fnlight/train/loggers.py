@@ -7,6 +7,10 @@
 - :class:`TensorBoardLogger`: event files (``pip install fnlight[tensorboard]``);
 - :class:`~fnlight.train.mlflow_logger.MLflowLogger`: an MLflow run (``pip install fnlight[mlflow]``).
 
+In a remote run directory (a URL such as ``s3://bucket/runs/a``) the CSV and JSONL
+logs are chunk objects written whole, never appended to, and cut back on resume
+so that no row is missing or repeated (see ``fnlight.train.remote_logs``).
+
 Files are appended to (``O_APPEND``), so two runs sharing a ``run_dir`` never
 leave NUL-filled holes, and rewritten only atomically (temp file, rename). On
 resume, a line that a killed or out-of-space run left half-written (no final
@@ -33,6 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from .._remote import is_remote
+
 log = logging.getLogger("fnlight")
 
 Rows = dict[str, int]  # rows already logged per kind ("epoch", "step"): what a resumed run keeps
@@ -57,6 +63,9 @@ class Logger:
         """The run's last checkpoint directory, once when ``fit`` ends (finished, stopped, or interrupted
         by a signal; not when it raised), before ``close``, where it has a ``ckpt_dir``. Loggers that
         keep no artifacts ignore it."""
+
+    def flush(self) -> None:
+        """Store the rows logged so far (the Trainer calls it before each checkpoint)."""
 
     def close(self) -> None:
         pass
@@ -107,7 +116,10 @@ class CSVLogger(Logger):
         self._rows: dict[str, list[dict[str, Any]]] = {"epoch": [], "step": []}
         self._columns: dict[str, list[str]] = {"epoch": [], "step": []}
 
-    def open(self, run_dir: Path, keep: Rows | None = None) -> CSVLogger:
+    def open(self, run_dir: Path, keep: Rows | None = None) -> Logger:
+        if is_remote(run_dir):
+            from .remote_logs import RemoteCSVLogger
+            return RemoteCSVLogger().open(run_dir, keep)
         out = CSVLogger()
         out.dir = run_dir
         for kind, name in (("epoch", "metrics.csv"), ("step", "steps.csv")):
@@ -158,7 +170,10 @@ class JSONLLogger(Logger):
         self._f: TextIO | None = None
         self._path: Path | None = None
 
-    def open(self, run_dir: Path, keep: Rows | None = None) -> JSONLLogger:
+    def open(self, run_dir: Path, keep: Rows | None = None) -> Logger:
+        if is_remote(run_dir):
+            from .remote_logs import RemoteJSONLLogger
+            return RemoteJSONLLogger().open(run_dir, keep)
         path = run_dir / "metrics.jsonl"
         kept: list[str] = []
         if keep and path.exists():

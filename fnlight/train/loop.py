@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from .. import distributed
+from .._remote import Location, RemotePath, location
 from ..data.datamodule import DataModule
 from ..tree import batch_size, device_put, tree_leaves, tree_map
 from .callbacks import Callback, FitContext, Signal
@@ -40,9 +40,11 @@ from .checkpoint import (
     Resumable,
     find_resumable,
     list_checkpoints,
+    remove_checkpoint,
     save_checkpoint,
     step_dir,
 )
+from .checkpoint_remote import remove_incomplete
 from .checks import check_state_matches, noted
 from .ensemble import EnsembleTrainStep, PerMember, member_metrics, scalar_step, spread_members
 from .loggers import CSVLogger, JSONLLogger, Logger
@@ -89,12 +91,12 @@ class FitResult:
 
     state: TrainState
     history: list[Metrics]
-    run_dir: Path
+    run_dir: Location
     callback_states: tuple[Any, ...] = ()
     callbacks: tuple[Callback, ...] = ()
-    ckpt_dir: Path | None = None
+    ckpt_dir: Location | None = None
     #: the checkpoint this fit resumed from (None: it started afresh)
-    resumed_from: Path | None = None
+    resumed_from: Location | None = None
     #: why training ended: "max_epochs", "max_steps" or "stopped by <callback>"
     finished: str | None = None
     #: the run had finished before this call, which trained nothing
@@ -174,7 +176,7 @@ class Interrupted(Exception):
         ```
     """
 
-    def __init__(self, signum: int, step: int, epoch: int, position: int, checkpoint: Path | None) -> None:
+    def __init__(self, signum: int, step: int, epoch: int, position: int, checkpoint: Location | None) -> None:
         self.signal, self.step, self.epoch, self.position, self.checkpoint = \
             signal.Signals(signum), step, epoch, position, checkpoint
         where = f"step {step}, epoch {epoch}" + (f" (batch {position} of the epoch)" if position else "")
@@ -276,16 +278,16 @@ class _Checkpoints:
     (synchronous, or in the background). Only rank 0 writes."""
 
     def __init__(self, trainer: Trainer, callbacks: _Callbacks, lead: bool,
-                 on_checkpoint: Callable[[Path], Any] | None) -> None:
+                 on_checkpoint: Callable[[Location], Any] | None) -> None:
         assert trainer.ckpt_dir is not None
-        self.dir = Path(trainer.ckpt_dir)
+        self.dir = location(trainer.ckpt_dir)
         self.every_steps = trainer.ckpt_every_n_steps
         self.every_epochs = trainer.ckpt_every_n_epochs or (1 if not trainer.ckpt_every_n_steps else None)
         self.keep_last, self.callbacks, self.lead, self.on_checkpoint = \
             trainer.keep_last, callbacks, lead, on_checkpoint
         self.writer = AsyncCheckpointer() if trainer.async_save and lead else None
         self.saved: tuple[int, int] | None = None  # (step, position) of the last save
-        self.last: Path | None = None
+        self.last: Location | None = None
 
     def due_after_step(self, step: int, asked: bool) -> bool:
         return asked or bool(self.every_steps and step % self.every_steps == 0)
@@ -294,17 +296,19 @@ class _Checkpoints:
         scheduled = self.every_epochs is not None and epochs_done % self.every_epochs == 0
         return asked or scheduled or (last and self.saved != (step, 0))  # the final state is saved too
 
-    def save(self, state: TrainState, step: int, meta: dict[str, Any]) -> Path:
+    def save(self, state: TrainState, step: int, meta: dict[str, Any]) -> Location:
         self.saved, path = (step, meta["position"]), step_dir(self.dir, step)
         self.last = path
         if not self.lead:
             return path
         pinned = {step_dir(self.dir, s) for s in self.callbacks.keep()}
 
-        def then(_: Path) -> None:  # after the new checkpoint is in place, never before
+        def then(_: Location) -> None:  # after the new checkpoint is in place, never before
             for old in list_checkpoints(self.dir)[:-self.keep_last] if self.keep_last else []:
                 if old not in pinned:
-                    shutil.rmtree(old, ignore_errors=True)
+                    remove_checkpoint(old)
+            if isinstance(self.dir, RemotePath):  # what writers killed mid-checkpoint left (never committed)
+                remove_incomplete(self.dir, below=step)
             if self.on_checkpoint is not None:
                 self.on_checkpoint(path)
 
@@ -409,7 +413,9 @@ def set_aside(run_dir: str | os.PathLike) -> Path | None:
         >>> set_aside("runs/mlp")
         PosixPath('runs/mlp/previous/0')
     """
-    run = Path(run_dir)
+    run = location(run_dir)
+    if isinstance(run, RemotePath):
+        return _set_aside_remote(run)
     items = sorted(p for p in run.iterdir() if p.name != "previous") if run.is_dir() else []
     if not items:
         return None
@@ -423,6 +429,23 @@ def set_aside(run_dir: str | os.PathLike) -> Path | None:
             n += 1
     for p in items:
         os.rename(p, dest / p.name)  # the same file system: nothing is copied, nothing half-moved
+    return dest
+
+
+def _set_aside_remote(run: RemotePath) -> RemotePath | None:
+    """set_aside in an object store: each file is copied to ``previous/<n>/`` (server-side) before it is
+    deleted, checkpoints' manifests last, so a kill midway loses nothing (the next call moves what is left)."""
+    files = {rel: size for rel, size in run.files().items() if not rel.startswith("previous/")}
+    if not files:
+        return None
+    taken = {int(rel.split("/")[1]) for rel in run.files() if rel.startswith("previous/") and
+             rel.split("/")[1].isdigit()}
+    dest = run / "previous" / str(max(taken, default=-1) + 1)
+    order = sorted(files, key=lambda rel: (rel.endswith("/manifest.json"), rel))  # a copy is committed last
+    for rel in order:
+        run.fs.copy((run / rel).path, (dest / rel).path)
+    for rel in reversed(order):  # manifests first: a checkpoint stops existing before its files go
+        (run / rel).unlink()
     return dest
 
 
@@ -470,7 +493,9 @@ class Trainer:
         limit_predict_batches: the same for prediction.
         callbacks: :class:`~fnlight.train.callbacks.Callback` objects.
         loggers: default CSV + JSONL in the run directory.
-        run_dir: where logs (and checkpoints) go; default ``runs/version_<n>``.
+        run_dir: where logs (and checkpoints) go; default ``runs/version_<n>``. A URL
+            (``s3://bucket/runs/a``, ``gs://``, ``memory://``; ``pip install 'fnlight[remote]'``)
+            puts the logs in an object store, as chunk objects (see the resume guide).
         device: where the state and batches live (default: CUDA if available).
         progress: a progress bar (default: when stderr is a terminal).
         seed: overrides the DataModule's data seed (shuffles, augmentations).
@@ -483,7 +508,8 @@ class Trainer:
             metrics on the host).
         donate: let the loop reuse the memory of states it has passed on (it
             copies the state it was given once, so the caller's state is untouched).
-        ckpt_dir: where checkpoints go (``step_<n>`` directories); None: none.
+        ckpt_dir: where checkpoints go (``step_<n>`` directories); None: none. A URL
+            keeps them in an object store, each committed by a manifest written last.
         ckpt_every_n_steps: save every n steps (mid-epoch included).
         ckpt_every_n_epochs: save after every n-th epoch (default 1 when only
             ``ckpt_dir`` is given). Whatever the schedule, the state where
@@ -582,7 +608,7 @@ class Trainer:
     def fit(self, state: TrainState, train_step: Callable[[TrainState, Any], tuple[TrainState, Any]],
             datamodule: DataModule, eval_step: Callable[[TrainState, Any], Any] | None = None, *,
             hparams: Mapping[str, Any] | None = None,
-            on_checkpoint: Callable[[Path], Any] | None = None,
+            on_checkpoint: Callable[[Location], Any] | None = None,
             config: Mapping[str, Any] | None = None) -> FitResult:
         """Train ``state`` with ``train_step`` on the fit split of ``datamodule``.
 
@@ -721,7 +747,7 @@ class _Fit:
     loggers (mutable, and never outliving the call; the Trainer itself stays a frozen configuration)."""
 
     def __init__(self, trainer: Trainer, train_step: Callable[..., Any], dm: DataModule, eval_step: Any,
-                 hparams: Mapping[str, Any] | None, on_checkpoint: Callable[[Path], Any] | None) -> None:
+                 hparams: Mapping[str, Any] | None, on_checkpoint: Callable[[Location], Any] | None) -> None:
         self.t, self.train_step, self.dm, self.eval_step = trainer, train_step, dm, eval_step
         self.hparams = _json_hparams(hparams)
         self.config: dict[str, Any] | None = None
@@ -754,10 +780,10 @@ class _Fit:
             check_state_matches(state, self.train_step.optimizer)
         dm.prepare()  # downloads once (rank 0 while the others wait), before any rank reads
         if t.run_dir is not None:
-            self.run_dir = Path(t.run_dir)
+            self.run_dir = location(t.run_dir)
         else:
             self.run_dir = distributed.broadcast_object(next_version(Path("runs")) if self.lead else None)
-        if self.lead:
+        if self.lead and isinstance(self.run_dir, Path):  # (a remote directory exists once it holds a file)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.fingerprint = dm.fingerprint if self.checkpoints is not None else None  # a checkpoint records its data
         # Rank 0 reads the checkpoint; the others get its meta here and its state from the broadcast below
@@ -947,6 +973,9 @@ class _Fit:
                 "totals": totals.snapshot(), "logged": self.logged, "finished": self.stopped,
                 "hparams": self.hparams, **({"config": self.config} if self.config is not None else {}),
                 "pipeline": {"fingerprint": self.fingerprint, "description": self.dm.describe()}}
+        for lg in self.loggers:  # the rows this checkpoint counts are stored before it exists (remote logs buffer)
+            if callable(flush := getattr(lg, "flush", None)):  # (a logger of the user's may not derive from Logger)
+                flush()
         self.checkpoints.save(state, self.step, meta)
 
     def _log(self, kind: str, values: Mapping[str, float]) -> None:
