@@ -33,7 +33,7 @@ CONFIGS = {
 
 
 def run(make_opt, kw, shard, steps, rank, world):
-    model = mlp(din=7, dout=5)  # 7*16+16 + 16*5+5 = 213 elements: tensors straddle the slice boundaries of 2, 3 and 4 ranks
+    model = mlp(din=7, dout=5)  # 7*16+16 + 16*5+5 = 213 elements: tensors straddle the slice boundaries
     opt = make_opt()
     step = fnlight.make_train_step(model, loss_fn, opt, shard_optimizer_state=shard, **kw)
     state = fnlight.TrainState.create(model, opt, seed=0)

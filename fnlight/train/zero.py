@@ -5,10 +5,10 @@ The parameters, in the order of ``state.params``, form one flat buffer of T elem
 rank ``r`` owns a contiguous slice of it, balanced: its bounds are ``ceil(r T / N)`` moved down to a
 multiple of 64 elements from the start of the tensor they fall in (so that the optimizer's vectorized
 kernels treat every element as in the whole tensor, see :data:`ALIGN`). A parameter tensor may
-straddle a boundary: each rank holds a *piece* of it (the elements of its slice, viewed with the tensor's number of dimensions,
-leading ones of size 1, so that masks like "decay weights with ``dim() > 1``" see what they see
-on whole tensors); a rank holds an empty piece of every tensor outside its slice, so every rank
-runs the optimizer on the same names, in the same order.
+straddle a boundary: each rank holds a *piece* of it (the elements of its slice, viewed with the
+tensor's number of dimensions, leading ones of size 1, so that masks like "decay weights with
+``dim() > 1``" see what they see on whole tensors); a rank holds an empty piece of every tensor
+outside its slice, so every rank runs the optimizer on the same names, in the same order.
 
 One step (inside ``TrainStep``):
 
@@ -192,7 +192,8 @@ def shard(state: TrainState, optimizer: GradientTransformation) -> TrainState:
             raise ValueError(
                 f"cannot shard the optimizer state leaf {'/'.join(map(str, path))}: shape {tuple(leaf.shape)}, but "
                 f"its parameter {layout.names[i]} has shape {tuple(layout.shapes[i])}; ZeRO-1 sharding needs "
-                "optimizer state shaped like the parameters (adafactor's factored moments are not): use shard_optimizer_state=False")
+                "optimizer state shaped like the parameters (adafactor's factored moments are not): use "
+                "shard_optimizer_state=False")
         a, b = layout.bounds(i)
         return leaf.reshape(-1)[a:b].clone().view(layout.piece_shape(i))
 
