@@ -32,6 +32,7 @@ import torch
 from .. import distributed
 from ..data.datamodule import DataModule
 from ..tree import device_put, tree_leaves, tree_map
+from . import elastic
 from ._checks import check_state_matches, noted
 from .callbacks import Callback, FitContext, Signal
 from .checkpoint import (
@@ -46,6 +47,7 @@ from .ensemble import EnsembleTrainStep, PerMember, member_metrics, scalar_step,
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
 from .step import TrainStep, _batch_size
+from .zero import is_sharded, unshard
 
 Metrics = dict[str, float]
 log = logging.getLogger("fnlight")  # resume, early stop and interrupt lines
@@ -671,6 +673,7 @@ class _Fit:
         self.max_epochs = trainer.max_epochs if trainer.max_epochs is not None else math.inf
         self.max_steps = trainer.max_steps if trainer.max_steps is not None else math.inf
         self.epoch, self.position, self.step = 0, 0, 0
+        self.skip = 0  # elements of this epoch's dealt sequence left out (an elastic resume; see elastic.py)
         self.partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's running sums
         self.history: list[Metrics] = []
         self.logged = {"epoch": 0, "step": 0}
@@ -717,7 +720,10 @@ class _Fit:
         self.step = scalar_step(state)
         if meta is not None:
             # a mid-epoch checkpoint holds the partial sums of all ranks: rank 0 carries them on
-            self.epoch, self.position = meta["epoch"], meta["position"]
+            self.epoch = meta["epoch"]
+            # the position on this number of ranks (translated when the checkpoint's differs)
+            self.skip, self.position = elastic.resume(meta.get("data"), meta["position"], dm, self.split,
+                                                      distributed.world_size())
             self.partial = meta["totals"] if self.lead else None
             self.callbacks.restore(meta["callbacks"])
             self.history, self.logged = list(meta["history"]), dict(meta["logged"])
@@ -772,13 +778,14 @@ class _Fit:
         validate, call the callbacks, log, save as the policy says."""
         t, dm, split, epoch = self.t, self.dm, self.split, self.epoch
         ctx = FitContext(t, self.train_step, dm, self.run_dir, epoch, self.groups)
-        totals, t0 = _WeightedMean.restore(self.partial if self.position else None), time.perf_counter()
-        n = _limit(t.limit_train_batches, dm.num_batches(split))
+        mid = self.position or self.skip
+        totals, t0 = _WeightedMean.restore(self.partial if mid else None), time.perf_counter()
+        n = _limit(t.limit_train_batches, dm.num_batches(split, skip=self.skip))
         if n == 0 and t.max_epochs is None:
             raise ValueError(f"the {split!r} split yields no training batches (after limit_train_batches),"
                              " so max_steps can never be reached")
         done = min(self.position, n)  # batches of this epoch trained so far
-        batches = dm.batches(split, epoch, start=done)
+        batches = dm.batches(split, epoch, start=done, skip=self.skip)
         with batches, t._progress(n - done, f"epoch {epoch}") as bar:
             if self.val:  # the latest validation metrics, next to the loss
                 bar.set_postfix({f"val/{k}": f"{v:.4g}" for k, v in self.val.items()}, refresh=False)
@@ -821,7 +828,7 @@ class _Fit:
         if self.interrupted:
             self.position = done
             return state
-        self.position, self.partial = 0, None
+        self.position, self.partial, self.skip = 0, None, 0
         row = {f"train/{k}": v for k, v in totals.reduced().result().items()}
         row["time_s"] = time.perf_counter() - t0
         if self.eval_step is not None and (epoch + 1) % t.val_every_n_epochs == 0:
@@ -871,8 +878,11 @@ class _Fit:
     def _save(self, state: TrainState, epoch: int, position: int, totals: _WeightedMean) -> None:
         assert self.checkpoints is not None
         totals = totals.reduced() if position else totals  # (a collective: every rank comes here)
-        meta = {"epoch": epoch, "position": position, "callbacks": self.callbacks.snapshot(), "history": self.history,
-                "totals": totals.snapshot(), "logged": self.logged, "finished": self.stopped,
+        if is_sharded(state):  # the whole optimizer state, so that any number of ranks can resume it
+            state = unshard(state)  # (a collective)
+        data = elastic.record(self.dm, self.split, epoch, self.skip, position, distributed.world_size())
+        meta = {"epoch": epoch, "position": position, "data": data, "callbacks": self.callbacks.snapshot(),
+                "history": self.history, "totals": totals.snapshot(), "logged": self.logged, "finished": self.stopped,
                 "hparams": self.hparams,
                 "pipeline": {"fingerprint": self.fingerprint, "description": self.dm.describe()}}
         self.checkpoints.save(state, self.step, meta)
