@@ -124,6 +124,12 @@ def test_sharded_two_ranks_resume_on_three_sharded_or_replicated(tmp_path):
     finish_ranks(launch(a, 2, "--zero", "--max-steps", "3"))
     first = samples(a)
     assert len(first) == 3 * 2 * 4
+    ck = a / "ck" / "step_000000003"  # each rank wrote its slice of the optimizer state; one record
+    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint.json", "tensors-00001-of-00002.safetensors",
+                                                    "tensors-00002-of-00002.safetensors"]
+    state, meta = fnlight.load_checkpoint(ck)
+    assert meta["data"] == {"world_size": 2, "skip": 0, "consumed": 24}
+    assert all(state.opt_state.mu[k].shape == v.shape for k, v in state.params.items())  # whole again
     for f in a.glob("samples*.jsonl"):
         f.unlink()
     shutil.copytree(a, b)
@@ -138,9 +144,10 @@ def test_sharded_two_ranks_resume_on_three_sharded_or_replicated(tmp_path):
 
 @pytest.mark.slow
 def test_four_ranks_killed_resume_on_three(tmp_path):
-    """kill -9 of one of 4 ranks mid-epoch; the newest intact checkpoint resumes on 3 ranks: the
-    samples trained up to that checkpoint and after it cover the epoch once (+ padding)."""
-    procs = launch(tmp_path, 4, "--slow")
+    """kill -9 of one of 4 ranks (ZeRO-1: each writes its slice of every checkpoint) mid-epoch; the
+    newest complete checkpoint resumes on 3 replicated ranks: the samples trained up to that checkpoint
+    and after it cover the epoch once (+ padding)."""
+    procs = launch(tmp_path, 4, "--slow", "--zero")
     deadline = time.time() + 120
     while time.time() < deadline and len(samples(tmp_path)) < 4 * 4 * 3:  # 3 steps on every rank
         time.sleep(0.2)

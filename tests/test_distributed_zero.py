@@ -24,6 +24,9 @@ def test_sharded_optimizer_state_equals_replicated_after_50_steps(tmp_path, worl
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for rank, report in enumerate(reports):
         for name, r in report.items():
+            if name == "checkpoint_equal":
+                assert r, rank
+                continue
             if name.startswith("adafactor"):
                 assert "shard_optimizer_state=False" in r, (name, r)  # refused, with the way out
                 continue
@@ -34,6 +37,8 @@ def test_sharded_optimizer_state_equals_replicated_after_50_steps(tmp_path, worl
                 assert r["bitwise"], (rank, name, r)
             # each rank keeps about 1/world of the optimizer state
             assert r["local_opt_numel"] <= r["full_opt_numel"] / world + 2 * zero.ALIGN, (rank, name, r)
+    files = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert files == ["checkpoint.json"] + [f"tensors-{r + 1:05d}-of-{world:05d}.safetensors" for r in range(world)]
     assert sum(reports[r]["adam"]["local_opt_numel"] for r in range(world)) == \
         reports[0]["adam"]["full_opt_numel"] + world - 1  # the slices partition the moments; a count per rank
 

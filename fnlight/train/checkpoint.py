@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import checkpoint_files as files
+from . import checkpoint_zero
 from .checkpoint_files import FORMAT, MAX_SHARDS, META, TENSORS, VERSION
 from .checkpoint_tree import (
     NAMED_TUPLES,
@@ -230,6 +231,7 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
     """
     path = Path(path)
     doc, tensors, where = files.read(path)
+    tensors = checkpoint_zero.merge(doc, tensors, where)  # the ranks' pieces of a sharded optimizer state
     if where != path:
         log.warning("%s was being replaced when its writer stopped; loaded the previous checkpoint %s", path, where)
     meta = doc.get("meta", {})

@@ -43,11 +43,12 @@ from .checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from .checkpoint_zero import save_sharded
 from .ensemble import EnsembleTrainStep, PerMember, member_metrics, scalar_step, spread_members
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
 from .step import TrainStep, _batch_size
-from .zero import is_sharded, unshard
+from .zero import is_sharded
 
 Metrics = dict[str, float]
 log = logging.getLogger("fnlight")  # resume, early stop and interrupt lines
@@ -295,6 +296,11 @@ class _Checkpoints:
     def save(self, state: TrainState, step: int, meta: dict[str, Any]) -> Path:
         self.saved, path = (step, meta["position"]), step_dir(self.dir, step)
         self.last = path
+        sharded = is_sharded(state)
+        if sharded:  # every rank writes its slice of the optimizer state (a collective; synchronous)
+            if self.writer is not None:
+                self.writer.wait()  # the previous checkpoint first: they are installed in order
+            save_sharded(path, state, meta=meta)
         if not self.lead:
             return path
         pinned = {step_dir(self.dir, s) for s in self.callbacks.keep()}
@@ -306,7 +312,9 @@ class _Checkpoints:
             if self.on_checkpoint is not None:
                 self.on_checkpoint(path)
 
-        if self.writer is not None:
+        if sharded:
+            then(path)
+        elif self.writer is not None:
             self.writer.save(path, state, meta=meta, then=then)
         else:
             then(save_checkpoint(path, state, meta=meta))
@@ -878,8 +886,6 @@ class _Fit:
     def _save(self, state: TrainState, epoch: int, position: int, totals: _WeightedMean) -> None:
         assert self.checkpoints is not None
         totals = totals.reduced() if position else totals  # (a collective: every rank comes here)
-        if is_sharded(state):  # the whole optimizer state, so that any number of ranks can resume it
-            state = unshard(state)  # (a collective)
         data = elastic.record(self.dm, self.split, epoch, self.skip, position, distributed.world_size())
         meta = {"epoch": epoch, "position": position, "data": data, "callbacks": self.callbacks.snapshot(),
                 "history": self.history, "totals": totals.snapshot(), "logged": self.logged, "finished": self.stopped,
