@@ -14,6 +14,8 @@ from .conftest import finish_ranks, spawn_ranks
 
 #: Elementwise optimizers: the sharded update is bitwise the replicated one where the gradient sums are
 #: (2 ranks: a + b either way; 3 ranks: gloo's reduce-scatter and all-reduce add in different orders).
+#: (With compile, the replicated update is compiled, Adam's foreach arithmetic, and the sharded one eager,
+#: torch's fused kernel: equal to rounding.)
 ELEMENTWISE = ("adam", "adamw_masked", "sgd_momentum", "rmsprop", "adam_bf16_skip")
 
 
