@@ -45,29 +45,32 @@ def test_sharded_optimizer_state_equals_replicated_after_50_steps(tmp_path, worl
         reports[0]["adam"]["full_opt_numel"] + world - 1  # the slices partition the moments; a count per rank
 
 
-def test_layout_cuts_are_balanced_aligned_and_partition_the_buffer():
+def test_layout_slices_are_balanced_aligned_and_partition_the_parameters():
     params = {"a": torch.zeros(300, 7), "b": torch.zeros(5), "c": torch.zeros(()), "d": torch.zeros(1000)}
-    total = 3106
     for world in (1, 2, 3, 4, 7):
         layouts = [zero.Layout.of(params, r, world) for r in range(world)]
-        cuts = layouts[0].cuts
-        assert cuts[0] == 0 and cuts[-1] == total and list(cuts) == sorted(cuts)
-        for r in range(1, world):
-            assert abs(cuts[r] - r * total / world) <= zero.ALIGN + 1
-        names = list(params)
-        for i, k in enumerate(names):  # every element of every tensor in exactly one rank's piece
+        assert all(o % zero.ALIGN == 0 for o in layouts[0].offsets)
+        held = [sum(b - a for a, b in map(lay.bounds, range(len(params)))) for lay in layouts]
+        assert sum(held) == 3106 and max(held) - min(held) <= 2 * zero.ALIGN * len(params)  # balanced
+        for i, k in enumerate(params):  # every element of every tensor in exactly one rank's piece
             covered = []
             for lay in layouts:
                 a, b = lay.bounds(i)
                 covered += range(a, b)
-                assert a == 0 or a % zero.ALIGN == 0 or a == b  # cuts inside a tensor are aligned
+                assert a % zero.ALIGN == 0 or a == b  # slices start at aligned places of every tensor
             assert covered == list(range(params[k].numel()))
-        # flat -> split_full round trip (what a reduce-scatter and an all-gather move)
+        # what a reduce-scatter and an all-gather move: the flat buffer, each rank's chunk of it
         vals = {k: torch.randn(v.shape) for k, v in params.items()}
-        back = layouts[0].split_full(layouts[0].flat(vals))
+        flat = layouts[0].flat(vals)
+        assert flat.numel() == world * layouts[0].chunk
+        back = layouts[0].split_full(flat)
         assert all(torch.equal(back[k], vals[k]) for k in params)
-        pieces = [lay.pieces(vals) for lay in layouts]
-        assert all(p[k].dim() == max(vals[k].dim(), 1) or vals[k].dim() == 0 for p in pieces for k in params)
+        chunks = flat.view(world, -1)
+        for r, lay in enumerate(layouts):
+            pieces = lay.split_local(chunks[r])
+            assert all(torch.equal(pieces[k], lay.pieces(vals)[k]) for k in params)
+            assert torch.equal(lay.local_flat(pieces), chunks[r])
+            assert all(pieces[k].dim() == max(vals[k].dim(), 1) for k in params if pieces[k].numel() != 1)
 
 
 def test_one_rank_ignores_sharding_and_ensembles_refuse():

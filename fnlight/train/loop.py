@@ -48,7 +48,7 @@ from .ensemble import EnsembleTrainStep, PerMember, member_metrics, scalar_step,
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
 from .step import TrainStep, _batch_size
-from .zero import is_sharded
+from .zero import is_sharded, unshard
 
 Metrics = dict[str, float]
 log = logging.getLogger("fnlight")  # resume, early stop and interrupt lines
@@ -272,7 +272,8 @@ class _Callbacks:
 class _Checkpoints:
     """The checkpoint policy of one fit: when to save (every n steps, every n epochs, when asked, where
     training stops), what to keep (the newest ``keep_last`` and those callbacks pin), and the writer
-    (synchronous, or in the background). Only rank 0 writes."""
+    (synchronous, or in the background). Only rank 0 writes, except with a sharded optimizer state
+    (ZeRO-1), whose checkpoints every rank writes its slice of (synchronously)."""
 
     def __init__(self, trainer: Trainer, callbacks: _Callbacks, lead: bool,
                  on_checkpoint: Callable[[Path], Any] | None) -> None:
@@ -696,6 +697,8 @@ class _Fit:
     # -- start or resume ------------------------------------------------------------------------
     def start(self, state: TrainState) -> TrainState:
         t, dm = self.t, self.dm
+        if is_sharded(state):  # (a previous fit's result): whole again, as every rank starts from rank 0's
+            state = unshard(state)
         if isinstance(self.train_step, TrainStep | EnsembleTrainStep) and \
                 not isinstance(self.train_step.optimizer, PerMember):
             check_state_matches(state, self.train_step.optimizer)
@@ -779,6 +782,11 @@ class _Fit:
                             where)
             else:
                 log.info("resuming from %s (%s)", r.path, where)
+            data = meta.get("data") or {}
+            if self.skip and data.get("world_size") != distributed.world_size():
+                log.info("the checkpoint was written by %s ranks, this run has %d: the rest of epoch %d is dealt "
+                         "out from its element %d on (see fnlight.train.elastic)", data.get("world_size"),
+                         distributed.world_size(), self.epoch, self.skip)
 
     # -- the epochs ------------------------------------------------------------------------------
     def train_epoch(self, state: TrainState, signals: _SignalFlag) -> TrainState:

@@ -1,10 +1,11 @@
 """Sharded optimizer state (ZeRO-1): each rank keeps the optimizer state of 1/N of the parameters.
 
 ``make_train_step(..., shard_optimizer_state=True)`` under ``torch.distributed`` with N > 1 ranks.
-The parameters, in the order of ``state.params``, form one flat buffer of T elements (one dtype);
-rank ``r`` owns a contiguous slice of it, balanced: its bounds are ``ceil(r T / N)`` moved down to a
-multiple of 64 elements from the start of the tensor they fall in (so that the optimizer's vectorized
-kernels treat every element as in the whole tensor, see :data:`ALIGN`). A parameter tensor may
+The parameters, in the order of ``state.params``, form one flat buffer (one dtype), each tensor
+starting at a multiple of 64 elements (:data:`ALIGN`); rank ``r`` owns the contiguous slice
+``[r c, (r + 1) c)`` of it, ``c`` the buffer's length over N rounded up to a multiple of 64
+(balanced to within the alignment; the optimizer's vectorized kernels then treat every element as
+in the whole tensor, so the sharded update is bitwise the replicated one). A parameter tensor may
 straddle a boundary: each rank holds a *piece* of it (the elements of its slice, viewed with the
 tensor's number of dimensions, leading ones of size 1, so that masks like "decay weights with
 ``dim() > 1``" see what they see on whole tensors); a rank holds an empty piece of every tensor
@@ -62,25 +63,30 @@ def is_sharded(state: TrainState) -> bool:
     return isinstance(state.opt_state, ShardedOptState)
 
 
-#: Slice boundaries inside a tensor fall on multiples of this many elements from the tensor's start, so
-#: that every element of a piece takes the same (vectorized or scalar-tail) path through the optimizer's
-#: kernels as in the whole tensor: the sharded update is then bitwise the replicated one.
+#: Every tensor starts at a multiple of this many elements of the flat buffer, and the ranks' slices
+#: are multiples of it too: every element of a piece then takes the same (vectorized or scalar-tail)
+#: path through the optimizer's kernels as in the whole tensor, so the sharded update is bitwise the
+#: replicated one; and the parameters rebuilt from the all-gathered buffer are aligned views of it.
 ALIGN = 64
+
+
+def _up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each parameter lies in the flat buffer and which slice ``[cuts[rank], cuts[rank + 1])`` this
-    rank owns. The cuts are the balanced ``ceil(r T / N)``, moved down to a multiple of :data:`ALIGN`
-    elements from the start of the tensor they fall in (so slices differ by less than ``ALIGN + N``)."""
+    """Where each parameter lies in the flat buffer and which slice ``[rank chunk, (rank + 1) chunk)``
+    of it this rank owns. Tensor ``i`` takes ``[offsets[i], offsets[i] + numel)``, followed by zeros up
+    to the next multiple of :data:`ALIGN`; ``chunk`` is ``ceil(padded total / N)`` rounded up to a
+    multiple of :data:`ALIGN` (the buffer ends with zeros up to ``N chunk``)."""
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
-    offsets: tuple[int, ...]  # of each tensor in the flat buffer
-    total: int
+    offsets: tuple[int, ...]  # of each tensor in the flat buffer (multiples of ALIGN)
+    total: int  # the parameters' elements
     rank: int
     world: int
-    cuts: tuple[int, ...]  # world + 1 slice boundaries, from 0 to total
 
     @classmethod
     def of(cls, params: Tensors, rank: int, world: int) -> Layout:
@@ -91,27 +97,26 @@ class Layout:
         offsets, at = [], 0
         for t in params.values():
             offsets.append(at)
-            at += t.numel()
-        cuts = [0]
-        for r in range(1, world):
-            x = -(-r * at // world)
-            o = max(o for o in offsets if o <= x) if x < at else x
-            cuts.append(max(cuts[-1], o + (x - o) // ALIGN * ALIGN))
-        cuts.append(at)
-        return cls(tuple(params), tuple(t.shape for t in params.values()), tuple(offsets), at, rank, world,
-                   tuple(cuts))
+            at += _up(t.numel())
+        return cls(tuple(params), tuple(t.shape for t in params.values()), tuple(offsets),
+                   sum(t.numel() for t in params.values()), rank, world)
+
+    @property
+    def padded(self) -> int:
+        """The flat buffer's length before the final padding: the last tensor's padded end."""
+        return self.offsets[-1] + _up(self.shapes[-1].numel()) if self.names else 0
 
     @property
     def chunk(self) -> int:
-        """Elements per rank in the padded flat buffers (the longest slice)."""
-        return max(1, max(b - a for a, b in zip(self.cuts, self.cuts[1:], strict=False)))
+        """Elements of the flat buffer per rank."""
+        return max(ALIGN, _up(-(-self.padded // self.world)))
 
     def bounds(self, i: int, rank: int | None = None) -> tuple[int, int]:
-        """The range of tensor ``i``'s flat elements in a rank's slice (empty when it lies outside)."""
+        """The range of tensor ``i``'s elements in a rank's slice (empty when it lies outside)."""
         r = self.rank if rank is None else rank
-        lo, hi = self.cuts[r], self.cuts[r + 1]
         n = self.shapes[i].numel()
-        a, b = min(max(lo - self.offsets[i], 0), n), min(max(hi - self.offsets[i], 0), n)
+        a = min(max(r * self.chunk - self.offsets[i], 0), n)
+        b = min(max((r + 1) * self.chunk - self.offsets[i], 0), n)
         return a, max(a, b)
 
     def piece_shape(self, i: int) -> tuple[int, ...]:
@@ -129,28 +134,47 @@ class Layout:
             out[k] = tree[k].reshape(-1)[a:b].view(self.piece_shape(i))
         return out
 
-    def local_flat(self, pieces: Tensors) -> torch.Tensor:
-        """This rank's pieces as one flat buffer of ``chunk`` elements (zero padding at the end)."""
-        parts = [pieces[k].reshape(-1) for k in self.names]
-        n = sum(p.numel() for p in parts)
-        if n < self.chunk:
-            parts.append(parts[0].new_zeros(self.chunk - n))
-        return torch.cat(parts)
+    def _parts(self, get: Any, lo: int, hi: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """``[lo, hi)`` of a flat buffer as views and zero blocks to concatenate; ``get(i, a, b)`` gives
+        tensor ``i``'s elements ``[a, b)`` (flat)."""
+        parts, at = [], lo
+        for i, shape in enumerate(self.shapes):
+            start, n = self.offsets[i], shape.numel()
+            a, b = min(max(lo - start, 0), n), min(max(hi - start, 0), n)
+            if b <= a:
+                continue
+            if start + a > at:
+                parts.append(like.new_zeros(start + a - at))
+            parts.append(get(i, a, b))
+            at = start + b
+        if at < hi:
+            parts.append(like.new_zeros(hi - at))
+        return parts
 
-    def split_full(self, flat: torch.Tensor) -> Tensors:
-        """A padded flat buffer of all ranks' slices (``world * chunk`` elements) as params-shaped tensors."""
-        rows = flat.view(self.world, self.chunk)
-        whole = torch.cat([rows[r, :b - a] for r, (a, b) in enumerate(zip(self.cuts, self.cuts[1:], strict=False))])
-        parts = whole.split([s.numel() for s in self.shapes])
-        return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes, strict=True)}
+    def local_flat(self, pieces: Tensors) -> torch.Tensor:
+        """This rank's pieces as its ``chunk`` elements of the flat buffer."""
+        lo = self.rank * self.chunk
+        leaves = [pieces[k] for k in self.names]
+        return torch.cat(self._parts(lambda i, a, b: leaves[i].reshape(-1), lo, lo + self.chunk, leaves[0]))
 
     def flat(self, tree: Tensors) -> torch.Tensor:
-        """A params-shaped dict as one padded flat buffer: rank ``r``'s slice at ``[r chunk, ...)``."""
-        whole = torch.cat([tree[k].reshape(-1) for k in self.names])
-        out = whole.new_zeros(self.world * self.chunk).view(self.world, self.chunk)
-        for r, (a, b) in enumerate(zip(self.cuts, self.cuts[1:], strict=False)):
-            out[r, :b - a] = whole[a:b]
-        return out.view(-1)
+        """A params-shaped dict as the whole flat buffer (``world * chunk`` elements)."""
+        leaves = [tree[k] for k in self.names]
+        return torch.cat(self._parts(lambda i, a, b: leaves[i].reshape(-1)[a:b], 0, self.world * self.chunk,
+                                     leaves[0]))
+
+    def split_local(self, flat: torch.Tensor) -> Tensors:
+        """This rank's ``chunk`` elements of a flat buffer as pieces (views)."""
+        lo, out = self.rank * self.chunk, {}
+        for i, k in enumerate(self.names):
+            a, b = self.bounds(i)
+            at = self.offsets[i] + a - lo
+            out[k] = flat[at:at + b - a].view(self.piece_shape(i)) if b > a else flat[:0].view(self.piece_shape(i))
+        return out
+
+    def split_full(self, flat: torch.Tensor) -> Tensors:
+        """The whole flat buffer as params-shaped tensors (views)."""
+        return {k: flat[o:o + s.numel()].view(s) for k, o, s in zip(self.names, self.offsets, self.shapes, strict=True)}
 
 
 def _layout_of(state: TrainState) -> Layout:
@@ -254,9 +278,7 @@ def reduce_scatter_mean(grads: Tensors, layout: Layout) -> Tensors:
     out = flat.new_empty(layout.chunk)
     dist.reduce_scatter_tensor(out, flat)
     out /= layout.world
-    sizes = [b - a for a, b in map(layout.bounds, range(len(layout.names)))]
-    parts = out[:sum(sizes)].split(sizes)
-    return {k: p.view(layout.piece_shape(i)) for i, (k, p) in enumerate(zip(layout.names, parts, strict=True))}
+    return layout.split_local(out)
 
 
 def all_gather_params(pieces: Tensors, layout: Layout) -> Tensors:
