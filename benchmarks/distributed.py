@@ -14,6 +14,12 @@ What it measures:
   across the 2 ranks: ``fnlight.distributed.all_reduce_mean`` (one flat buffer
   per dtype) vs one ``torch.distributed.all_reduce`` per tensor (what a naive
   loop does). Median of ``--repeats`` x 20 calls.
+* ``zero1.*`` / ``replicated.*``: on the 2 ranks, Adam on the large MLP (784-2048-2048-10, batch
+  512 per rank, ``donate=True``) with ``make_train_step(shard_optimizer_state=True)`` (ZeRO-1) and
+  with the replicated optimizer state: ``peak_optimizer_bytes_per_rank`` (the largest, over the
+  timed steps, of the bytes of the optimizer-state tensors a rank holds; the larger of the two
+  ranks) and ``samples_per_s`` (2 x 512 samples per step over the slowest rank's time; median of
+  ``--repeats`` runs of ``--steps / 10`` steps). Targets: zero1 bytes <= 0.55x, samples/s >= 0.9x.
 
 Every process uses ``OMP_NUM_THREADS=1`` (one core per rank; the 1-rank run too,
 so the comparison is per core). On a machine with fewer than 2 free cores the
@@ -96,15 +102,54 @@ def allreduce_times(repeats: int) -> tuple[float, float]:
     return statistics.median(flat_t), statistics.median(per_t)
 
 
+def opt_bytes(state: fnlight.TrainState) -> int:
+    return sum(t.numel() * t.element_size() for t in fnlight.tree.tree_leaves(state.opt_state)
+               if isinstance(t, torch.Tensor))
+
+
+def zero1_vs_replicated(args: argparse.Namespace) -> dict[str, float]:
+    """ZeRO-1 vs replicated optimizer state on the large MLP (both ranks run this)."""
+    batch, steps = 512, max(2, args.steps // 10)
+    res: dict[str, float] = {}
+    for name, shard in (("replicated", False), ("zero1", True)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(784, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048),
+                                    torch.nn.ReLU(), torch.nn.Linear(2048, 10))
+        opt = fo.adam(1e-3)
+        step = fnlight.make_train_step(model, loss_fn, opt, donate=True, shard_optimizer_state=shard)
+        state = fnlight.TrainState.create(model, opt)
+        g = torch.Generator().manual_seed(distributed.rank())
+        data = [(torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(2)]
+        for i in range(2):  # warm-up (the first sharded step shards the state)
+            state, m = step(state, data[i % 2])
+        peak, rates = opt_bytes(state), []
+        for _ in range(args.repeats):
+            distributed.barrier()
+            t0 = time.perf_counter()
+            for i in range(steps):
+                state, m = step(state, data[i % 2])
+                peak = max(peak, opt_bytes(state))
+            float(m["loss"])
+            elapsed = max(distributed.all_reduce_sum([time.perf_counter() - t0 if r == distributed.rank() else 0.0
+                                                      for r in range(2)]))
+            rates.append(2 * batch * steps / elapsed)
+        res[f"{name}.peak_optimizer_bytes_per_rank"] = max(distributed.all_reduce_sum(
+            [float(peak) if r == distributed.rank() else 0.0 for r in range(2)]))
+        res[f"{name}.samples_per_s"] = statistics.median(rates)
+        del state
+    return res
+
+
 def rank_main(args: argparse.Namespace) -> None:
     """One rank of the 2-rank group: its own steps/s and (rank 0) the all-reduce timings."""
     distributed.init(backend="gloo", timeout_s=120)
     rate = steps_per_s(args.batch, args.steps, args.repeats)
     rates = distributed.all_reduce_sum([rate if r == distributed.rank() else 0.0 for r in range(2)])  # each rank's
     flat, per = allreduce_times(args.repeats)
+    zero1 = zero1_vs_replicated(args)
     if distributed.rank() == 0:
         Path(args.out).write_text(json.dumps({"steps_per_s_2ranks": min(rates), "allreduce_flat_s": flat,
-                                              "allreduce_per_tensor_s": per}))
+                                              "allreduce_per_tensor_s": per, **zero1}))
     distributed.barrier()  # as fnlight's CLI: no rank tears the group down while the other is still busy
     torch.distributed.destroy_process_group()
 
@@ -145,6 +190,13 @@ def main() -> None:
     print(f"  all-reduce of 160 tensors: flat {two['allreduce_flat_s'] * 1e3:.3f} ms, per tensor "
           f"{two['allreduce_per_tensor_s'] * 1e3:.3f} ms -> flat is "
           f"{two['allreduce_per_tensor_s'] / two['allreduce_flat_s']:.1f}x faster")
+    z, r = "zero1.", "replicated."
+    print("Adam, MLP 784-2048-2048-10, batch 512 per rank, 2 ranks, replicated vs ZeRO-1 optimizer state:")
+    zb, rb = two[z + "peak_optimizer_bytes_per_rank"], two[r + "peak_optimizer_bytes_per_rank"]
+    print(f"  optimizer state per rank: {rb / 2**20:.1f} MiB vs {zb / 2**20:.1f} MiB -> {zb / rb:.2f}x "
+          "(target <= 0.55x)")
+    print(f"  samples/s: {two[r + 'samples_per_s']:.0f} vs {two[z + 'samples_per_s']:.0f} -> "
+          f"{two[z + 'samples_per_s'] / two[r + 'samples_per_s']:.2f}x (target >= 0.9x)")
 
 
 if __name__ == "__main__":

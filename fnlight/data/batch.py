@@ -18,6 +18,8 @@ from .stage import Context, OrderOp, Plans, SplitPlan, Stage, Where, normalize_o
 
 
 class _BatchOp(OrderOp):
+    batches = True
+
     def __init__(self, size: int, drop_last: bool):
         self.size, self.drop_last = size, drop_last
 

@@ -222,19 +222,22 @@ class DataModule:
         (materialized: for inspection; iteration uses :meth:`index_plan`)."""
         return self.plan(split).index_batches(epoch)
 
-    def num_batches(self, split: str) -> int:
-        """The number of batches of ``split`` in an epoch (the same for every epoch)."""
-        return len(self.index_plan(split, 0))
+    def num_batches(self, split: str, skip: int = 0) -> int:
+        """The number of batches of ``split`` in an epoch (the same for every epoch); with ``skip``,
+        of an epoch whose first ``skip`` elements ``shard()`` deals out are left out (see :meth:`batches`)."""
+        return len(self.plan(split).index_plan(0, skip))
 
-    def batches(self, split: str, epoch: int = 0, start: int = 0) -> BatchIterator:
+    def batches(self, split: str, epoch: int = 0, start: int = 0, skip: int = 0) -> BatchIterator:
         """The batches of ``split`` in ``epoch``, from position ``start`` on.
 
         ``batches(split, e, start=b)`` yields exactly the batches an
         uninterrupted pass would yield from its ``b``-th on: resuming needs
-        nothing but (epoch, position).
+        nothing but (epoch, position). ``skip=s`` leaves out the first ``s`` elements of
+        the sequence ``shard()`` deals out and deals out the rest to the ranks: the epoch
+        of a run resumed on another number of ranks (:mod:`fnlight.train.elastic`).
         """
         plan = self.plan(split)
-        all_batches = plan.index_plan(epoch)
+        all_batches = plan.index_plan(epoch, skip)
         if not 0 <= start <= len(all_batches):
             raise ValueError(f"start={start} is out of range: split {split!r} has {len(all_batches)} batches")
         prefetch = self.prefetch

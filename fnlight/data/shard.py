@@ -27,6 +27,8 @@ from .stage import Context, OrderOp, Plans, SplitPlan, Stage, Where, normalize_o
 
 
 class _ShardOp(OrderOp):
+    deals = True
+
     def __init__(self, rank: int, world: int, drop_remainder: bool):
         self.rank, self.world, self.drop = rank, world, drop_remainder
 

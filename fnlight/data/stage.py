@@ -29,7 +29,7 @@ import torch
 from .. import random as fr
 from .dataset import Dataset, Splits
 from .describe import describe_value, fingerprint_of
-from .order import BatchOrder, Order
+from .order import Affine, BatchOrder, Order
 
 DEFAULT_SPLIT = "train"
 
@@ -75,6 +75,11 @@ class OrderOp:
     """A step of the epoch's index plan: maps a lazy :class:`~fnlight.data.order.Order`
     of sample indices (before ``batch``) or a :class:`~fnlight.data.order.BatchOrder`
     (after it) to a new one, without computing any index."""
+
+    #: True for ``shard()``'s op: the one that deals the epoch out to the ranks.
+    deals: bool = False
+    #: True for ``batch()``'s op.
+    batches: bool = False
 
     def __call__(self, seq: Order | BatchOrder, epoch: int) -> Order | BatchOrder:
         raise NotImplementedError
@@ -131,8 +136,14 @@ class SplitPlan:
         """The finished batch at ``idx``."""
         return self.device_batch(self.host_batch(idx, epoch), idx, epoch)
 
-    def index_plan(self, epoch: int) -> BatchOrder:
-        """The lazy sequence of the index tensors of ``epoch``'s batches (computed on demand)."""
+    def index_plan(self, epoch: int, skip: int = 0) -> BatchOrder:
+        """The lazy sequence of the index tensors of ``epoch``'s batches (computed on demand).
+
+        ``skip``: leave out the first ``skip`` elements of the sequence that ``shard()`` deals out
+        (samples, or batches when ``shard`` comes after ``batch``) and deal out the rest, as a run
+        whose epoch started there would: what an elastic resume on another number of ranks reads
+        (see :mod:`fnlight.train.elastic`). A split without ``shard()`` skips nothing.
+        """
         if self.batch is None:
             raise ValueError(
                 f"split {self.name!r} has no batch() stage; add one, e.g. "
@@ -140,9 +151,24 @@ class SplitPlan:
             )
         seq: Order | BatchOrder = Order(len(self.dataset))
         for op in self.order:
+            if op.deals and skip:
+                if not 0 <= skip <= len(seq):
+                    raise ValueError(f"skip={skip} is out of range: shard() deals out {len(seq)} elements")
+                seq = seq[skip:] if isinstance(seq, BatchOrder) else seq.remap(len(seq) - skip, Affine(skip, 1))
+                skip = 0
             seq = op(seq, epoch)
         assert isinstance(seq, BatchOrder)
         return seq
+
+    @property
+    def dealt(self) -> tuple[bool, bool] | None:
+        """Where ``shard()`` is: None without one, else (whether it comes before ``batch()``, whether
+        an op reorders the rank's elements after it, e.g. a shuffle after ``shard``)."""
+        deals = [i for i, op in enumerate(self.order) if op.deals]
+        if not deals:
+            return None
+        after = self.order[deals[0] + 1:]
+        return any(op.batches for op in after), any(not op.batches for op in after)
 
     def index_batches(self, epoch: int) -> list[torch.Tensor]:
         """The index tensors of every batch of ``epoch``, in order (materialized)."""

@@ -29,7 +29,16 @@ from ._adam import (
     scale_by_adam,
 )
 from ._adaptive import AdadeltaState, AdagradState, RmspropState, adadelta, adagrad, rmsprop
-from ._base import EmptyState, GradientTransformation, apply_updates, chain, step, update_count
+from ._base import (
+    EmptyState,
+    GradientTransformation,
+    apply_updates,
+    chain,
+    sharded,
+    step,
+    tensor_norms,
+    update_count,
+)
 from ._combinators import MaskedState, MultiTransformState, freeze, label_by_name, masked, multi_transform, set_to_zero
 from ._hyperparams import InjectState, hyperparams, inject_hyperparams, set_hyperparams
 from ._optax_only import FactoredState, LarsState, LionState, adafactor, lamb, lars, lion
@@ -144,8 +153,10 @@ __all__ = [
     "set_hyperparams",
     "set_to_zero",
     "sgd",
+    "sharded",
     "step",
     "step_decay",
+    "tensor_norms",
     "trace",
     "update_count",
     "warmup_cosine",

@@ -24,7 +24,9 @@ without it, so the protocol a user implements stays optax's ``init``/``update``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
 import optree
@@ -152,6 +154,63 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
         torch._foreach_add_(p, u)
         return params
     return spec.unflatten(torch._foreach_add(p, u))
+
+
+# -- sharded optimizer state (ZeRO-1) --------------------------------------------
+
+#: Under :func:`sharded`, the function that sums a float tensor over the ranks (an all-reduce):
+#: every leaf the optimizer sees is this rank's piece of a parameter, so whole-tensor norms are
+#: the square roots of partial sums of squares summed across ranks.
+_SUM_ACROSS: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = \
+    contextvars.ContextVar("fnlight_optim_sum_across", default=None)
+
+
+@contextlib.contextmanager
+def sharded(sum_across: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Run optimizer updates on pieces of the parameters (each rank its slice, see
+    :mod:`fnlight.train.zero`): norms of whole tensors (:func:`tensor_norms`, :func:`global_norm`,
+    so ``clip_by_global_norm``, ``lamb``, ``lars``) sum their partial squares with ``sum_across``.
+
+    Example:
+        >>> with sharded(lambda t: t):          # one rank: the pieces are the whole tensors
+        ...     tensor_norms([torch.ones(4)])
+        [tensor(2.)]
+    """
+    token = _SUM_ACROSS.set(sum_across)
+    try:
+        yield
+    finally:
+        _SUM_ACROSS.reset(token)
+
+
+def is_sharded() -> bool:
+    """True inside :func:`sharded` (the optimizer sees pieces of the parameters)."""
+    return _SUM_ACROSS.get() is not None
+
+
+def refuse_sharded(name: str, why: str) -> None:
+    """A clear error for a transformation whose arithmetic needs whole tensors, under :func:`sharded`."""
+    if is_sharded():
+        raise NotImplementedError(
+            f"{name} cannot run on sharded optimizer state (make_train_step(shard_optimizer_state=True)): {why}. "
+            "Use shard_optimizer_state=False (replicated optimizer state) with it.")
+
+
+def tensor_norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each tensor; under :func:`sharded`, of each whole tensor whose piece this rank
+    holds (one small all-reduce of the partial sums of squares, whatever the number of tensors).
+
+    Example:
+        >>> tensor_norms([torch.ones(4), torch.zeros(2)])
+        [tensor(2.), tensor(0.)]
+    """
+    reduce = _SUM_ACROSS.get()
+    if reduce is None:
+        return [torch.linalg.vector_norm(x) for x in xs]
+    if not xs:
+        return []
+    squares = torch.stack([x.detach().to(opmath(x.dtype)).square().sum() for x in xs])
+    return list(reduce(squares).sqrt().to(xs[0].dtype).unbind(0))
 
 
 # -- trees ----------------------------------------------------------------------

@@ -31,6 +31,8 @@ from ._base import (
     l2,
     lerp,
     optimizer,
+    refuse_sharded,
+    tensor_norms,
     tree_zeros_like,
 )
 from ._schedules import Schedule
@@ -63,10 +65,11 @@ def _trust_ratio(u: list[torch.Tensor], p: list[torch.Tensor], idx: list[int] | 
                  eps: Scalar) -> list[torch.Tensor]:
     """optax's ``scale_by_trust_ratio``: ``u * trust_coefficient * |p| / (|u| + eps)`` per tensor
     (1 when either norm is 0), for the leaves ``idx`` selects."""
-    sel = range(len(u)) if idx is None else idx
+    sel = list(range(len(u)) if idx is None else idx)
     out = list(u)
-    for i in sel:
-        pn, un = torch.linalg.vector_norm(p[i]), torch.linalg.vector_norm(u[i])
+    norms = tensor_norms([p[i] for i in sel] + [u[i] for i in sel])  # (one all-reduce when sharded)
+    for j, i in enumerate(sel):
+        pn, un = norms[j], norms[len(sel) + j]
         ratio = trust_coefficient * pn / (un + eps)
         ratio = torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio)
         out[i] = u[i] * ratio
@@ -223,6 +226,8 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
         # the last bit for some steps (t = 4); a 64-element tensor takes the vectorized kernel
         rate32 = 1.0 - (t.expand(64).contiguous() ** (-decay_rate))[0]
         rate, keep = rate32.to(torch.float64), (1.0 - rate32).to(torch.float64)  # optax: both in float32
+        refuse_sharded("adafactor", "its factored second moments and RMS clipping are statistics of whole "
+                       "tensors (rows, columns, means)")
         rows, cols, vs = (spec.flatten_up_to(x) for x in (state.v_row, state.v_col, state.v))
         new_rows, new_cols, new_vs, u = [], [], [], []
         for gi, r, c, v in zip(g, rows, cols, vs, strict=True):

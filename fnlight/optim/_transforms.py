@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ._base import (
+    _SUM_ACROSS,
     EmptyState,
     GradientTransformation,
     OptState,
@@ -283,6 +284,10 @@ def global_norm(tensors: Any) -> torch.Tensor:
     dtype = torch.float32
     for t in leaves:
         dtype = torch.promote_types(dtype, t.dtype)
+    reduce = _SUM_ACROSS.get()
+    if reduce is not None:  # sharded: this rank's pieces; the squares summed over the ranks
+        squares = torch.stack([t.detach().to(dtype).square().sum() for t in leaves]).sum()
+        return reduce(squares).sqrt()
     norms = fe("norm", leaves)
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 

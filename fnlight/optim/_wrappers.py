@@ -28,6 +28,7 @@ from ._base import (
     first_leaf,
     flatten,
     foreach,
+    refuse_sharded,
 )
 from ._base import step as opt_step
 
@@ -174,6 +175,7 @@ def adaptive_grad_clip(clipping: Scalar, eps: Scalar = 1e-3) -> GradientTransfor
                inplace: bool = False) -> tuple[Updates, EmptyState]:
         if params is None:
             raise ValueError("adaptive_grad_clip needs the params passed to update()")
+        refuse_sharded("adaptive_grad_clip", "its norms are per output unit (row) of whole tensors")
         u, spec = flatten(updates)
         out = []
         for g, p in zip(u, spec.flatten_up_to(params), strict=True):

@@ -45,6 +45,7 @@ import torch
 from .._remote import Location, RemotePath, location
 from . import checkpoint_files as files
 from . import checkpoint_remote as remote
+from . import checkpoint_zero
 from .checkpoint_files import FORMAT, MAX_SHARDS, META, TENSORS, VERSION
 from .checkpoint_tree import (
     NAMED_TUPLES,
@@ -284,6 +285,7 @@ def load_checkpoint(path: str | os.PathLike | RemotePath, like: Any = None, devi
         (doc, tensors), where = remote.read(path), path
     else:
         doc, tensors, where = files.read(path)
+    tensors = checkpoint_zero.merge(doc, tensors, where)  # the ranks' pieces of a sharded optimizer state
     if where != path:
         log.warning("%s was being replaced when its writer stopped; loaded the previous checkpoint %s", path, where)
     meta = doc.get("meta", {})

@@ -35,11 +35,12 @@ import torch
 
 from .. import optim as _optim
 from .state import FIELDS, TrainState
+from .zero import ShardedOptState
 
 #: Named tuples a checkpoint may contain (optimizer states); looked up by name, never imported from the file.
 NAMED_TUPLES: dict[str, type] = {
     cls.__name__: cls
-    for cls in _optim.STATE_TYPES
+    for cls in (*_optim.STATE_TYPES, ShardedOptState)
 }
 MAX_DEPTH = 200  # deeper trees (or crafted structures) are refused instead of overflowing the stack
 

@@ -34,6 +34,7 @@ from .. import distributed
 from .._remote import Location, RemotePath, location
 from ..data.datamodule import DataModule
 from ..tree import batch_size, device_put, tree_leaves, tree_map
+from . import elastic
 from .callbacks import Callback, FitContext, Signal
 from .checkpoint import (
     AsyncCheckpointer,
@@ -45,11 +46,13 @@ from .checkpoint import (
     step_dir,
 )
 from .checkpoint_remote import remove_incomplete
+from .checkpoint_zero import save_sharded
 from .checks import check_state_matches, noted
 from .ensemble import EnsembleTrainStep, PerMember, member_metrics, scalar_step, spread_members
 from .loggers import CSVLogger, JSONLLogger, Logger
 from .state import TrainState
 from .step import TrainStep
+from .zero import is_sharded, unshard
 
 Metrics = dict[str, float]
 log = logging.getLogger("fnlight")  # resume, early stop and interrupt lines
@@ -275,7 +278,8 @@ class _Callbacks:
 class _Checkpoints:
     """The checkpoint policy of one fit: when to save (every n steps, every n epochs, when asked, where
     training stops), what to keep (the newest ``keep_last`` and those callbacks pin), and the writer
-    (synchronous, or in the background). Only rank 0 writes."""
+    (synchronous, or in the background). Only rank 0 writes, except with a sharded optimizer state
+    (ZeRO-1), whose checkpoints every rank writes its slice of (synchronously)."""
 
     def __init__(self, trainer: Trainer, callbacks: _Callbacks, lead: bool,
                  on_checkpoint: Callable[[Location], Any] | None) -> None:
@@ -299,6 +303,11 @@ class _Checkpoints:
     def save(self, state: TrainState, step: int, meta: dict[str, Any]) -> Location:
         self.saved, path = (step, meta["position"]), step_dir(self.dir, step)
         self.last = path
+        sharded = is_sharded(state)
+        if sharded:  # every rank writes its slice of the optimizer state (a collective; synchronous)
+            if self.writer is not None:
+                self.writer.wait()  # the previous checkpoint first: they are installed in order
+            save_sharded(path, state, meta=meta)
         if not self.lead:
             return path
         pinned = {step_dir(self.dir, s) for s in self.callbacks.keep()}
@@ -312,7 +321,9 @@ class _Checkpoints:
             if self.on_checkpoint is not None:
                 self.on_checkpoint(path)
 
-        if self.writer is not None:
+        if sharded:
+            then(path)
+        elif self.writer is not None:
             self.writer.save(path, state, meta=meta, then=then)
         else:
             then(save_checkpoint(path, state, meta=meta))
@@ -761,6 +772,7 @@ class _Fit:
         self.max_epochs = trainer.max_epochs if trainer.max_epochs is not None else math.inf
         self.max_steps = trainer.max_steps if trainer.max_steps is not None else math.inf
         self.epoch, self.position, self.step = 0, 0, 0
+        self.skip = 0  # elements of this epoch's dealt sequence left out (an elastic resume; see elastic.py)
         self.partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's running sums
         self.history: list[Metrics] = []
         self.logged = {"epoch": 0, "step": 0}
@@ -775,6 +787,8 @@ class _Fit:
     # -- start or resume ------------------------------------------------------------------------
     def start(self, state: TrainState) -> TrainState:
         t, dm = self.t, self.dm
+        if is_sharded(state):  # (a previous fit's result): whole again, as every rank starts from rank 0's
+            state = unshard(state)
         if isinstance(self.train_step, TrainStep | EnsembleTrainStep) and \
                 not isinstance(self.train_step.optimizer, PerMember):
             check_state_matches(state, self.train_step.optimizer)
@@ -807,7 +821,10 @@ class _Fit:
         self.step = scalar_step(state)
         if meta is not None:
             # a mid-epoch checkpoint holds the partial sums of all ranks: rank 0 carries them on
-            self.epoch, self.position = meta["epoch"], meta["position"]
+            self.epoch = meta["epoch"]
+            # the position on this number of ranks (translated when the checkpoint's differs)
+            self.skip, self.position = elastic.resume(meta.get("data"), meta["position"], dm, self.split,
+                                                      distributed.world_size())
             self.partial = meta["totals"] if self.lead else None
             self.callbacks.restore(meta["callbacks"])
             self.history, self.logged = list(meta["history"]), dict(meta["logged"])
@@ -863,6 +880,11 @@ class _Fit:
                             where)
             else:
                 log.info("resuming from %s (%s)", r.path, where)
+            data = meta.get("data") or {}
+            if self.skip and data.get("world_size") != distributed.world_size():
+                log.info("the checkpoint was written by %s ranks, this run has %d: the rest of epoch %d is dealt "
+                         "out from its element %d on (see fnlight.train.elastic)", data.get("world_size"),
+                         distributed.world_size(), self.epoch, self.skip)
 
     # -- the epochs ------------------------------------------------------------------------------
     def train_epoch(self, state: TrainState, signals: _SignalFlag) -> TrainState:
@@ -870,13 +892,14 @@ class _Fit:
         validate, call the callbacks, log, save as the policy says."""
         t, dm, split, epoch = self.t, self.dm, self.split, self.epoch
         ctx = FitContext(t, self.train_step, dm, self.run_dir, epoch, self.groups)
-        totals, t0 = _WeightedMean.restore(self.partial if self.position else None), time.perf_counter()
-        n = _limit(t.limit_train_batches, dm.num_batches(split))
+        mid = self.position or self.skip
+        totals, t0 = _WeightedMean.restore(self.partial if mid else None), time.perf_counter()
+        n = _limit(t.limit_train_batches, dm.num_batches(split, skip=self.skip))
         if n == 0 and t.max_epochs is None:
             raise ValueError(f"the {split!r} split yields no training batches (after limit_train_batches),"
                              " so max_steps can never be reached")
         done = min(self.position, n)  # batches of this epoch trained so far
-        batches = dm.batches(split, epoch, start=done)
+        batches = dm.batches(split, epoch, start=done, skip=self.skip)
         with batches, t._progress(n - done, f"epoch {epoch}") as bar:
             if self.val:  # the latest validation metrics, next to the loss
                 bar.set_postfix({f"val/{k}": f"{v:.4g}" for k, v in self.val.items()}, refresh=False)
@@ -919,7 +942,7 @@ class _Fit:
         if self.interrupted:
             self.position = done
             return state
-        self.position, self.partial = 0, None
+        self.position, self.partial, self.skip = 0, None, 0
         row = {f"train/{k}": v for k, v in totals.reduced().result().items()}
         row["time_s"] = time.perf_counter() - t0
         if self.eval_step is not None and (epoch + 1) % t.val_every_n_epochs == 0:
@@ -969,8 +992,9 @@ class _Fit:
     def _save(self, state: TrainState, epoch: int, position: int, totals: _WeightedMean) -> None:
         assert self.checkpoints is not None
         totals = totals.reduced() if position else totals  # (a collective: every rank comes here)
-        meta = {"epoch": epoch, "position": position, "callbacks": self.callbacks.snapshot(), "history": self.history,
-                "totals": totals.snapshot(), "logged": self.logged, "finished": self.stopped,
+        data = elastic.record(self.dm, self.split, epoch, self.skip, position, distributed.world_size())
+        meta = {"epoch": epoch, "position": position, "data": data, "callbacks": self.callbacks.snapshot(),
+                "history": self.history, "totals": totals.snapshot(), "logged": self.logged, "finished": self.stopped,
                 "hparams": self.hparams, **({"config": self.config} if self.config is not None else {}),
                 "pipeline": {"fingerprint": self.fingerprint, "description": self.dm.describe()}}
         for lg in self.loggers:  # the rows this checkpoint counts are stored before it exists (remote logs buffer)

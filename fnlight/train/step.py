@@ -39,6 +39,7 @@ from torch.func import functional_call, grad_and_value
 from .. import distributed
 from .. import random as fr
 from ..optim import GradientTransformation, clip_by_global_norm
+from ..optim import sharded as optim_sharded
 from ..optim import step as optim_step
 from ..tree import batch_size, tree_leaves, tree_map
 from . import checks
@@ -286,6 +287,7 @@ class TrainStep:
     donate: bool = False
     on_nonfinite: Literal["raise", "skip"] = "raise"
     sync_batchnorm: bool = False
+    shard_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
         _check_model(self.model)
@@ -415,6 +417,9 @@ class TrainStep:
         # new buffers; so even a donated state is intact when a non-finite step is skipped.
         buffers = {k: v.clone() for k, v in state.buffers.items()}
         fns = self._fns(device)
+        if self._sharding():  # ZeRO-1 (see fnlight.train.zero): reduce-scatter, update a slice, all-gather
+            grads, loss, metrics = self._gradients(fns, state.params, buffers, batch, step_key, device)
+            return self._apply_sharded(state, buffers, grads, loss, metrics)
         if not self.compile or self._cache.fell_back:
             grads, loss, metrics = self._gradients(fns, state.params, buffers, batch, step_key, device)
             return self._apply(fns, state, buffers, grads, loss, metrics)
@@ -437,9 +442,41 @@ class TrainStep:
             grads, loss, metrics = self._micro(fns, params, buffers, batch, key, device)
         else:
             grads, loss, metrics = self._accumulated(fns, params, buffers, batch, key, device)
-        if distributed.world_size() > 1:
+        if distributed.world_size() > 1 and not self._sharding():
             grads = distributed.all_reduce_mean(grads)
         return grads, loss, metrics
+
+    def _sharding(self) -> bool:
+        return self.shard_optimizer_state and distributed.world_size() > 1
+
+    def _apply_sharded(self, state: TrainState, buffers: Tensors, grads: Tensors, loss: torch.Tensor,
+                       metrics: Metrics) -> tuple[TrainState, Metrics]:
+        """Phase 2 with sharded optimizer state: this rank's slice of the mean gradients (one
+        reduce-scatter), the same non-finite decision on every rank, the optimizer on this rank's
+        pieces (whole-tensor norms all-reduced), the new parameters all-gathered. The update runs
+        eagerly (``compile`` compiles the gradients)."""
+        from . import zero
+
+        if not zero.is_sharded(state):
+            state = zero.shard(state, self.optimizer)
+        layout = zero.check_layout(state)
+        grads = zero.reduce_scatter_mean(grads, layout)
+        finite = distributed.all_true(bool(_finite(loss, list(grads.values()))), state.step.device)
+        if not finite:
+            if self.on_nonfinite == "raise":
+                raise _nonfinite(loss, state)
+            return state.replace(step=state.step + 1), {"loss": loss, **metrics, "skipped": torch.ones(())}
+        with optim_sharded(zero.sum_across):
+            pieces, inner = self._update(grads, state.opt_state.inner, layout.pieces(state.params))
+        params = zero.all_gather_params(pieces, layout)
+        opt_state = state.opt_state._replace(inner=inner)
+        if buffers:
+            floats = {k: v for k, v in buffers.items() if v.is_floating_point()}
+            buffers = {**buffers, **distributed.all_reduce_mean(floats)}
+        new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
+        if self.on_nonfinite == "skip":
+            metrics = {**metrics, "skipped": torch.zeros(())}
+        return new, {"loss": loss, **metrics}
 
     def _apply(self, fns: _Fns, state: TrainState, buffers: Tensors, grads: Tensors, loss: torch.Tensor,
                metrics: Metrics) -> tuple[TrainState, Metrics]:
@@ -531,7 +568,7 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
                     compile: bool | Mapping[str, Any] = False, donate: bool = False,
                     on_nonfinite: Literal["raise", "skip"] = "raise", sync_batchnorm: bool = False,
                     ensemble: bool = False, member_batches: bool = False, member_chunk: int | None = None,
-                    dp: Any = None) -> Any:
+                    dp: Any = None, shard_optimizer_state: bool = False) -> Any:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -584,6 +621,14 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
             the step's working memory (gradients, activations) is then that of ``member_chunk`` members.
         dp: a :class:`fnlight.DPConfig`: DP-SGD (per-sample clipping and Gaussian noise) instead of
             the ordinary gradient (``clip``, ``compile`` and ``sync_batchnorm`` do not apply).
+        shard_optimizer_state: ZeRO-1 with more than one rank: each rank keeps the optimizer state of
+            a contiguous 1/N slice of the flat parameters; gradients are reduce-scattered, each rank
+            updates its slice and the parameters are all-gathered, inside the step. The first step
+            shards the ordinary ``TrainState.create`` state (``state.opt_state`` becomes a
+            :class:`fnlight.train.zero.ShardedOptState`); :func:`fnlight.train.zero.unshard` gathers it
+            back. Equal to the replicated step (see docs/distributed.md for the measured differences);
+            not with ``ensemble``/``dp``; with ``compile`` the update runs eagerly; adafactor and
+            adaptive_grad_clip refuse (their statistics are over rows of whole tensors). One rank: no effect.
 
     When ``torch.distributed`` is initialized with more than one rank, the
     gradients are averaged across ranks in one flat buffer before the update.
@@ -597,6 +642,8 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
     """
     for opt in optimizer if ensemble and type(optimizer) in (list, tuple) else (optimizer,):  # (not a NamedTuple)
         checks.check_train_step_args(loss_fn, opt)
+    if shard_optimizer_state and (ensemble or dp is not None):
+        raise ValueError("shard_optimizer_state=True works with the ordinary step, not with ensemble=True or dp=")
     if ensemble or dp is not None:
         from .ensemble import make_vectorized_train_step
         return make_vectorized_train_step(model, loss_fn, optimizer, accumulate=accumulate, clip=clip,
@@ -605,7 +652,7 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
                                           ensemble=ensemble, member_batches=member_batches,
                                           member_chunk=member_chunk, dp=dp)
     return TrainStep(model, loss_fn, optimizer, accumulate, clip, precision, compile, donate, on_nonfinite,
-                     sync_batchnorm)
+                     sync_batchnorm, shard_optimizer_state)
 
 
 @dataclass(frozen=True, eq=False)
