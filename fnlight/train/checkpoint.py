@@ -21,10 +21,12 @@ truncated file, bad JSON, a FIFO or a dangling symlink in place of a file),
 always naming the file and what is wrong.
 
 Example:
-    ```python
-    fnlight.save_checkpoint("runs/a/step_100", state, meta={"epoch": 3})
-    state2, meta = fnlight.load_checkpoint("runs/a/step_100", like=state)
-    ```
+    >>> state = fnlight.TrainState.create(torch.nn.Linear(2, 1), fnlight.optim.adam(1e-3), seed=0)
+    >>> fnlight.save_checkpoint("runs/a/step_100", state, meta={"epoch": 3})
+    PosixPath('runs/a/step_100')
+    >>> state2, meta = fnlight.load_checkpoint("runs/a/step_100", like=state)
+    >>> fnlight.tree.tree_equal(state2, state), meta
+    (True, {'epoch': 3, 'step': 0})
 """
 
 from __future__ import annotations
@@ -79,9 +81,10 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     """The Trainer's ``step_<n>`` checkpoint directories in ``ckpt_dir``, oldest first.
 
     Example:
-        ```python
-        list_checkpoints("runs/a/ckpt")[-1]   # the newest
-        ```
+        >>> for step in (10, 200, 30):
+        ...     _ = save_checkpoint(f"runs/a/ckpt/step_{step:09d}", {"w": torch.zeros(1)})
+        >>> list_checkpoints("runs/a/ckpt")[-1]   # the newest
+        PosixPath('runs/a/ckpt/step_000000200')
     """
     found = [p for p in Path(ckpt_dir).glob("step_*") if p.name[5:].isdigit() and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[5:]))
@@ -119,9 +122,8 @@ def save_checkpoint(path: str | os.PathLike, state: Any, *, meta: dict[str, Any]
     See :class:`AsyncCheckpointer` to write in the background.
 
     Example:
-        ```python
-        save_checkpoint("runs/a/step_100", state, meta={"epoch": 3, "position": 12})
-        ```
+        >>> save_checkpoint("runs/a/step_100", {"w": torch.ones(3)}, meta={"epoch": 3, "position": 12})
+        PosixPath('runs/a/step_100')
     """
     tensors, doc = _prepare(state, meta)
     return files.write(Path(path), {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, doc)
@@ -234,9 +236,10 @@ def load_checkpoint(path: str | os.PathLike, like: Any = None, device: torch.dev
     kind raises :class:`CorruptCheckpointError` naming the file.
 
     Example:
-        ```python
-        state, meta = load_checkpoint("runs/a/step_100", like=state, pipeline_fingerprint=dm.fingerprint)
-        ```
+        >>> _ = save_checkpoint("runs/a/step_100", {"w": torch.ones(3)}, meta={"pipeline": {"fingerprint": "ab"}})
+        >>> state, meta = load_checkpoint("runs/a/step_100", like={"w": torch.zeros(3)}, pipeline_fingerprint="ab")
+        >>> state["w"]
+        tensor([1., 1., 1.])
     """
     path = Path(path)
     doc, tensors, where = files.read(path)
