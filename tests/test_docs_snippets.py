@@ -15,6 +15,8 @@ assumes (a small model, a batch) can be defined in a hidden setup, run in its pl
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import os
 import re
 import sys
 import traceback
@@ -78,16 +80,37 @@ def test_the_block_parser_reads_markers_and_indented_blocks():
         (16, "import mlflow", None, ("mlflow",), False), (22, "z = 2", None, (), True)]
 
 
+def fixtures(fn, request) -> dict:
+    """The pytest fixtures a page's test function asks for (the ones pages use)."""
+    import fnlight
+
+    made = {"tmp_path": lambda: request.getfixturevalue("tmp_path_factory").mktemp("test"),
+            "tmp_path_factory": lambda: request.getfixturevalue("tmp_path_factory"),
+            "fnlight_seed": lambda: 0, "fnlight_key": lambda: fnlight.random.key(0),
+            "fnlight_run_dir": lambda: request.getfixturevalue("tmp_path_factory").mktemp("run"),
+            "fnlight_home": lambda: request.getfixturevalue("fnlight_home")}
+    params = inspect.signature(fn).parameters
+    unknown = [p for p in params if p not in made]
+    if unknown:
+        raise AssertionError(f"{fn.__name__} asks for fixtures the snippet runner does not have: {unknown}")
+    return {p: made[p]() for p in params}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
-def test_the_python_blocks_of_the_page_run(page, tmp_path, monkeypatch, capsys):
+def test_the_python_blocks_of_the_page_run(page, tmp_path, monkeypatch, request):
     blocks = python_blocks(page.read_text())
     if not blocks:
         pytest.skip("no python blocks")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(page)])
     namespace: dict = {"__name__": "__main__"}
-    ran, skipped = 0, []
+    ran, skipped, done = 0, [], set()
+    # hypothesis as a reader has it (this suite's conftest turns its deadline off)
+    from hypothesis import settings
+
+    settings.load_profile("default")
+    request.addfinalizer(lambda: settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fnlight")))
     for b in blocks:
         missing = [p for p in b.needs if importlib.util.find_spec(p) is None]
         if b.skip or missing:
@@ -104,5 +127,13 @@ def test_the_python_blocks_of_the_page_run(page, tmp_path, monkeypatch, capsys):
             tb = traceback.format_exc()
             pytest.fail(f"{page.relative_to(ROOT)}: the python block at line {b.line} fails:\n{tb}", pytrace=False)
         ran += not b.hidden
+        for name, fn in list(namespace.items()):  # the page's pytest tests run too, as pytest would run them
+            if name.startswith("test_") and callable(fn) and name not in done:
+                done.add(name)
+                try:
+                    fn(**fixtures(fn, request))
+                except Exception:
+                    pytest.fail(f"{page.relative_to(ROOT)}: {name} (from the python block at line {b.line}) fails:\n"
+                                f"{traceback.format_exc()}", pytrace=False)
     if not ran:
         pytest.skip("; ".join(skipped))

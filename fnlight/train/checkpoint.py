@@ -21,10 +21,12 @@ truncated file, bad JSON, a FIFO or a dangling symlink in place of a file),
 always naming the file and what is wrong.
 
 Example:
-    ```python
-    fnlight.save_checkpoint("runs/a/step_100", state, meta={"epoch": 3})
-    state2, meta = fnlight.load_checkpoint("runs/a/step_100", like=state)
-    ```
+    >>> state = fnlight.TrainState.create(torch.nn.Linear(2, 1), fnlight.optim.adam(1e-3), seed=0)
+    >>> fnlight.save_checkpoint("runs/a/step_100", state, meta={"epoch": 3})
+    PosixPath('runs/a/step_100')
+    >>> state2, meta = fnlight.load_checkpoint("runs/a/step_100", like=state)
+    >>> fnlight.tree.tree_equal(state2, state), meta
+    (True, {'epoch': 3, 'step': 0})
 """
 
 from __future__ import annotations
@@ -86,9 +88,10 @@ def list_checkpoints(ckpt_dir: str | os.PathLike | RemotePath) -> list[Location]
     writing, is not listed.
 
     Example:
-        ```python
-        list_checkpoints("runs/a/ckpt")[-1]   # the newest
-        ```
+        >>> for step in (10, 200, 30):
+        ...     _ = save_checkpoint(f"runs/a/ckpt/step_{step:09d}", {"w": torch.zeros(1)})
+        >>> list_checkpoints("runs/a/ckpt")[-1]   # the newest
+        PosixPath('runs/a/ckpt/step_000000200')
     """
     where = location(ckpt_dir)
     if isinstance(where, RemotePath):
@@ -154,8 +157,12 @@ def save_checkpoint(path: str | os.PathLike | RemotePath, state: Any, *, meta: d
     Overwriting a remote checkpoint removes the old one first (see ``checkpoint_remote``).
 
     Example:
+        >>> save_checkpoint("runs/a/step_100", {"w": torch.ones(3)}, meta={"epoch": 3, "position": 12})
+        PosixPath('runs/a/step_100')
+
+        A URL works the same way (``pip install 'fnlight[remote]'``):
+
         ```python
-        save_checkpoint("runs/a/step_100", state, meta={"epoch": 3, "position": 12})
         save_checkpoint("s3://bucket/runs/a/step_100", state)
         ```
     """
@@ -276,9 +283,10 @@ def load_checkpoint(path: str | os.PathLike | RemotePath, like: Any = None, devi
     and a file it does not record is refused.
 
     Example:
-        ```python
-        state, meta = load_checkpoint("runs/a/step_100", like=state, pipeline_fingerprint=dm.fingerprint)
-        ```
+        >>> _ = save_checkpoint("runs/a/step_100", {"w": torch.ones(3)}, meta={"pipeline": {"fingerprint": "ab"}})
+        >>> state, meta = load_checkpoint("runs/a/step_100", like={"w": torch.zeros(3)}, pipeline_fingerprint="ab")
+        >>> state["w"]
+        tensor([1., 1., 1.])
     """
     path = location(path)
     if isinstance(path, RemotePath):

@@ -640,9 +640,18 @@ class Trainer:
         there, closes the loggers and raises :class:`Interrupted`.
 
         Example:
-            ```python
-            result = Trainer(max_epochs=5, ckpt_dir="runs/a/ckpt").fit(state, step, dm, hparams={"lr": 1e-3})
-            ```
+            >>> model, opt = torch.nn.Linear(4, 2), fo.sgd(0.1)
+            >>> step = fnlight.make_train_step(model, lambda f, b, key: torch.nn.functional.cross_entropy(f(b[0]),
+            ...                                                                                          b[1]), opt)
+            >>> dm = fnlight.DataModule(fd.from_tensors(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+            ...                         >> fd.batch(8), seed=0)
+            >>> state = fnlight.TrainState.create(model, opt, seed=0)
+            >>> trainer = Trainer(max_epochs=2, run_dir="runs/a", ckpt_dir="runs/a/ckpt", progress=False)
+            >>> result = trainer.fit(state, step, dm, hparams={"lr": 0.1})
+            >>> int(result.state.step), len(result.history), result.finished
+            (8, 2, 'max_epochs')
+            >>> trainer.fit(state, step, dm).already_finished   # the same call again: resumed, nothing to train
+            True
         """
         run = _Fit(self, train_step, self._datamodule(datamodule), eval_step, hparams, on_checkpoint)
         run.config = _json_hparams(config)

@@ -62,9 +62,10 @@ class TrainState:
         """Copy the parameters and buffers into ``model`` (for export or plain inference).
 
         Example:
-            ```python
-            model = state.write_to(torch.nn.Linear(2, 1)).eval()
-            ```
+            >>> state = fnlight.TrainState.create(torch.nn.Linear(2, 1), fnlight.optim.sgd(0.1), seed=0)
+            >>> model = state.write_to(torch.nn.Linear(2, 1)).eval()
+            >>> torch.equal(model.weight, state.params["weight"])
+            True
         """
         named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         values = {**self.params, **self.buffers}

@@ -635,10 +635,18 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
     The finite check reads the loss on the host once per step.
 
     Example:
-        ```python
-        step = make_train_step(model, loss_fn, fo.adamw(1e-3), clip=1.0, accumulate=2)
-        step = make_train_step(model, loss_fn, fo.adamw(1e-3), sync_batchnorm=True)  # under torchrun
-        ```
+        >>> model = torch.nn.Linear(4, 2)
+        >>> def loss_fn(model_fn, batch, key):
+        ...     x, y = batch
+        ...     return torch.nn.functional.cross_entropy(model_fn(x), y)
+        >>> opt = fo.adamw(1e-3)
+        >>> step = make_train_step(model, loss_fn, opt, clip=1.0, accumulate=2)
+        >>> state = fnlight.TrainState.create(model, opt, seed=0)
+        >>> new_state, metrics = step(state, (torch.randn(8, 4), torch.randint(0, 2, (8,))))
+        >>> int(new_state.step), int(state.step), sorted(metrics)   # the input state is untouched
+        (1, 0, ['loss'])
+
+        Under torchrun, ``make_train_step(model, loss_fn, opt, sync_batchnorm=True)`` syncs BatchNorm statistics.
     """
     for opt in optimizer if ensemble and type(optimizer) in (list, tuple) else (optimizer,):  # (not a NamedTuple)
         checks.check_train_step_args(loss_fn, opt)
@@ -689,13 +697,16 @@ def make_eval_step(model: torch.nn.Module, metrics_fn: Callable[[Callable[..., A
     Trainer averages them over batches weighted by batch size.
 
     Example:
-        ```python
-        def metrics_fn(model_fn, batch):
-            x, y = batch
-            logits = model_fn(x)
-            return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
-        eval_step = make_eval_step(model, metrics_fn)
-        ```
+        >>> model = torch.nn.Linear(4, 3)
+        >>> def metrics_fn(model_fn, batch):
+        ...     x, y = batch
+        ...     logits = model_fn(x)
+        ...     return {"loss": torch.nn.functional.cross_entropy(logits, y),
+        ...             "acc": (logits.argmax(-1) == y).float().mean()}
+        >>> eval_step = make_eval_step(model, metrics_fn)
+        >>> state = fnlight.TrainState.create(model, fo.sgd(0.1), seed=0)
+        >>> sorted(eval_step(state, (torch.randn(8, 4), torch.randint(0, 3, (8,)))))
+        ['acc', 'loss']
 
     With ``ensemble=True`` it evaluates a stacked state (metrics of shape ``[members]``; with
     ``member_batches=True`` one batch per member).
