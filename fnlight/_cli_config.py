@@ -41,6 +41,7 @@ from .train import (
     JSONLLogger,
     LearningRateMonitor,
     Logger,
+    MLflowLogger,
     ModelCheckpoint,
     TensorBoardLogger,
 )
@@ -51,6 +52,7 @@ LOGGERS: dict[str, tuple[Callable[[], Logger], str | None]] = {
     "csv": (CSVLogger, None),
     "jsonl": (JSONLLogger, None),
     "tensorboard": (TensorBoardLogger, "tensorboard"),
+    "mlflow": (MLflowLogger, "mlflow"),  # store and experiment: $MLFLOW_TRACKING_URI, $MLFLOW_EXPERIMENT_NAME
 }
 
 

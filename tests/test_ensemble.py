@@ -497,3 +497,15 @@ def test_one_optimizer_per_member(donate):
         assert max_rel(member.params, alone.params) < 1e-5
     with pytest.raises(ValueError, match="2 optimizers"):
         ens(fnlight.stack_states(states(opts[0], 3)), data[0])
+
+
+def test_a_loss_fn_returning_a_model_output_gets_the_hint_in_an_ensemble_too():
+    class Output:
+        def __init__(self, loss):
+            self.loss = loss
+
+    def out_loss(model_fn, batch, key):
+        return Output(loss_fn(model_fn, batch, key))
+    step = fnlight.make_train_step(mlp(), out_loss, fo.sgd(0.1), ensemble=True)
+    with pytest.raises(TypeError, match=r"return its \.loss"):
+        step(fnlight.stack_states(states(fo.sgd(0.1))), batches(1)[0])

@@ -55,7 +55,7 @@ from ..optim import step as optim_step
 from ..tree import batch_size, named_leaves, tree_leaves, tree_map, tree_structure
 from . import checks
 from .state import TrainState
-from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError
+from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError, autocast, split_loss
 
 __all__ = [
     "DPConfig", "DPTrainStep", "EnsembleEvalStep", "EnsembleTrainStep", "PerSampleGrads", "clip_per_sample",
@@ -356,21 +356,6 @@ def _vmap_tree(fn: Callable[..., Any], in_axes: tuple[int | None, ...]) -> Calla
     return wrapped
 
 
-def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
-    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
-        loss, metrics = out
-    else:
-        loss, metrics = out, {}
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise TypeError(f"loss_fn must return a scalar loss tensor or (loss, metrics_dict), got {got}")
-    return loss.reshape(()), {k: torch.as_tensor(v) for k, v in dict(metrics).items()}
-
-
-def _autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def member_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -493,9 +478,9 @@ class EnsembleTrainStep:
     # one member, inside vmap -------------------------------------------------------
     def _member_loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any,
                      key: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, tuple[Metrics, Any]]:
-        with _Vectorizable(key), _autocast(self.precision, device):
-            loss, metrics = _split_loss(self.loss_fn(self._fns.run(params, buffers), batch, key))
-        return loss.float(), ({k: v.detach().float().reshape(()) for k, v in metrics.items()}, buffers)
+        with _Vectorizable(key), autocast(self.precision, device):
+            loss, metrics = split_loss(self.loss_fn(self._fns.run(params, buffers), batch, key))
+        return loss.float(), ({k: torch.as_tensor(v).detach().float().reshape(()) for k, v in metrics.items()}, buffers)
 
     def _member_grads(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any,
                       key: torch.Tensor) -> tuple[Any, torch.Tensor, Metrics, dict[str, torch.Tensor]]:
@@ -629,7 +614,7 @@ class EnsembleEvalStep:
         object.__setattr__(self, "_eval", _vmap_tree(self._member, (0, 0, 0 if self.member_batches else None)))
 
     def _member(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any) -> Metrics:
-        with _Vectorizable(None), _autocast(self.precision, params[next(iter(params))].device):
+        with _Vectorizable(None), autocast(self.precision, params[next(iter(params))].device):
             out = self.metrics_fn(self._fns.run(params, buffers), batch)
         if not isinstance(out, Mapping):
             raise TypeError(f"metrics_fn must return a dict of scalar metrics, got {type(out).__name__}")
@@ -673,8 +658,8 @@ class PerSampleGrads:
 
     def _sample_loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], sample: Any,
                      key: torch.Tensor) -> torch.Tensor:
-        with _Vectorizable(key), _autocast(self.precision, key.device):
-            loss, _ = _split_loss(self.loss_fn(self._fns.run(params, buffers), _one_sample(sample), key))
+        with _Vectorizable(key), autocast(self.precision, key.device):
+            loss, _ = split_loss(self.loss_fn(self._fns.run(params, buffers), _one_sample(sample), key))
         return loss.float()
 
     def with_losses(self, state: TrainState, batch: Any,

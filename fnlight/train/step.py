@@ -212,7 +212,14 @@ def _nonfinite(loss: torch.Tensor, state: TrainState) -> NonFiniteError:
                           "on_nonfinite='skip' to skip such steps, or lower the learning rate / clip the gradients.")
 
 
-def _split(out: Any) -> tuple[torch.Tensor, Metrics]:
+def split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
+    """What ``loss_fn`` returned, as ``(scalar loss, metrics)``: a loss, or ``(loss, metrics_dict)``;
+    anything else (a model's output, a non-scalar) is a TypeError saying what to return.
+
+    Example:
+        >>> split_loss((torch.tensor([2.0]), {"acc": 0.5}))
+        (tensor(2.), {'acc': 0.5})
+    """
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
         loss, metrics = out
     else:
@@ -244,7 +251,14 @@ def _compile_options(compile: bool | Mapping[str, Any], device_type: str) -> dic
     return {"dynamic": False, **({"options": {"cpp_wrapper": True}} if device_type == "cpu" else {})}
 
 
-def _autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context of a step's ``precision`` on ``device`` (none for ``"32"``).
+
+    Example:
+        >>> with autocast("bf16-mixed", torch.device("cpu")):
+        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.bfloat16
+    """
     if precision == "bf16-mixed":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -347,8 +361,8 @@ class TrainStep:
         def model_fn(*args: Any, **kwargs: Any) -> Any:
             return self._call(params, buffers, args, kwargs)
 
-        with _autocast(self.precision, device):
-            loss, metrics = _split(self.loss_fn(model_fn, batch, key))
+        with autocast(self.precision, device):
+            loss, metrics = split_loss(self.loss_fn(model_fn, batch, key))
         if params and not loss.requires_grad:
             raise ValueError(
                 "the loss does not depend on the parameters (it does not require grad), so every gradient would "
@@ -681,7 +695,7 @@ class EvalStep:
         def model_fn(*args: Any, **kwargs: Any) -> Any:
             return self._call(state.params, state.buffers, args, kwargs)
 
-        with torch.no_grad(), _explain_traps(), _autocast(self.precision, state.step.device):
+        with torch.no_grad(), _explain_traps(), autocast(self.precision, state.step.device):
             out = self.metrics_fn(model_fn, batch)
         if not isinstance(out, Mapping):
             raise TypeError(f"metrics_fn must return a dict of scalar metrics, got {type(out).__name__}")
