@@ -6,6 +6,7 @@ run, bitwise (the final checkpoint's tensors), and a config printed from a confi
 """
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -322,3 +323,33 @@ def test_experiment_trainer_adds_the_runs_callbacks_and_loggers_to_its_own():
     csv = CSVLogger()
     assert exp.trainer(loggers=(csv,), max_steps=2).loggers == (logger, csv)
     assert exp.step_options() == {"precision": "32", "compile": False, "clip": None, "accumulate": 1}
+
+
+@pytest.mark.slow
+def test_tensorboard_and_mlflow_loggers_from_the_command_line(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = fnlight("fit", *SMALL, "--max-steps", "30", "--log-every-n-steps", "10", "--logger",
+                  "jsonl,tensorboard,mlflow", "--run-dir", tmp_path / "run", cwd=tmp_path,
+                  env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "cli"})
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in rows if r["kind"] == "epoch"][-1]
+    # TensorBoard: every scalar of the epoch row, read back by tensorboard's own reader
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    for key in ("train/loss", "val/acc"):
+        assert events.Scalars(key)[-1].step == epoch["step"]
+        assert abs(events.Scalars(key)[-1].value - epoch[key]) < 1e-6
+    assert [e.step for e in events.Scalars("step/loss")] == [10, 20, 30]
+    # MLflow: one finished run in the store, with the hyperparameters and the metrics
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["hidden"] == "16"
+    assert abs(run.data.metrics["val/acc"] - epoch["val/acc"]) < 1e-9
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "step/loss")] == [10, 20, 30]
