@@ -274,8 +274,10 @@ def read_config(path: str) -> ConfigFile:
     """Read a YAML (``.yaml``, ``.yml``) or TOML (``.toml``) config file; a syntax error names its line.
 
     Example:
-        >>> read_config("run.yaml").data["trainer"]["max_steps"]
-        100
+        ```python
+        read_config("run.yaml").data["trainer"]["max_steps"]
+        # 100
+        ```
     """
     try:
         text = Path(path).read_text()
@@ -467,9 +469,11 @@ class FitConfig:
     the experiment decides, until :meth:`resolve`).
 
     Example:
-        >>> cfg = read_fit({"target": None, "sets": ("hidden=64",), "max_steps": 100, "config": None})
-        >>> exp, hparams = cfg.build()
-        >>> print(cfg.resolve(exp, hparams).to_yaml())
+        ```python
+        cfg = read_fit({"target": None, "sets": ("hidden=64",), "max_steps": 100, "config": None})
+        exp, hparams = cfg.build()
+        print(cfg.resolve(exp, hparams).to_yaml())
+        ```
     """
 
     target: Target
@@ -588,8 +592,10 @@ def read_fit(params: Mapping[str, Any]) -> FitConfig:
     file checked (unknown keys, wrong types and bad values are errors naming the file's line).
 
     Example:
-        >>> read_fit({"target": None, "sets": (), "config": "run.yaml", "max_steps": 10})["max_steps"]
-        10
+        ```python
+        read_fit({"target": None, "sets": (), "config": "run.yaml", "max_steps": 10})["max_steps"]
+        # 10
+        ```
     """
     path = params.get("config")
     file = read_config(path) if path else None

@@ -4,8 +4,10 @@ training state in bytes (optimizer state included), and its data (splits, sizes,
 pipeline).
 
 Example:
-    >>> from fnlight.experiment import digits
-    >>> print("\\n".join(summary_lines(digits(hidden=64))))
+    ```python
+    from fnlight.experiment import digits
+    print("\\n".join(summary_lines(digits(hidden=64))))
+    ```
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ def module_rows(exp: Experiment, state: TrainState, batch: Any, depth: int = 1) 
     hooks while the model runs once in eval mode with the state's weights.
 
     Example:
-        >>> module_rows(digits(), state, batch)[0]
-        {'name': '0', 'type': 'Linear', 'params': 16640, 'mode': 'trainable', 'output': '[64, 256]'}
+        ```python
+        module_rows(digits(), state, batch)[0]
+        # {'name': '0', 'type': 'Linear', 'params': 16640, 'mode': 'trainable', 'output': '[64, 256]'}
+        ```
     """
     model = exp.model
     named = [(n, m) for n, m in model.named_modules() if n and n.count(".") < depth] or [("(model)", model)]
@@ -93,8 +97,10 @@ def pipeline_tree(desc: dict[str, Any], indent: str = "") -> list[str]:
     as branches.
 
     Example:
-        >>> pipeline_tree(dm.pipeline.describe())[0]
-        '├── digits()'
+        ```python
+        pipeline_tree(dm.pipeline.describe())[0]
+        # '├── digits()'
+        ```
     """
     lines = []
     stages = desc["stages"]
@@ -116,7 +122,10 @@ def summary_lines(exp: Experiment, state: TrainState | None = None, depth: int =
     come from one batch of the fit split (the first of epoch 0), run on the state's device.
 
     Example:
+        >>> from fnlight.experiment import digits
         >>> lines = summary_lines(digits(hidden=64), depth=2)
+        >>> lines[0], next(line for line in lines if line.startswith("total"))
+        ('model: digits MLP (Sequential)', 'total: 8,970 parameters (8,970 trainable, 0 frozen), 0 buffer values')
     """
     state = exp.init_state() if state is None else state
     dm = exp.datamodule

@@ -105,7 +105,9 @@ def remove_checkpoint(path: Location) -> None:
     one is fine.
 
     Example:
-        >>> remove_checkpoint(step_dir("s3://bucket/run/checkpoints", 100))
+        ```python
+        remove_checkpoint(step_dir("s3://bucket/run/checkpoints", 100))
+        ```
     """
     if isinstance(path, RemotePath):
         remote.remove(path)

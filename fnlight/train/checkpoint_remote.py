@@ -21,8 +21,10 @@ each writes its files, then, once all are done (a barrier), one :func:`commit` (
 others report, or hashing their files itself).
 
 Example:
-    >>> write(RemotePath("s3://bucket/run/step_100"), {"w": torch.zeros(3)}, {"structure": ..., "meta": {}})
-    >>> doc, tensors = read(RemotePath("s3://bucket/run/step_100"))
+    ```python
+    write(RemotePath("s3://bucket/run/step_100"), {"w": torch.zeros(3)}, {"structure": ..., "meta": {}})
+    doc, tensors = read(RemotePath("s3://bucket/run/step_100"))
+    ```
 """
 
 from __future__ import annotations

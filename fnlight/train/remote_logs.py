@@ -15,8 +15,10 @@ its kept rows (one PUT). The new rows then continue at the next index. A resume 
 the next one, which computes the same cut. So a resumed log has every row once: none missing, none twice.
 
 Example:
-    >>> lg = RemoteJSONLLogger().open(RemotePath("s3://bucket/runs/a"))
-    >>> read_log(RemotePath("s3://bucket/runs/a"), "metrics.jsonl")
+    ```python
+    lg = RemoteJSONLLogger().open(RemotePath("s3://bucket/runs/a"))
+    read_log(RemotePath("s3://bucket/runs/a"), "metrics.jsonl")
+    ```
 """
 
 from __future__ import annotations
@@ -201,8 +203,10 @@ def read_log(run_dir: str | RemotePath, name: str) -> list[Row]:
     whose ``run_dir`` is a URL.
 
     Example:
-        >>> read_log("s3://bucket/runs/a", "metrics.jsonl")[-1]["val/acc"]
-        0.97
+        ```python
+        read_log("s3://bucket/runs/a", "metrics.jsonl")[-1]["val/acc"]
+        # 0.97
+        ```
     """
     run_dir = RemotePath(run_dir) if isinstance(run_dir, str) else run_dir
     if name.endswith(".jsonl"):
