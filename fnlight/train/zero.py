@@ -259,9 +259,10 @@ def unshard(state: TrainState) -> TrainState:
     # one all-gather per group of pieces (Adam: mu and nu), each a padded chunk per rank
     full: dict[tuple[Any, ...], Tensors] = {}
     for group, pieces in groups.items():
-        if sorted(pieces) != list(range(len(layout.names))):
-            raise ValueError(f"the optimizer state under {'/'.join(map(str, group))} does not cover every parameter")
-        local = layout.local_flat({layout.names[i]: p for i, p in pieces.items()})
+        # a group may hold some parameters only (masked, multi_transform, freeze): zeros stand in for the rest
+        like = next(iter(pieces.values()))
+        local = layout.local_flat({k: pieces[i] if i in pieces else like.new_zeros(layout.piece_shape(i))
+                                   for i, k in enumerate(layout.names)})
         out = local.new_empty(layout.world * layout.chunk)
         dist.all_gather_into_tensor(out, local.contiguous())
         full[group] = layout.split_full(out)
