@@ -27,6 +27,10 @@ CONFIGS = {
     "adam_clip_accumulate": (lambda: fo.adam(1e-2), {"clip": 0.05, "accumulate": 2}),
     "chain_clip_adam_donate": (lambda: fo.chain(fo.clip_by_global_norm(0.05), fo.adam(1e-2)), {"donate": True}),
     "lamb": (lambda: fo.lamb(1e-2, weight_decay=0.01), {}),
+    "groups": (lambda: fo.multi_transform(  # parameter groups: state for some parameters only, per group
+        {"w": fo.adamw(1e-2, weight_decay=0.1), "b": fo.freeze(fo.sgd(0.05, momentum=0.9), lambda p: {
+            k: k.startswith("3.") for k in p})}, lambda p: {k: "w" if k.endswith("weight") else "b" for k in p}),
+        {}),
     "lars": (lambda: fo.lars(0.1, weight_decay=1e-3), {}),
     "adam_bf16_skip": (lambda: fo.adam(1e-2), {"precision": "bf16-mixed", "on_nonfinite": "skip"}),
     "adam_compile": (lambda: fo.adam(1e-2), {"compile": {"backend": "aot_eager"}}),  # the gradients compiled

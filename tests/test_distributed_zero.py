@@ -16,7 +16,7 @@ from .conftest import finish_ranks, spawn_ranks
 #: (2 ranks: a + b either way; 3 ranks: gloo's reduce-scatter and all-reduce add in different orders).
 #: (With compile, the replicated update is compiled, Adam's foreach arithmetic, and the sharded one eager,
 #: torch's fused kernel: equal to rounding.)
-ELEMENTWISE = ("adam", "adamw_masked", "sgd_momentum", "rmsprop", "adam_bf16_skip")
+ELEMENTWISE = ("adam", "adamw_masked", "sgd_momentum", "rmsprop", "adam_bf16_skip", "groups")
 
 
 @pytest.mark.slow

@@ -48,7 +48,8 @@ from .. import distributed
 from ..optim import GradientTransformation
 from .state import Tensors, TrainState
 
-__all__ = ["Layout", "ShardedOptState", "is_sharded", "shard", "unshard"]
+__all__ = ["ALIGN", "Layout", "ShardedOptState", "all_gather_params", "check_layout", "is_sharded",
+           "reduce_scatter_mean", "shard", "sum_across", "unshard"]
 
 
 class ShardedOptState(NamedTuple):
@@ -182,7 +183,11 @@ def _layout_of(state: TrainState) -> Layout:
 
 
 def sum_across(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the ranks (a new tensor): the reduction :func:`fnlight.optim.sharded` uses."""
+    """``t`` summed over the ranks (a new tensor): the reduction :func:`fnlight.optim.sharded` uses.
+
+    Example:
+        >>> with fnlight.optim.sharded(sum_across): ...     # what the sharded step does around the optimizer
+    """
     t = t.clone()
     dist.all_reduce(t)
     return t
@@ -227,7 +232,11 @@ def shard(state: TrainState, optimizer: GradientTransformation) -> TrainState:
 
 
 def check_layout(state: TrainState) -> Layout:
-    """The layout of a sharded state, checked against this process group and the parameters."""
+    """The layout of a sharded state, checked against this process group and the parameters.
+
+    Example:
+        >>> layout = check_layout(state); pieces = layout.pieces(state.params)
+    """
     layout = _layout_of(state)
     rank, world, total = (int(v) for v in state.opt_state.layout)
     if (rank, world, total) != (layout.rank, layout.world, layout.total):
@@ -259,9 +268,10 @@ def unshard(state: TrainState) -> TrainState:
     # one all-gather per group of pieces (Adam: mu and nu), each a padded chunk per rank
     full: dict[tuple[Any, ...], Tensors] = {}
     for group, pieces in groups.items():
-        if sorted(pieces) != list(range(len(layout.names))):
-            raise ValueError(f"the optimizer state under {'/'.join(map(str, group))} does not cover every parameter")
-        local = layout.local_flat({layout.names[i]: p for i, p in pieces.items()})
+        # a group may hold some parameters only (masked, multi_transform, freeze): zeros stand in for the rest
+        like = next(iter(pieces.values()))
+        local = layout.local_flat({k: pieces[i] if i in pieces else like.new_zeros(layout.piece_shape(i))
+                                   for i, k in enumerate(layout.names)})
         out = local.new_empty(layout.world * layout.chunk)
         dist.all_gather_into_tensor(out, local.contiguous())
         full[group] = layout.split_full(out)
@@ -273,7 +283,11 @@ def unshard(state: TrainState) -> TrainState:
 
 
 def reduce_scatter_mean(grads: Tensors, layout: Layout) -> Tensors:
-    """The mean over ranks of this rank's slice of the gradients, as pieces (one reduce-scatter)."""
+    """The mean over ranks of this rank's slice of the gradients, as pieces (one reduce-scatter).
+
+    Example:
+        >>> grads = reduce_scatter_mean(grads, check_layout(state))
+    """
     flat = layout.flat(grads)
     out = flat.new_empty(layout.chunk)
     dist.reduce_scatter_tensor(out, flat)
@@ -282,7 +296,12 @@ def reduce_scatter_mean(grads: Tensors, layout: Layout) -> Tensors:
 
 
 def all_gather_params(pieces: Tensors, layout: Layout) -> Tensors:
-    """Every rank's new pieces as whole parameters (one all-gather into a fresh flat buffer)."""
+    """Every rank's new pieces as whole parameters (one all-gather into a fresh flat buffer; the
+    parameters are views of it).
+
+    Example:
+        >>> params = all_gather_params(new_pieces, layout)
+    """
     local = layout.local_flat(pieces)
     out = local.new_empty(layout.world * layout.chunk)
     dist.all_gather_into_tensor(out, local.contiguous())
