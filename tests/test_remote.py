@@ -121,7 +121,7 @@ def test_a_remote_checkpoint_is_its_files_and_a_manifest_of_all_of_them(monkeypa
 
 def test_files_other_writers_put_in_the_checkpoint_are_committed_too():
     p = RemotePath(mem("ck"))
-    tensors, doc = fnlight.train.checkpoint._prepare(state_tree(), None)
+    tensors, doc = fnlight.train.checkpoint.prepare(state_tree(), None)
     known = checkpoint_remote.write_files(p, {k: v.contiguous() for k, v in tensors.items()}, doc)
     (p / "optimizer-rank-00001.safetensors").write_bytes(b"another rank's shard")  # not hashed by this writer
     manifest = checkpoint_remote.commit(p, known)

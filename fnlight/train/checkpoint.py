@@ -121,8 +121,14 @@ def _write(path: Location, tensors: dict[str, torch.Tensor], doc: dict[str, Any]
     return files.write(path, tensors, doc)
 
 
-def _prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state's tensors by name, and the JSON document (``checkpoint_files.write`` adds the checksums)."""
+def prepare(state: Any, meta: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state's tensors by name, and the JSON document (``checkpoint_files.write`` adds the checksums).
+
+    Example:
+        >>> tensors, doc = prepare({"w": torch.ones(2)}, {"epoch": 1})
+        >>> list(tensors), sorted(doc), doc["meta"]
+        (['w'], ['meta', 'structure', 'versions'], {'epoch': 1})
+    """
     from .. import __version__
 
     tensors, structure = encode(state)
@@ -168,7 +174,7 @@ def save_checkpoint(path: str | os.PathLike | RemotePath, state: Any, *, meta: d
         save_checkpoint("s3://bucket/runs/a/step_100", state)
         ```
     """
-    tensors, doc = _prepare(state, meta)
+    tensors, doc = prepare(state, meta)
     return _write(location(path), {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, doc)
 
 
@@ -226,7 +232,7 @@ class AsyncCheckpointer:
         if isinstance(where, Path):
             with contextlib.suppress(OSError):  # (an OSError, e.g. a parent that is a file, comes from the write)
                 files.check_replaceable(where)
-        tensors, doc = _prepare(state, meta)
+        tensors, doc = prepare(state, meta)
         host = self._stage(tensors)
 
         def job() -> None:

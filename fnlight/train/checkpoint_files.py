@@ -168,7 +168,7 @@ def check_replaceable(path: Path) -> None:
                               "path (e.g. a step_<n> directory inside it), or remove it yourself")
 
 
-def _install(tmp: Path, path: Path) -> None:
+def install(tmp: Path, path: Path) -> None:
     """Rename the complete checkpoint ``tmp`` to ``path``, replacing the checkpoint there (if any)."""
     for _ in range(1000):  # only other writers of the same path make it go round
         try:
@@ -225,7 +225,7 @@ def write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> 
                 f.flush()
                 os.fsync(f.fileno())
             fsync(tmp)
-            _install(tmp, path)
+            install(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

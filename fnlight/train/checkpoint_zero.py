@@ -17,7 +17,9 @@ temporary directory rank 0 made is not there for some rank), the ranks gather th
 state instead and rank 0 writes it alone.
 
 Example:
-    >>> save_sharded("runs/a/ckpt/step_000000100", state, meta={"epoch": 3})   # on every rank
+    ```python
+    save_sharded("runs/a/ckpt/step_000000100", state, meta={"epoch": 3})   # on every rank
+    ```
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .._remote import is_remote
 from . import _safetensors
 from . import checkpoint_files as files
 from .checkpoint_tree import CorruptCheckpointError
-from .zero import _map_pieces, check_layout, unshard
+from .zero import check_layout, map_pieces, unshard
 
 __all__ = ["merge", "save_sharded"]
 
@@ -51,9 +53,11 @@ def save_sharded(path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | 
     """Write a sharded ``TrainState`` as one checkpoint, each rank its slice (a collective).
 
     Example:
-        >>> save_sharded(step_dir(ckpt_dir, step), state, meta=meta)
+        ```python
+        save_sharded(step_dir(ckpt_dir, step), state, meta=meta)
+        ```
     """
-    from .checkpoint import _prepare, save_checkpoint
+    from .checkpoint import prepare, save_checkpoint
 
     rank, world = distributed.rank(), distributed.world_size()
     if is_remote(path):  # an object store: the ranks gather the whole state and rank 0 writes it
@@ -79,8 +83,8 @@ def save_sharded(path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | 
         pieces[id(leaf)] = tuple(layout.shapes[i])
         return leaf
 
-    _map_pieces(state.opt_state.inner, layout, note, "note")
-    tensors, doc = _prepare(state.replace(opt_state=state.opt_state.inner), meta)
+    map_pieces(state.opt_state.inner, layout, note, "note")
+    tensors, doc = prepare(state.replace(opt_state=state.opt_state.inner), meta)
     whole_shapes = {name: list(pieces[id(t)]) for name, t in tensors.items() if id(t) in pieces}
     mine = {f"{name}{SUFFIX}{rank}" if name in whole_shapes else name: t.detach().contiguous().cpu()
             for name, t in tensors.items() if name in whole_shapes or rank == 0}
@@ -107,7 +111,7 @@ def save_sharded(path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | 
                 f.flush()
                 os.fsync(f.fileno())
             files.fsync(tmp)
-            files._install(tmp, path)
+            files.install(tmp, path)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             outcome = e

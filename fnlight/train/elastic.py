@@ -24,8 +24,10 @@ error when the number of ranks changes mid-epoch). A split without ``shard()`` (
 the whole epoch) keeps its position. ``limit_train_batches`` counts the batches of the remainder.
 
 Example:
-    >>> where = record(dm, "train", epoch=0, skip=0, done=3, world=2)   # in the checkpoint's meta
-    >>> skip, start = resume(where, position=3, dm=dm, split="train", world=3)
+    ```python
+    where = record(dm, "train", epoch=0, skip=0, done=3, world=2)   # in the checkpoint's meta
+    skip, start = resume(where, position=3, dm=dm, split="train", world=3)
+    ```
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def record(dm: DataModule, split: str, epoch: int, skip: int, done: int, world: 
     (whose first ``skip`` dealt elements were left out).
 
     Example:
-        >>> meta["data"] = record(dm, "train", epoch, skip, done, fnlight.distributed.world_size())
+        ```python
+        meta["data"] = record(dm, "train", epoch, skip, done, fnlight.distributed.world_size())
+        ```
     """
     try:
         k = _share_read(dm, split, epoch, skip, done) if done else 0
@@ -79,7 +83,9 @@ def resume(data: Mapping[str, Any] | None, position: int, dm: DataModule, split:
     from a checkpoint's ``meta["data"]`` and ``meta["position"]`` (see the module docstring for the rule).
 
     Example:
-        >>> skip, start = resume(meta.get("data"), meta["position"], dm, "train", world_size())
+        ```python
+        skip, start = resume(meta.get("data"), meta["position"], dm, "train", world_size())
+        ```
     """
     if data is None or not position:  # a checkpoint of an epoch's end, or from before elastic resume
         return (int(data.get("skip", 0)) if data and position else 0), position

@@ -30,9 +30,11 @@ whole optimizer state back (what the Trainer does before writing a checkpoint, s
 sharded run resumes on any number of ranks, sharded or not).
 
 Example:
-    >>> step = fnlight.make_train_step(model, loss_fn, fo.adam(1e-3), shard_optimizer_state=True)
-    >>> state, metrics = step(fnlight.TrainState.create(model, fo.adam(1e-3)), batch)   # under torchrun
-    >>> full = unshard(state)        # every rank: the replicated optimizer state again
+    ```python
+    step = fnlight.make_train_step(model, loss_fn, fo.adam(1e-3), shard_optimizer_state=True)
+    state, metrics = step(fnlight.TrainState.create(model, fo.adam(1e-3)), batch)   # under torchrun
+    full = unshard(state)        # every rank: the replicated optimizer state again
+    ```
 """
 
 from __future__ import annotations
@@ -186,16 +188,24 @@ def sum_across(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks (a new tensor): the reduction :func:`fnlight.optim.sharded` uses.
 
     Example:
-        >>> with fnlight.optim.sharded(sum_across): ...     # what the sharded step does around the optimizer
+        ```python
+        with fnlight.optim.sharded(sum_across): ...     # what the sharded step does around the optimizer
+        ```
     """
     t = t.clone()
     dist.all_reduce(t)
     return t
 
 
-def _map_pieces(opt_state: Any, layout: Layout, fn: Any, what: str) -> Any:
+def map_pieces(opt_state: Any, layout: Layout, fn: Any, what: str) -> Any:
     """Apply ``fn(i, leaf)`` to the optimizer-state leaves that belong to parameter ``i`` (found under
-    the parameter's name); other leaves (counts, hyperparameters) are kept as they are."""
+    the parameter's name); other leaves (counts, hyperparameters) are kept as they are.
+
+    Example:
+        ```python
+        inner = map_pieces(state.opt_state, layout, lambda i, leaf, path, what: leaf[:1], "cut")
+        ```
+    """
     paths, leaves, spec = optree.tree_flatten_with_path(opt_state, none_is_leaf=False)
     index = {k: i for i, k in enumerate(layout.names)}
     out = []
@@ -212,7 +222,9 @@ def shard(state: TrainState, optimizer: GradientTransformation) -> TrainState:
     """This rank's shard of an ordinary (replicated) state's optimizer state; parameters unchanged.
 
     Example:
-        >>> state = shard(fnlight.TrainState.create(model, opt), opt)    # what the first sharded step does
+        ```python
+        state = shard(fnlight.TrainState.create(model, opt), opt)    # what the first sharded step does
+        ```
     """
     layout = _layout_of(state)
 
@@ -226,7 +238,7 @@ def shard(state: TrainState, optimizer: GradientTransformation) -> TrainState:
         a, b = layout.bounds(i)
         return leaf.reshape(-1)[a:b].clone().view(layout.piece_shape(i))
 
-    inner = _map_pieces(state.opt_state, layout, cut, "shard")
+    inner = map_pieces(state.opt_state, layout, cut, "shard")
     layout_t = torch.tensor([layout.rank, layout.world, layout.total], dtype=torch.int64)
     return state.replace(opt_state=ShardedOptState(inner, layout_t))
 
@@ -235,7 +247,9 @@ def check_layout(state: TrainState) -> Layout:
     """The layout of a sharded state, checked against this process group and the parameters.
 
     Example:
-        >>> layout = check_layout(state); pieces = layout.pieces(state.params)
+        ```python
+        layout = check_layout(state); pieces = layout.pieces(state.params)
+        ```
     """
     layout = _layout_of(state)
     rank, world, total = (int(v) for v in state.opt_state.layout)
@@ -253,7 +267,9 @@ def unshard(state: TrainState) -> TrainState:
     collective, every rank must call it. An unsharded state is returned as it is.
 
     Example:
-        >>> fnlight.save_checkpoint("ck", unshard(state)) if fnlight.distributed.rank() == 0 else None
+        ```python
+        fnlight.save_checkpoint("ck", unshard(state)) if fnlight.distributed.rank() == 0 else None
+        ```
     """
     if not is_sharded(state):
         return state
@@ -264,7 +280,7 @@ def unshard(state: TrainState) -> TrainState:
         groups.setdefault(path[:-1], {})[i] = leaf
         return leaf
 
-    _map_pieces(state.opt_state.inner, layout, collect, "collect")
+    map_pieces(state.opt_state.inner, layout, collect, "collect")
     # one all-gather per group of pieces (Adam: mu and nu), each a padded chunk per rank
     full: dict[tuple[Any, ...], Tensors] = {}
     for group, pieces in groups.items():
@@ -279,14 +295,16 @@ def unshard(state: TrainState) -> TrainState:
     def whole(i: int, leaf: torch.Tensor, path: tuple[Any, ...], what: str) -> torch.Tensor:
         return full[path[:-1]][layout.names[i]].clone()
 
-    return state.replace(opt_state=_map_pieces(state.opt_state.inner, layout, whole, "unshard"))
+    return state.replace(opt_state=map_pieces(state.opt_state.inner, layout, whole, "unshard"))
 
 
 def reduce_scatter_mean(grads: Tensors, layout: Layout) -> Tensors:
     """The mean over ranks of this rank's slice of the gradients, as pieces (one reduce-scatter).
 
     Example:
-        >>> grads = reduce_scatter_mean(grads, check_layout(state))
+        ```python
+        grads = reduce_scatter_mean(grads, check_layout(state))
+        ```
     """
     flat = layout.flat(grads)
     out = flat.new_empty(layout.chunk)
@@ -300,7 +318,9 @@ def all_gather_params(pieces: Tensors, layout: Layout) -> Tensors:
     parameters are views of it).
 
     Example:
-        >>> params = all_gather_params(new_pieces, layout)
+        ```python
+        params = all_gather_params(new_pieces, layout)
+        ```
     """
     local = layout.local_flat(pieces)
     out = local.new_empty(layout.world * layout.chunk)
