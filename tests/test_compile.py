@@ -224,3 +224,17 @@ def test_no_foreach_norm_c_shim_warning_when_clipping(monkeypatch):
     assert not warnings_of_a_compile()
     monkeypatch.setattr(fnlight.train.step, "quiet_foreach_norm", contextlib.nullcontext)
     assert warnings_of_a_compile()  # torch does warn without fnlight's filter
+
+
+@pytest.mark.parametrize("opt, clip", [
+    (fo.adamw(1e-2), 1.0),  # make_train_step's clip: global_norm
+    (fo.chain(fo.clip_by_global_norm(1.0), fo.lamb(1e-2)), None),  # global_norm and tensor_norms in the update
+], ids=["clip", "clip_by_global_norm-lamb"])
+def test_norms_compile_into_one_graph(opt, clip):
+    # (sharded optimizer state reads a ContextVar that Dynamo cannot trace: never inside a compiled step)
+    model = mlp()
+    step = fnlight.make_train_step(model, loss_fn, opt, clip=clip, compile={"backend": "aot_eager", "fullgraph": True})
+    state = fnlight.TrainState.create(model, opt)
+    for b in batches(2):
+        state, _ = step(state, b)
+    assert int(state.step) == 2

@@ -183,9 +183,22 @@ def sharded(sum_across: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None
         _SUM_ACROSS.reset(token)
 
 
+def sum_across() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The reduction of :func:`sharded` in effect, or None (not sharded).
+
+    Never inside ``torch.compile``: the sharded update runs eagerly, and Dynamo cannot trace a
+    ``ContextVar`` (reading it would break the compiled ordinary step's graph).
+
+    Example:
+        >>> sum_across() is None
+        True
+    """
+    return None if torch.compiler.is_compiling() else _SUM_ACROSS.get()
+
+
 def is_sharded() -> bool:
     """True inside :func:`sharded` (the optimizer sees pieces of the parameters)."""
-    return _SUM_ACROSS.get() is not None
+    return sum_across() is not None
 
 
 def refuse_sharded(name: str, why: str) -> None:
@@ -204,7 +217,7 @@ def tensor_norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:
         >>> tensor_norms([torch.ones(4), torch.zeros(2)])
         [tensor(2.), tensor(0.)]
     """
-    reduce = _SUM_ACROSS.get()
+    reduce = sum_across()
     if reduce is None:
         return [torch.linalg.vector_norm(x) for x in xs]
     if not xs:

@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 import torch
 
 from ._base import (
-    _SUM_ACROSS,
     EmptyState,
     GradientTransformation,
     OptState,
@@ -34,6 +33,7 @@ from ._base import (
     foreach,
     l2,
     per_step,
+    sum_across,
 )
 from ._schedules import Schedule, as_schedule
 
@@ -284,7 +284,7 @@ def global_norm(tensors: Any) -> torch.Tensor:
     dtype = torch.float32
     for t in leaves:
         dtype = torch.promote_types(dtype, t.dtype)
-    reduce = _SUM_ACROSS.get()
+    reduce = sum_across()
     if reduce is not None:  # sharded: this rank's pieces; the squares summed over the ranks
         squares = torch.stack([t.detach().to(dtype).square().sum() for t in leaves]).sum()
         return reduce(squares).sqrt()
