@@ -23,6 +23,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fnlight.train.loop import read_resumes
+
 fsspec = pytest.importorskip("fsspec")
 
 import fnlight  # noqa: E402
@@ -232,6 +234,7 @@ def test_a_trainer_resumes_from_a_memory_run_dir_bitwise_with_whole_logs(tmp_pat
     assert no_time(read_log(RemotePath(url), "steps.csv")) == no_time(steps)
     assert len(read_log(RemotePath(url), "metrics.csv")) == 4
     assert not any(".tmp" in rel for rel in RemotePath(url).files())
+    assert [r["step"] for r in read_resumes(RemotePath(url))] == [7]  # the mark fnlight plot draws
 
 
 # -- the real S3 API: moto's server, s3fs ------------------------------------------------------------------

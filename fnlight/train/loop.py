@@ -349,7 +349,7 @@ def _limit(limit: int | float | None, total: int) -> int:
 RESUMES = "resumes.jsonl"
 
 
-def record_resume(run_dir: Path, step: int, epoch: int, position: int, checkpoint: Path | None) -> None:
+def record_resume(run_dir: Location, step: int, epoch: int, position: int, checkpoint: Location | None) -> None:
     """Append where a run resumed to ``<run_dir>/resumes.jsonl`` (one whole line per write, never fatal:
     a full disk costs the mark, not the run).
 
@@ -363,21 +363,26 @@ def record_resume(run_dir: Path, step: int, epoch: int, position: int, checkpoin
     line = json.dumps({"step": step, "epoch": epoch, "position": position,
                        "checkpoint": str(checkpoint) if checkpoint is not None else None,
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+    where = run_dir / RESUMES if isinstance(run_dir, RemotePath) else Path(run_dir) / RESUMES
     try:
-        fd = os.open(Path(run_dir) / RESUMES, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if isinstance(where, RemotePath):  # an object store has no append: the object is rewritten whole
+            where.write_text((where.read_text() if where.is_file() else "") + line)
+            return
+        fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
     except OSError as e:
-        log.warning("could not record the resume in %s: %s", Path(run_dir) / RESUMES, e)
+        log.warning("could not record the resume in %s: %s", where, e)
 
 
-def read_resumes(run_dir: Path) -> list[dict[str, Any]]:
+def read_resumes(run_dir: Location) -> list[dict[str, Any]]:
     """The resumes :func:`record_resume` recorded in ``run_dir``, oldest first (damaged lines skipped)."""
     try:
-        text = (Path(run_dir) / RESUMES).read_text(errors="replace")
-    except OSError:
+        where = run_dir / RESUMES if isinstance(run_dir, RemotePath) else Path(run_dir) / RESUMES
+        text = where.read_text(errors="replace") if isinstance(where, Path) else where.read_text()
+    except (OSError, UnicodeDecodeError):
         return []
     out = []
     for line in text.splitlines():
