@@ -301,8 +301,11 @@ def read_config(path: str) -> ConfigFile:
     else:
         try:
             import yaml
-        except ImportError:
-            raise CliError("--config with a YAML file needs PyYAML: pip install 'fnlight[config]'") from None
+        except ImportError:  # what --print-config writes without PyYAML (JSON, which is YAML too) is still read
+            data, lines = _json_config(text)
+            if data is None:
+                raise CliError("--config with a YAML file needs PyYAML: pip install 'fnlight[config]'") from None
+            return ConfigFile(path, data, lines) if isinstance(data, dict) else _not_a_mapping(path, data)
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             data = yaml.safe_load(text)
@@ -315,9 +318,37 @@ def read_config(path: str) -> ConfigFile:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise CliError(f"{path}:1: a config is a mapping of keys (target, hparams, trainer, callbacks, ensemble), "
-                       f"got a {type(data).__name__}")
+        _not_a_mapping(path, data)
     return ConfigFile(path, data, lines)
+
+
+def _not_a_mapping(path: str, data: Any) -> Any:
+    raise CliError(f"{path}:1: a config is a mapping of keys (target, hparams, trainer, callbacks, ensemble), "
+                   f"got a {type(data).__name__}")
+
+
+def _json_config(text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    r"""A config file in JSON (``#`` comment lines allowed), as ``--print-config`` writes it without PyYAML:
+    its data (None if it is not JSON) and the line of each key (indentation tells the nesting).
+
+    Example:
+        >>> _json_config('# a comment\n{\n  "trainer": {\n    "max_steps": 5\n  }\n}\n')
+        ({'trainer': {'max_steps': 5}}, {('trainer',): 3, ('trainer', 'max_steps'): 4})
+    """
+    body = "\n".join("" if line.lstrip().startswith("#") else line for line in text.splitlines())
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None, {}
+    lines: dict[tuple[str, ...], int] = {}
+    stack: list[str] = []
+    for i, line in enumerate(body.splitlines(), 1):
+        m = re.match(r'^(\s*)"((?:[^"\\]|\\.)*)"\s*:', line)
+        if m:
+            depth = max(len(m.group(1)) // 2 - 1, 0)
+            stack = stack[:depth] + [json.loads(f'"{m.group(2)}"')]
+            lines.setdefault(tuple(stack), i)
+    return data, lines
 
 
 # -- type checks ---------------------------------------------------------------------------------------

@@ -196,6 +196,28 @@ def test_tensorboard_logger_without_tensorboard_is_a_clear_error(tmp_path):
                           "pip install 'fnlight[tensorboard]'\n")
 
 
+@pytest.mark.slow
+def test_without_pyyaml_print_config_then_config_still_round_trips(tmp_path):
+    blocker = tmp_path / "block"  # a yaml that cannot be imported: the base install, without fnlight[config]
+    (blocker / "yaml").mkdir(parents=True)
+    (blocker / "yaml" / "__init__.py").write_text("raise ImportError('no PyYAML here')\n")
+    env = {"PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
+    printed = fnlight("fit", *SMALL, "--max-steps", "3", "--print-config", cwd=tmp_path, env=env)
+    assert printed.returncode == 0, printed.stderr
+    (tmp_path / "run.yaml").write_text(printed.stdout.replace('"max_steps": 3', '"max_steps": 4'))
+    res = fnlight("fit", "--config", "run.yaml", "--run-dir", "r", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert meta_of(tmp_path / "r")["step"] == 4
+    bad = printed.stdout.replace('"max_steps": 3', '"max_stepz": 3')
+    (tmp_path / "bad.yaml").write_text(bad)
+    line = next(i for i, text in enumerate(bad.splitlines(), 1) if "max_stepz" in text)
+    res = fnlight("fit", "--config", "bad.yaml", cwd=tmp_path, env=env)
+    assert res.returncode == 2 and f"bad.yaml:{line}" in res.stderr and "max_stepz" in res.stderr, res.stderr
+    (tmp_path / "real.yaml").write_text("trainer:\n  max_steps: 3\n")  # real YAML still needs PyYAML
+    res = fnlight("fit", "--config", "real.yaml", cwd=tmp_path, env=env)
+    assert res.returncode == 2 and "needs PyYAML: pip install 'fnlight[config]'" in res.stderr, res.stderr
+
+
 # -- callbacks and loggers from the command line ----------------------------------------------------------
 
 @pytest.mark.slow
