@@ -477,20 +477,11 @@ class TrainStep:
         grads = zero.reduce_scatter_mean(grads, layout)
         finite = distributed.all_true(bool(_finite(loss, list(grads.values()))), state.step.device)
         if not finite:
-            if self.on_nonfinite == "raise":
-                raise _nonfinite(loss, state)
-            return state.replace(step=state.step + 1), {"loss": loss, **metrics, "skipped": torch.ones(())}
+            return self._skip(state, loss, metrics)
         with optim_sharded(zero.sum_across):
             pieces, inner = self._update(grads, state.opt_state.inner, layout.pieces(state.params))
         params = zero.all_gather_params(pieces, layout)
-        opt_state = state.opt_state._replace(inner=inner)
-        if buffers:
-            floats = {k: v for k, v in buffers.items() if v.is_floating_point()}
-            buffers = {**buffers, **distributed.all_reduce_mean(floats)}
-        new = state.replace(params=params, buffers=buffers, opt_state=opt_state, step=state.step + 1)
-        if self.on_nonfinite == "skip":
-            metrics = {**metrics, "skipped": torch.zeros(())}
-        return new, {"loss": loss, **metrics}
+        return self._finish(state, params, state.opt_state._replace(inner=inner), buffers, loss, metrics)
 
     def _apply(self, fns: _Fns, state: TrainState, buffers: Tensors, grads: Tensors, loss: torch.Tensor,
                metrics: Metrics) -> tuple[TrainState, Metrics]:
@@ -500,10 +491,19 @@ class TrainStep:
         if distributed.world_size() > 1:  # every rank must take the same decision, or the replicas diverge
             finite = distributed.all_true(finite, state.step.device)
         if not finite:
-            if self.on_nonfinite == "raise":
-                raise _nonfinite(loss, state)
-            return state.replace(step=state.step + 1), {"loss": loss, **metrics, "skipped": torch.ones(())}
+            return self._skip(state, loss, metrics)
         params, opt_state = fns.update(grads, state.opt_state, state.params)
+        return self._finish(state, params, opt_state, buffers, loss, metrics)
+
+    def _skip(self, state: TrainState, loss: torch.Tensor, metrics: Metrics) -> tuple[TrainState, Metrics]:
+        """A non-finite step: raised, or skipped (the state unchanged but its step)."""
+        if self.on_nonfinite == "raise":
+            raise _nonfinite(loss, state)
+        return state.replace(step=state.step + 1), {"loss": loss, **metrics, "skipped": torch.ones(())}
+
+    def _finish(self, state: TrainState, params: Tensors, opt_state: Any, buffers: Tensors, loss: torch.Tensor,
+                metrics: Metrics) -> tuple[TrainState, Metrics]:
+        """The new state and the step's metrics, once the update is made."""
         if distributed.world_size() > 1 and buffers:
             # BatchNorm statistics are averaged across ranks (as Flax averages batch_stats), so that
             # every rank holds the same state and a checkpoint does not depend on who wrote it.
