@@ -132,7 +132,7 @@ class CSVLogger(Logger):
                     if None in r or None in r.values():  # a line with more or fewer fields than the header
                         log.warning("%s: dropped a damaged row (line %d)", path, reader.line_num)
                         continue
-                    rows.append({k: _number(v) for k, v in r.items() if v != ""})
+                    rows.append({k: csv_number(v) for k, v in r.items() if v != ""})
                 out._rows[kind] = [{"kind": kind, **r} for r in rows[:keep[kind]]]
                 out._rewrite(kind)
             elif path.exists():
@@ -210,7 +210,13 @@ class JSONLLogger(Logger):
                 f.close()
 
 
-def _number(v: str) -> Any:
+def csv_number(v: str) -> Any:
+    """A CSV cell as the number it was written from (an int stays an int), else the text.
+
+    Example:
+        >>> csv_number("3"), csv_number("0.5"), csv_number("1e-05"), csv_number("val")
+        (3, 0.5, 1e-05, 'val')
+    """
     try:
         f = float(v)
     except ValueError:

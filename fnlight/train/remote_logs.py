@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._remote import RemotePath
-from .loggers import Logger
+from .loggers import Logger, csv_number
 
 log = logging.getLogger("fnlight")
 
@@ -40,14 +40,6 @@ FLUSH_S = 30.0  # a buffered row is stored within this many seconds (at the next
 FLUSH_ROWS = 1000
 
 Row = dict[str, Any]
-
-
-def _number(v: str) -> Any:
-    try:
-        f = float(v)
-    except ValueError:
-        return v
-    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
 
 
 def _csv_text(rows: list[Row]) -> str:
@@ -60,7 +52,7 @@ def _csv_text(rows: list[Row]) -> str:
 
 
 def _csv_rows(text: str, kind: str) -> list[Row]:
-    return [{"kind": kind, **{k: _number(v) for k, v in r.items() if v not in ("", None)}}
+    return [{"kind": kind, **{k: csv_number(v) for k, v in r.items() if v not in ("", None)}}
             for r in csv.DictReader(io.StringIO(text))]
 
 
