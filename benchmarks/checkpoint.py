@@ -11,11 +11,11 @@ Adam moments, so ~3x that many float32 values (~1.2 GB), all on the CPU:
   for fnlight's save (which fsyncs every file and directory it writes);
 * ``torch_load``: ``torch.load(file)`` of that file (``weights_only=True``);
 * ``fnlight_save``: ``fnlight.save_checkpoint(dir, state)``: safetensors files
-  (a state this big is split into up to 16 shards, written and hashed in
-  parallel), the sha256 of each, JSON structure, fsync of every file and of
+  (a state this big is split into up to 16 shards, written in parallel),
+  the XXH128 checksum of each (computed while writing), JSON structure, fsync of every file and of
   the directories, atomic rename;
 * ``fnlight_load``: ``fnlight.load_checkpoint(dir)``: reads (copies) every
-  tensor file into memory while checking its sha256 (shards in parallel, one
+  tensor file into memory while checking its XXH128 checksum (shards in parallel, one
   thread per core), and checks ``checkpoint.json``'s own sha256. Like
   ``torch.load``, the result no longer depends on the files;
 * ``fnlight_async_blocked``: how long ``AsyncCheckpointer.save`` (what

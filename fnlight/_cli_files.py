@@ -49,7 +49,8 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
         "hparams": meta.get("hparams"), "finished": meta.get("finished"),
         "tensors": rows, "total_bytes": sum(r["bytes"] for r in rows),
         "num_params": sum(t.numel() for k, t in tensors.items() if k.startswith("params/")),
-        # sha256: the tensor file's when there is one (None for shards); tensor_files: every file's
+        # sha256: the tensor file's in a format-1 checkpoint, else None; tensor_files: every file's checksum,
+        # as recorded ("xxh128:<hex>", or a bare sha256 in checkpoints of formats 1 and 2)
         "sha256": doc.get("tensors_sha256"),
         "tensor_files": doc.get("tensor_files") or {TENSORS: doc.get("tensors_sha256")}, "checksum": "OK",
     }
@@ -58,6 +59,11 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
 def _metrics_text(row: dict[str, Any]) -> str:
     return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                      if k not in ("epoch", "step", "time_s"))
+
+
+def _checksum_text(recorded: str) -> str:
+    algorithm, _, digest = recorded.rpartition(":")
+    return f"{algorithm or 'sha256'} {digest}"
 
 
 def format_info(info: dict[str, Any]) -> list[str]:
@@ -91,7 +97,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
     lines += [f"{r['name']:<{width}}  {s:<{sw}}  {r['dtype']:<9}  {r['bytes']:>12,}" for r, s in zip(rows, shapes,
                                                                                                        strict=True)]
     lines += [f"total: {len(rows)} tensors, {_size(info['total_bytes'])}; {info['num_params']:,} parameters",
-              *(f"checksum OK ({name}: sha256 {sha})" for name, sha in info["tensor_files"].items())]
+              *(f"checksum OK ({name}: {_checksum_text(c)})" for name, c in info["tensor_files"].items())]
     return lines
 
 

@@ -25,6 +25,13 @@ from .models import data, loss_fn, mlp
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def xxh128sum(path: Path) -> str:
+    """What a checkpoint records for a file: what ``xxh128sum`` prints (XXH3 128-bit)."""
+    import xxhash
+
+    return "xxh128:" + xxhash.xxh3_128(path.read_bytes()).hexdigest()
+
+
 def signed(doc):
     """``doc`` with a matching ``doc_sha256``: a crafted checkpoint, not a damaged one."""
     from fnlight.train.checkpoint_files import doc_checksum
@@ -106,7 +113,7 @@ def test_a_corrupted_tensor_file_fails_its_checksum(tmp_path):
     raw = bytearray(f.read_bytes())
     raw[-3] ^= 0xFF
     f.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="corrupted: its sha256 is"):
+    with pytest.raises(CheckpointError, match="corrupted: its xxh128 is"):
         fnlight.load_checkpoint(tmp_path / "ck")
 
 
@@ -217,7 +224,9 @@ def test_the_tensor_file_is_standard_safetensors(tmp_path):
                "bool": torch.tensor([True, False, True]), "u8": torch.arange(5, dtype=torch.uint8),
                "f16": torch.randn(1, generator=g).half(), "i32": torch.arange(3, dtype=torch.int32)}
     digest = _safetensors.write(tmp_path / "t.safetensors", tensors)
-    assert digest == hashlib.sha256((tmp_path / "t.safetensors").read_bytes()).hexdigest()
+    assert digest == xxh128sum(tmp_path / "t.safetensors")
+    sha = _safetensors.write(tmp_path / "s.safetensors", tensors, _safetensors.SHA256)  # what manifests record
+    assert sha == hashlib.sha256((tmp_path / "s.safetensors").read_bytes()).hexdigest()
     theirs = load_file(tmp_path / "t.safetensors")  # the reference reader agrees
     raw, digest2 = _safetensors.read(tmp_path / "t.safetensors")
     ours = _safetensors.parse(raw)
@@ -262,14 +271,14 @@ def test_a_malformed_tensor_file_with_a_matching_checksum_is_refused(tmp_path, d
         raw = struct.pack("<Q", len(head)) + head + raw[8 + n:]
     tf.write_bytes(raw)
     doc = json.loads(meta.read_text())
-    doc["tensors_sha256"] = hashlib.sha256(raw).hexdigest()
+    doc["tensor_files"]["tensors.safetensors"] = xxh128sum(tf)
     meta.write_text(json.dumps(signed(doc)))
     with pytest.raises(CorruptCheckpointError, match="not a valid safetensors file"):
         fnlight.load_checkpoint(tmp_path / "ck")
 
 
 def test_a_large_state_is_sharded_and_every_shard_is_checked(tmp_path, monkeypatch):
-    """Above SHARD_BYTES the tensors go into several standard safetensors files, each with its sha256."""
+    """Above SHARD_BYTES the tensors go into several standard safetensors files, each with its checksum."""
     import json
 
     from safetensors.torch import load_file
@@ -282,12 +291,12 @@ def test_a_large_state_is_sharded_and_every_shard_is_checked(tmp_path, monkeypat
     doc = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
     files = doc["tensor_files"]
     n = len(files)
-    assert doc["version"] == 2 and "tensors_sha256" not in doc
+    assert doc["version"] == 3 and "tensors_sha256" not in doc
     assert n > 2 and sorted(files) == [f"tensors-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([*files, "checkpoint.json"])
     names = []
-    for name, sha in files.items():  # each shard: what sha256sum prints, and readable by safetensors itself
-        assert hashlib.sha256((tmp_path / "ck" / name).read_bytes()).hexdigest() == sha
+    for name, checksum in files.items():  # each shard: what xxh128sum prints, and readable by safetensors itself
+        assert xxh128sum(tmp_path / "ck" / name) == checksum
         names += load_file(tmp_path / "ck" / name)
     assert len(names) == len(set(names)) == len(fnlight.tree.tree_leaves(state))  # a partition of the tensors
     loaded, _ = fnlight.load_checkpoint(tmp_path / "ck", like=state)
@@ -296,7 +305,7 @@ def test_a_large_state_is_sharded_and_every_shard_is_checked(tmp_path, monkeypat
     second = tmp_path / "ck" / f"tensors-00002-of-{n:05d}.safetensors"
     raw = second.read_bytes()
     second.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
-    with pytest.raises(CorruptCheckpointError, match=f"{second.name} is corrupted: its sha256 is"):
+    with pytest.raises(CorruptCheckpointError, match=f"{second.name} is corrupted: its xxh128 is"):
         fnlight.load_checkpoint(tmp_path / "ck")
     second.unlink()
     with pytest.raises(CorruptCheckpointError, match=f"incomplete: {second.name} missing"):
@@ -332,36 +341,43 @@ def test_sharding_is_an_ordered_partition_into_at_most_max_shards(sizes, shard):
         assert list(files) == ["tensors.safetensors"]
 
 
-def test_one_file_checkpoints_keep_format_version_1(tmp_path):
-    """A state that fits one file is written as before shards existed (version 1, ``tensors_sha256``),
-    so older fnlight releases read it; a sharded one is version 2."""
+def test_checkpoints_of_format_versions_1_and_2_still_load_and_are_verified(tmp_path):
+    """Checkpoints written before XXH128 (format 1: one file and ``tensors_sha256``; format 2: shards and
+    their sha256s in ``tensor_files``) load as before, each file checked against its sha256."""
     import json
 
     from fnlight.train import checkpoint_files as checkpoint
 
     _, _, _, state = trained()
-    fnlight.save_checkpoint(tmp_path / "ck", state)
-    meta = tmp_path / "ck" / "checkpoint.json"
-    doc = json.loads(meta.read_text())
-    assert doc["version"] == 1 and "tensor_files" not in doc
-    assert doc["tensors_sha256"] == hashlib.sha256((tmp_path / "ck" / "tensors.safetensors").read_bytes()).hexdigest()
-    assert tree_equal(fnlight.load_checkpoint(tmp_path / "ck", like=state)[0], state)
+    fnlight.save_checkpoint(tmp_path / "one", state)
     old = checkpoint.SHARD_BYTES
     checkpoint.SHARD_BYTES = 600
     try:
         fnlight.save_checkpoint(tmp_path / "sharded", state)
     finally:
         checkpoint.SHARD_BYTES = old
-    sharded = json.loads((tmp_path / "sharded" / "checkpoint.json").read_text())
-    assert sharded["version"] == 2 and "tensors_sha256" not in sharded and len(sharded["tensor_files"]) > 1
-    doc["tensors_sha256"] = "0" * 64
+    for name, version in (("one", 1), ("sharded", 2)):
+        meta = tmp_path / name / "checkpoint.json"
+        doc = json.loads(meta.read_text())
+        assert doc["version"] == 3 and all(v.startswith("xxh128:") for v in doc["tensor_files"].values())
+        shas = {f: hashlib.sha256((tmp_path / name / f).read_bytes()).hexdigest() for f in doc.pop("tensor_files")}
+        doc.pop("doc_sha256")
+        doc = {**doc, "version": version, **({"tensors_sha256": shas["tensors.safetensors"]} if version == 1
+                                             else {"tensor_files": shas})}
+        meta.write_text(json.dumps(signed(doc)))  # what the previous release wrote
+        assert tree_equal(fnlight.load_checkpoint(tmp_path / name, like=state)[0], state)
+        first = sorted(shas)[0]
+        (tmp_path / name / first).write_bytes((tmp_path / name / first).read_bytes()[:-1] + b"\0")
+        with pytest.raises(CorruptCheckpointError, match=f"{first} is corrupted: its sha256 is"):
+            fnlight.load_checkpoint(tmp_path / name)
+    doc["tensor_files"] = {f: "xxh128:" + "0" * 32 for f in shas}  # a version 2 record holds sha256s only
     meta.write_text(json.dumps(signed(doc)))
-    with pytest.raises(CorruptCheckpointError, match="corrupted"):
-        fnlight.load_checkpoint(tmp_path / "ck")
+    with pytest.raises(CorruptCheckpointError, match="no valid list of tensor files"):
+        fnlight.load_checkpoint(tmp_path / "sharded")
     doc["version"] = 99  # from a future fnlight
     meta.write_text(json.dumps(signed(doc)))
-    with pytest.raises(CheckpointError, match="not a fnlight checkpoint of version 1 or 2 .*version 99"):
-        fnlight.load_checkpoint(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="not a fnlight checkpoint of version 1 to 3 .*version 99"):
+        fnlight.load_checkpoint(tmp_path / "sharded")
 
 
 EXITING_WRITER = r"""

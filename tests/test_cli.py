@@ -330,7 +330,7 @@ def test_inspect_shows_metadata_tensors_and_checksum(run, tmp_path):
     blob = bytearray((bad / "tensors.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (bad / "tensors.safetensors").write_bytes(bytes(blob))
-    assert_one_line_error(invoke("inspect", bad), "is corrupted: its sha256 is")
+    assert_one_line_error(invoke("inspect", bad), "is corrupted: its xxh128 is")
     assert_one_line_error(invoke("validate", "--ckpt", bad), "is corrupted")
 
 

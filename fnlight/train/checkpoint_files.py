@@ -7,10 +7,11 @@ A checkpoint is a directory ``<path>/`` holding:
   whole-tensor shards, ``tensors-00001-of-0000N.safetensors`` ... (each a
   standard safetensors file), written, hashed and checked in parallel;
 - ``checkpoint.json``: the structure, step, key, the caller's ``meta``,
-  versions, the sha256 of each tensor file (``tensors_sha256`` for one file,
-  format version 1, which older releases read too; ``tensor_files`` for shards,
-  version 2) and ``doc_sha256``, the sha256 of the document itself (its other
-  fields in compact JSON), so a flipped bit that keeps it valid JSON is caught.
+  versions, the checksum of each tensor file (``tensor_files``: name ->
+  ``"xxh128:<hex>"``, format version 3; versions 1 and 2, still read, recorded
+  sha256s: ``tensors_sha256`` for one file, ``tensor_files`` for shards) and
+  ``doc_sha256``, the sha256 of the document itself (its other fields in
+  compact JSON), so a flipped bit that keeps it valid JSON is caught.
 
 **Writing** (:func:`write`) never removes what it did not write: a path that
 exists and is not a checkpoint (a file, a symlink, a directory with any other
@@ -26,7 +27,7 @@ another process replaces it; when the checkpoint is replaced or removed mid-read
 (the handle no longer is the directory at ``path``), the read starts over.
 Only regular files are read (a FIFO, a directory or a dangling symlink is a
 clear error; a symlink to a regular file is followed and verified like one).
-Every file is copied into memory while its sha256 is computed, and any
+Every file is copied into memory while its checksum is computed, and any
 malformation is a :class:`CorruptCheckpointError` naming the file.
 
 Example:
@@ -62,12 +63,15 @@ from . import _safetensors
 from .checkpoint_tree import CheckpointError, CorruptCheckpointError
 
 FORMAT = "fnlight-checkpoint"
-VERSION = 2  # 1: one ``tensors.safetensors`` and its ``tensors_sha256``; 2: shards, listed in ``tensor_files``
+# 1: one ``tensors.safetensors`` and its ``tensors_sha256``; 2: shards and their sha256s in ``tensor_files``;
+# 3 (what is written now): ``tensor_files`` with XXH128 checksums (see ``_safetensors``), one file or shards
+VERSION = 3
 TENSORS, META = "tensors.safetensors", "checkpoint.json"
 SHARD_BYTES = 1 << 27  # 128 MiB: above this a state is sharded, so files are written and hashed in parallel
 MAX_SHARDS = 16  # ...into at most this many files (bigger shards beyond 2 GiB)
 MAX_META_BYTES = 1 << 30  # a checkpoint.json bigger than this is refused unread
 TENSOR_FILE = re.compile(r"tensors(-[0-9]{5}-of-[0-9]{5})?\.safetensors")
+_CHECKSUM = {1: re.compile(r"[0-9a-f]{64}"), 2: re.compile(r"[0-9a-f]{64}"), 3: re.compile(r"xxh128:[0-9a-f]{32}")}
 _KEYS = {"format", "version", "structure", "meta", "versions", "step", "key", "tensors_sha256", "tensor_files",
          "doc_sha256"}
 _RETRIES = 200  # reads restarted because a writer replaced the checkpoint meanwhile (each after a short sleep)
@@ -77,6 +81,32 @@ def doc_checksum(doc: dict[str, Any]) -> str:
     """The sha256 of ``doc`` without its ``doc_sha256`` (compact JSON, key order kept: what is recorded)."""
     body = {k: v for k, v in doc.items() if k != "doc_sha256"}
     return hashlib.sha256(json.dumps(body, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+
+
+def finish(doc: dict[str, Any], checksums: dict[str, str]) -> dict[str, Any]:
+    """``doc`` as recorded: its format, its version (from the kind of ``checksums``, tensor file name ->
+    checksum, see ``_safetensors.kind``), the checksums, and its own ``doc_sha256``.
+
+    Example:
+        >>> finish({"structure": {}}, {TENSORS: "xxh128:" + "0" * 32})["version"]
+        3
+    """
+    if all(_safetensors.kind(c) == _safetensors.XXH128 for c in checksums.values()):
+        doc = {"format": FORMAT, "version": 3, **doc, "tensor_files": checksums}
+    elif list(checksums) == [TENSORS]:  # sha256 (remote manifests record it): the versions before 3
+        doc = {"format": FORMAT, "version": 1, **doc, "tensors_sha256": checksums[TENSORS]}
+    else:
+        doc = {"format": FORMAT, "version": 2, **doc, "tensor_files": checksums}
+    return {**doc, "doc_sha256": doc_checksum(doc)}
+
+
+def write_doc(tmp: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` as ``tmp/checkpoint.json`` and fsync it and ``tmp`` (the last step before ``install``)."""
+    with open(tmp / META, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync(tmp)
 
 
 def each(fn: Callable[[str], Any], names: list[str]) -> list[Any]:
@@ -201,7 +231,7 @@ def install(tmp: Path, path: Path) -> None:
 def write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> Path:
     """Write contiguous host ``tensors`` and ``doc`` atomically as the checkpoint ``path``; returns ``path``.
 
-    ``doc`` gets ``format``, ``version``, the tensor files' sha256s and its own ``doc_sha256`` here.
+    ``doc`` gets ``format``, ``version``, the tensor files' checksums and its own ``doc_sha256`` here.
     A failed write (a full disk, no permission) raises an OSError naming the checkpoint, leaves no temp
     file behind, and leaves what was at ``path`` as it was.
     """
@@ -212,19 +242,9 @@ def write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> 
         tmp.mkdir()
         try:
             files = shards(tensors)
-            # each file is hashed while it is written (see _safetensors.write)
-            hashes = each(lambda name: _safetensors.write(tmp / name, files[name]), list(files))
-            if list(files) == [TENSORS]:
-                doc = {"format": FORMAT, "version": 1, **doc, "tensors_sha256": hashes[0]}
-            else:
-                doc = {"format": FORMAT, "version": 2, **doc,
-                       "tensor_files": dict(zip(files, hashes, strict=True))}
-            doc["doc_sha256"] = doc_checksum(doc)
-            with open(tmp / META, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync(tmp)
+            # each file is checksummed while it is written (see _safetensors.write)
+            checksums = each(lambda name: _safetensors.write(tmp / name, files[name]), list(files))
+            write_doc(tmp, finish(doc, dict(zip(files, checksums, strict=True))))
             install(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -305,9 +325,9 @@ def parse_doc(raw: bytes, path: Any) -> dict[str, Any]:
     except RecursionError:
         raise CorruptCheckpointError(f"{path / META} is malformed: it nests too deeply") from None
     intact = recorded == actual if recorded is not None else not (doc.keys() - _KEYS)
-    if doc.get("version") not in (1, VERSION):
+    if doc.get("version") not in _CHECKSUM:
         if intact:
-            raise CheckpointError(f"{path} is not a fnlight checkpoint of version 1 or {VERSION} (version "
+            raise CheckpointError(f"{path} is not a fnlight checkpoint of version 1 to {VERSION} (version "
                                   f"{doc.get('version')!r}): it was written by a newer fnlight")
         raise CorruptCheckpointError(f"{path / META} is corrupted: version {doc.get('version')!r} is unknown and its "
                                      "checksum does not match")
@@ -324,10 +344,12 @@ def parse_doc(raw: bytes, path: Any) -> dict[str, Any]:
 
 
 def recorded_files(path: Any, doc: dict[str, Any], present: set[str]) -> dict[str, str]:
-    """The tensor files ``doc`` records (name -> sha256), checked against the directory's files."""
+    """The tensor files ``doc`` records (name -> checksum), checked against the directory's files."""
     files = {TENSORS: doc.get("tensors_sha256")} if doc["version"] == 1 else doc.get("tensor_files")
-    if not isinstance(files, dict) or not files or not all(
-            isinstance(k, str) and TENSOR_FILE.fullmatch(k) and isinstance(v, str) for k, v in files.items()):
+    checksum = _CHECKSUM[doc["version"]]
+    if not isinstance(files, dict) or not files or not all(isinstance(k, str) and TENSOR_FILE.fullmatch(k) and
+                                                           isinstance(v, str) and checksum.fullmatch(v)
+                                                           for k, v in files.items()):
         raise CorruptCheckpointError(f"{path / META} has no valid list of tensor files: {str(files)[:300]}")
     if missing := sorted(files.keys() - present):
         raise _Missing(f"{path} is incomplete: {', '.join(missing)} missing")
@@ -340,18 +362,20 @@ def recorded_files(path: Any, doc: dict[str, Any], present: set[str]) -> dict[st
 def _read_tensor_file(dfd: int, path: Path, name: str, recorded: str) -> dict[str, torch.Tensor]:
     fd, size = _open_regular(dfd, path, name)
     try:
-        raw, actual = _safetensors.read_fd(fd, size)
+        raw, actual = _safetensors.read_fd(fd, size, _safetensors.kind(recorded))
     finally:
         os.close(fd)
     return parse_tensor_file(raw, actual, recorded, path, name)
 
 
 def parse_tensor_file(raw: torch.Tensor, actual: str, recorded: str, path: Any, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of the tensor file ``name`` of the checkpoint ``path``, read into ``raw`` with the sha256
+    """The tensors of the tensor file ``name`` of the checkpoint ``path``, read into ``raw`` with the checksum
     ``actual``: CorruptCheckpointError unless that is the ``recorded`` one and the bytes are valid safetensors."""
     if actual != recorded:
-        raise CorruptCheckpointError(f"{path / name} is corrupted: its sha256 is {actual}, the checkpoint "
-                                     f"recorded {recorded}")
+        algorithm = _safetensors.kind(recorded)
+        raise CorruptCheckpointError(f"{path / name} is corrupted: its {algorithm} is "
+                                     f"{actual.removeprefix(algorithm + ':')}, the checkpoint recorded "
+                                     f"{recorded.removeprefix(algorithm + ':')}")
     try:
         return _safetensors.parse(raw)
     except ValueError as e:

@@ -39,13 +39,11 @@ import torch
 from .._remote import RemotePath
 from . import _safetensors
 from .checkpoint_files import (
-    FORMAT,
     MAX_META_BYTES,
     META,
     TENSOR_FILE,
-    TENSORS,
-    doc_checksum,
     each,
+    finish,
     parse_doc,
     parse_tensor_file,
     recorded_files,
@@ -145,12 +143,8 @@ def write_files(path: RemotePath, tensors: dict[str, torch.Tensor], doc: dict[st
     checksums, as locally) into ``path``: name -> {size, sha256} of each file written (for :func:`commit`)."""
     files = shards(tensors)
     written = each(lambda name: _put(path / name, files[name]), list(files))
-    if list(files) == [TENSORS]:
-        doc = {"format": FORMAT, "version": 1, **doc, "tensors_sha256": written[0][0]}
-    else:
-        doc = {"format": FORMAT, "version": 2, **doc, "tensor_files": {n: h for n, (h, _) in zip(files, written,
-                                                                                               strict=True)}}
-    doc["doc_sha256"] = doc_checksum(doc)
+    # sha256 here, what the manifest records too (so the document is of format version 1 or 2)
+    doc = finish(doc, {n: h for n, (h, _) in zip(files, written, strict=True)})
     raw = json.dumps(doc, indent=1).encode()
     (path / META).write_bytes(raw)
     out = {n: {"size": size, "sha256": h} for n, (h, size) in zip(files, written, strict=True)}

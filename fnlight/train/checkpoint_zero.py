@@ -1,10 +1,10 @@
 """Checkpoints of sharded optimizer states (ZeRO-1): every rank writes its own slice, in parallel.
 
 :func:`save_sharded` is a collective (every rank calls it). The checkpoint is an ordinary
-fnlight checkpoint directory of format version 2 whose tensor files are one per rank:
+fnlight checkpoint directory (format version 3) whose tensor files are one per rank:
 ``tensors-0000{r+1}-of-0000N.safetensors`` holds rank ``r``'s pieces of the optimizer state (as
 ``<name>%zero<r>``: ``%`` never appears unescaped in a tensor name), and rank 0's file also the
-parameters, buffers, step and key. ``checkpoint.json`` (written last, by rank 0, with the sha256
+parameters, buffers, step and key. ``checkpoint.json`` (written last, by rank 0, with the checksum
 of every rank's file: the one record) lists the pieces and the whole tensors' shapes under
 ``"zero"``; :func:`merge` joins the pieces (a rank's pieces are consecutive slices of the flat
 tensor) when the checkpoint is loaded, so it loads as the whole, unsharded state: on any number of
@@ -100,17 +100,8 @@ def save_sharded(path: str | os.PathLike, state: Any, *, meta: dict[str, Any] | 
         try:
             if failed is not None:
                 raise failed
-            doc = {"format": files.FORMAT, "version": 2, **doc,
-                   "tensor_files": {_file(r, world): h for r, h in enumerate(results)},
-                   "zero": {"world_size": world, "shapes": whole_shapes}}
-            doc["doc_sha256"] = files.doc_checksum(doc)
-            import json
-
-            with open(tmp / files.META, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            files.fsync(tmp)
+            files.write_doc(tmp, files.finish({**doc, "zero": {"world_size": world, "shapes": whole_shapes}},
+                                              {_file(r, world): h for r, h in enumerate(results)}))
             files.install(tmp, path)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
