@@ -405,3 +405,28 @@ def test_an_async_write_in_flight_when_the_program_ends_still_completes(tmp_path
     state, _ = fnlight.load_checkpoint(tmp_path / "ck")
     assert len(list((tmp_path / "ck").glob("tensors-*-of-00004.safetensors"))) == 4
     assert all(torch.equal(state[f"w{k}"], torch.full((300_000,), float(k))) for k in range(4))
+
+
+def test_two_shards_holding_one_tensor_is_a_corrupt_checkpoint(tmp_path, monkeypatch):
+    """A crafted shard that repeats a tensor of another one (with matching checksums) is refused, not merged."""
+    import json
+
+    import xxhash
+    from safetensors.torch import load_file, save_file
+
+    from fnlight.train import checkpoint_files as checkpoint
+
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 600)
+    _, _, _, state = trained()
+    fnlight.save_checkpoint(tmp_path / "ck", state)
+    meta = tmp_path / "ck" / "checkpoint.json"
+    doc = json.loads(meta.read_text())
+    first, second = sorted(doc["tensor_files"])[:2]
+    tensors = load_file(tmp_path / "ck" / second)
+    name, t = next(iter(load_file(tmp_path / "ck" / first).items()))
+    save_file({**tensors, name: t}, tmp_path / "ck" / second)
+    doc["tensor_files"][second] = "xxh128:" + xxhash.xxh3_128((tmp_path / "ck" / second).read_bytes()).hexdigest()
+    doc.pop("doc_sha256")
+    meta.write_text(json.dumps(signed(doc)))
+    with pytest.raises(CorruptCheckpointError, match=f"{second} repeats tensors of another shard: \\['{name}'\\]"):
+        fnlight.load_checkpoint(tmp_path / "ck")

@@ -382,6 +382,17 @@ def parse_tensor_file(raw: torch.Tensor, actual: str, recorded: str, path: Any, 
         raise CorruptCheckpointError(f"{path / name} is not a valid safetensors file: {e}") from None
 
 
+def join_shards(path: Any, parts: list[dict[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of the shard files ``names`` (read as ``parts``) of the checkpoint ``path``, as one dict;
+    CorruptCheckpointError when two shards hold a tensor of the same name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, part in zip(names, parts, strict=True):
+        if twice := sorted(part.keys() & tensors.keys()):
+            raise CorruptCheckpointError(f"{path / name} repeats tensors of another shard: {twice[:3]}")
+        tensors.update(part)
+    return tensors
+
+
 def _read_dir(dfd: int, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     present = set(os.listdir(dfd))
     others = sorted(n for n in present if n != META and not TENSOR_FILE.fullmatch(n))
@@ -393,13 +404,8 @@ def _read_dir(dfd: int, path: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
         raise _Missing(f"{path} is incomplete: {META} missing")
     doc = _read_doc(dfd, path)
     files = recorded_files(path, doc, present)
-    parts = each(lambda name: _read_tensor_file(dfd, path, name, files[name]), list(files))
-    tensors: dict[str, torch.Tensor] = {}
-    for name, part in zip(files, parts, strict=True):
-        if twice := sorted(part.keys() & tensors.keys()):
-            raise CorruptCheckpointError(f"{path / name} repeats tensors of another shard: {twice[:3]}")
-        tensors.update(part)
-    return doc, tensors
+    return doc, join_shards(path, each(lambda name: _read_tensor_file(dfd, path, name, files[name]), list(files)),
+                            list(files))
 
 
 def _still_there(dfd: int, path: Path) -> bool:

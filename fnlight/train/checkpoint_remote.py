@@ -44,6 +44,7 @@ from .checkpoint_files import (
     TENSOR_FILE,
     each,
     finish,
+    join_shards,
     parse_doc,
     parse_tensor_file,
     recorded_files,
@@ -252,12 +253,7 @@ def _read_once(path: RemotePath) -> tuple[dict[str, Any], dict[str, torch.Tensor
     recorded = recorded_files(path, doc, set(files))
     parts = each(lambda name: parse_tensor_file(_fetch(path, name, files[name]), files[name]["sha256"],
                                                 recorded[name], path, name), list(recorded))
-    tensors: dict[str, torch.Tensor] = {}
-    for name, part in zip(recorded, parts, strict=True):
-        if twice := sorted(part.keys() & tensors.keys()):
-            raise CorruptCheckpointError(f"{path / name} repeats tensors of another shard: {twice[:3]}")
-        tensors.update(part)
-    return doc, tensors
+    return doc, join_shards(path, parts, list(recorded))
 
 
 def read(path: RemotePath) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
