@@ -19,6 +19,7 @@ from ._base import (
     GradientTransformation,
     OptState,
     Params,
+    Piece,
     Scalar,
     Updates,
     apply_updates,
@@ -28,7 +29,9 @@ from ._base import (
     first_leaf,
     flatten,
     foreach,
-    refuse_sharded,
+    pieces_of,
+    sum_across,
+    sums_across,
 )
 from ._base import step as opt_step
 
@@ -157,6 +160,21 @@ def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True).expand_as(x)
 
 
+def _piece_unit_norms(g: list[torch.Tensor], p: list[torch.Tensor], pieces: list[Piece]
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_unitwise_norm` of the whole tensors whose pieces ``g`` and ``p`` are, for each element
+    of the pieces (one all-reduce of the pieces' partial sums of squares per unit)."""
+    index, sizes = [], []
+    for x, piece in zip(g, pieces, strict=True):
+        units = piece.shape[0] if piece.shape.numel() and len([s for s in piece.shape if s != 1]) > 1 else 1
+        flat = torch.arange(piece.start, piece.start + x.numel(), device=x.device)
+        index.append(flat // (piece.shape.numel() // units) if units > 1 else torch.zeros_like(flat))
+        sizes.append(units)
+    sums = sums_across((x * x, i, n) for xs in (g, p) for x, i, n in zip(xs, index, sizes, strict=True))
+    norms = [s.sqrt().to(x.dtype)[i].view(x.shape) for s, x, i in zip(sums, g + p, index + index, strict=True)]
+    return list(zip(norms[:len(g)], norms[len(g):], strict=True))
+
+
 def adaptive_grad_clip(clipping: Scalar, eps: Scalar = 1e-3) -> GradientTransformation:
     """Adaptive gradient clipping (NFNets; optax's ``adaptive_grad_clip``): each output unit's
     gradient is scaled down to at most ``clipping * max(|p_unit|, eps)``. Units are rows of a
@@ -175,11 +193,14 @@ def adaptive_grad_clip(clipping: Scalar, eps: Scalar = 1e-3) -> GradientTransfor
                inplace: bool = False) -> tuple[Updates, EmptyState]:
         if params is None:
             raise ValueError("adaptive_grad_clip needs the params passed to update()")
-        refuse_sharded("adaptive_grad_clip", "its norms are per output unit (row) of whole tensors")
         u, spec = flatten(updates)
+        p = spec.flatten_up_to(params)
+        # under ZeRO-1 sharding each leaf is a piece of its tensor: per-unit norms of partial sums across ranks
+        norms = _piece_unit_norms(u, p, pieces_of(u, spec)) if sum_across() is not None else \
+            [(_unitwise_norm(g), _unitwise_norm(w)) for g, w in zip(u, p, strict=True)]
         out = []
-        for g, p in zip(u, spec.flatten_up_to(params), strict=True):
-            g_norm, max_norm = _unitwise_norm(g), torch.clamp(_unitwise_norm(p), min=eps) * clipping
+        for g, (g_norm, p_norm) in zip(u, norms, strict=True):
+            max_norm = torch.clamp(p_norm, min=eps) * clipping
             clipped = g * (max_norm / torch.clamp(g_norm, min=1e-6))
             out.append(torch.where(g_norm < max_norm, g, clipped))
         return spec.unflatten(out), state
