@@ -17,17 +17,25 @@ One step (inside ``TrainStep``):
 2. the flat gradients are reduce-scattered (``reduce_scatter_tensor``, a sum; gloo has it in torch
    2.13) and divided by N: each rank gets the mean gradient of its slice only;
 3. the non-finite check reads the loss and this rank's slice, and the ranks agree (``all_true``);
-4. the optimizer updates this rank's piece of every parameter (``clip``, ``clip_by_global_norm``,
-   ``lamb`` and ``lars`` norms are whole-tensor norms: the ranks all-reduce the partial sums of
-   squares, see :func:`fnlight.optim.sharded`);
+4. the optimizer updates this rank's piece of every parameter, told where each piece lies in its
+   tensor (:meth:`Layout.piece_map`: the whole shape and the piece's first flat index, see
+   :func:`fnlight.optim.sharded`). Statistics of whole tensors are sums of the pieces' partial sums
+   across ranks (small all-reduces): the norms of ``clip``, ``clip_by_global_norm``, ``lamb`` and
+   ``lars``; adafactor's row and column means of ``g * g + eps`` (summed by each element's row and
+   column index into whole-size vectors) and the RMS of its updates and parameters;
+   adaptive_grad_clip's per-unit (row) norms;
 5. the new pieces are all-gathered (``all_gather_into_tensor``) into the new parameters.
 
 The state stays an ordinary ``TrainState``: ``state.opt_state`` becomes a :class:`ShardedOptState`,
 whose ``inner`` is the optimizer's own state over this rank's pieces (ordinary tensor leaves) and
-whose ``layout`` says which slice (``[rank, world, total]``). The first sharded step shards the
-ordinary ``TrainState.create`` state (or a resumed, unsharded one); :func:`unshard` gathers the
-whole optimizer state back (what the Trainer does before writing a checkpoint, so a checkpoint of a
-sharded run resumes on any number of ranks, sharded or not).
+whose ``layout`` says which slice (``[rank, world, total]``). State leaves shaped like their parameter
+are cut into pieces; a state type may keep others whole (the same on every rank, updated identically)
+with a static method ``sharding_keeps_whole(field, leaf, shape)``: adafactor's factored moments
+(``v_row``, ``v_col``, one row and one column statistic per matrix) are kept whole, its unfactored
+second moments and momentum are cut; any other leaf not shaped like its parameter is refused. The
+first sharded step shards the ordinary ``TrainState.create`` state (or a resumed, unsharded one);
+:func:`unshard` gathers the whole optimizer state back (what the Trainer does before writing a
+checkpoint, so a checkpoint of a sharded run resumes on any number of ranks, sharded or not).
 
 Example:
     ```python
