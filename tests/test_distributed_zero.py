@@ -7,7 +7,7 @@ import threading
 import optree
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fnlight
@@ -192,7 +192,11 @@ ROWWISE = {
 }
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
+@example(rows=70, cols=9, world=3, name="adafactor")  # (the bounds, at 448 and 896, cut "a" and "c" mid-row)
+@example(rows=70, cols=9, world=3, name="agc_sgd")
+@example(rows=70, cols=9, world=4, name="adafactor_groups")
+@example(rows=70, cols=9, world=3, name="adafactor_defaults")
 @given(rows=st.integers(1, 70), cols=st.integers(1, 9), world=st.integers(2, 4), name=st.sampled_from(sorted(ROWWISE)))
 def test_rowwise_statistics_of_pieces_equal_those_of_whole_tensors(rows, cols, world, name):
     """adafactor's row/column means and RMS, adaptive_grad_clip's per-row norms: computed from the pieces

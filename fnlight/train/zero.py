@@ -236,21 +236,19 @@ def map_pieces(opt_state: Any, layout: Layout, fn: Any, what: str) -> Any:
 def kept_whole(accessor: Any, leaf: torch.Tensor, shape: torch.Size) -> bool:
     """Whether sharding keeps an optimizer-state leaf of a parameter of shape ``shape`` whole on
     every rank (the same, updated identically) instead of cutting it like the parameter: when the
-    nearest state NamedTuple around it says so with a static method
+    innermost state NamedTuple around it says so with a static method
     ``sharding_keeps_whole(field, leaf, shape) -> bool`` (adafactor's factored moments:
     :class:`fnlight.optim.FactoredState`).
 
     Example:
         ```python
-        acc, leaves, _ = optree.tree_flatten_with_accessor(fo.adafactor().init(params))
+        accessors, leaves, _ = optree.tree_flatten_with_accessor(fo.adafactor().init(params))
+        whole = [kept_whole(a, leaf, params["w"].shape) for a, leaf in zip(accessors, leaves)]
         ```
     """
-    for entry in reversed(tuple(accessor)):
-        if isinstance(entry, optree.NamedTupleEntry):
-            rule = getattr(entry.type, "sharding_keeps_whole", None)
-            if rule is not None:
-                return bool(rule(entry.field, leaf, shape))
-    return False
+    entry = next((e for e in reversed(tuple(accessor)) if isinstance(e, optree.NamedTupleEntry)), None)
+    rule = getattr(entry.type, "sharding_keeps_whole", None) if entry is not None else None
+    return rule is not None and bool(rule(entry.field, leaf, shape))
 
 
 def shard(state: TrainState, optimizer: GradientTransformation) -> TrainState:
