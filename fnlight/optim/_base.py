@@ -245,6 +245,18 @@ def pieces_of(leaves: list[torch.Tensor], spec: Spec) -> list[Piece]:
     return out
 
 
+def piece_index(piece: Piece, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """The flat indices, in the whole tensor, of a piece's ``n`` elements (int32 when they fit: the
+    indices take as much memory as a float32 piece).
+
+    Example:
+        >>> piece_index(Piece(torch.Size([2, 3]), 4), 2)
+        tensor([4, 5], dtype=torch.int32)
+    """
+    dtype = torch.int32 if piece.shape.numel() < 2 ** 31 else torch.int64
+    return torch.arange(piece.start, piece.start + n, dtype=dtype, device=device)
+
+
 def without_dim(flat: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
     """The flat indices ``flat`` of a tensor of shape ``shape`` as flat indices of the tensor with
     ``dim`` reduced away (where ``t.sum(dim)`` puts each element).

@@ -33,6 +33,7 @@ from ._base import (
     l2,
     lerp,
     optimizer,
+    piece_index,
     pieces_of,
     sum_across,
     sums_across,
@@ -196,22 +197,26 @@ def _factored_dims(shape: torch.Size, factored: bool, min_dim_size_to_factor: in
     return order[-2], order[-1]
 
 
+def _rows_cols(piece: Piece, n: int, dims: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The flat indices, in the whole row and column moments, of a piece's ``n`` elements (made when
+    needed, one tensor at a time: they take as much memory as the piece)."""
+    flat = piece_index(piece, n, device)
+    return without_dim(flat, piece.shape, dims[1]), without_dim(flat, piece.shape, dims[0])
+
+
 def _piece_means(g: list[torch.Tensor], pieces: list[Piece], dims: list[tuple[int, int] | None], eps: float
-                 ) -> tuple[list[Any], list[Any]]:
-    """Sharded adafactor: the row and column means of each factored tensor's ``g * g + eps`` (whole,
-    the same on every rank: one all-reduce of the pieces' partial sums) and each piece's row and
-    column indices into them."""
-    at: list[Any] = [None] * len(g)
+                 ) -> list[Any]:
+    """Sharded adafactor: the row and column means of each factored tensor's ``g * g + eps``, whole
+    and the same on every rank (one all-reduce of the pieces' partial sums by row and column)."""
     factored = [i for i, d in enumerate(dims) if d is not None]
 
     def parts() -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
         for i in factored:
             (d1, d0), piece, gi = dims[i], pieces[i], g[i]
-            flat = torch.arange(piece.start, piece.start + gi.numel(), device=gi.device)
-            at[i] = without_dim(flat, piece.shape, d0), without_dim(flat, piece.shape, d1)
+            rows, cols = _rows_cols(piece, gi.numel(), (d1, d0), gi.device)
             sq, n = gi * gi + eps, piece.shape.numel()
-            yield sq, at[i][0], n // piece.shape[d0]
-            yield sq, at[i][1], n // piece.shape[d1]
+            yield sq, rows, n // piece.shape[d0]
+            yield sq, cols, n // piece.shape[d1]
 
     sums = iter(sums_across(parts()))
     means: list[Any] = [None] * len(g)
@@ -220,7 +225,7 @@ def _piece_means(g: list[torch.Tensor], pieces: list[Piece], dims: list[tuple[in
         row, col = next(sums), next(sums)
         means[i] = ((row / shape[d0]).to(dtype).view(_without(shape, d0)),
                     (col / shape[d1]).to(dtype).view(_without(shape, d1)))
-    return at, means
+    return means
 
 
 def _without(shape: torch.Size, dim: int) -> list[int]:
@@ -283,7 +288,7 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
         # update's RMS and the parameter's are sums over whole tensors, of partial sums across ranks
         pieces = pieces_of(g, spec) if sum_across() is not None else None
         dims = [_factored_dims(x.shape, factored, min_dim_size_to_factor) for x in (g if pieces is None else pieces)]
-        at, means = _piece_means(g, pieces, dims, eps) if pieces is not None else (None, None)
+        means = _piece_means(g, pieces, dims, eps) if pieces is not None else None
         new_rows, new_cols, new_vs, u = [], [], [], []
         for i, (gi, r, c, v) in enumerate(zip(g, rows, cols, vs, strict=True)):
             sq = gi * gi + eps if means is None or dims[i] is None else None
@@ -295,10 +300,10 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
                 reduced = d1 - 1 if d1 > d0 else d1
                 row_factor = (nr / nr.mean(reduced, keepdim=True)) ** -0.5
                 col_factor = nc ** -0.5
-                if at is None:
+                if pieces is None:
                     u.append(gi * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1))
                 else:  # each element's row and column factors, by its row and column index
-                    ri, ci = at[i]
+                    ri, ci = _rows_cols(pieces[i], gi.numel(), (d1, d0), gi.device)
                     u.append(gi * row_factor.reshape(-1)[ri].view(gi.shape) * col_factor.reshape(-1)[ci].view(gi.shape))
                 new_rows.append(nr)
                 new_cols.append(nc)

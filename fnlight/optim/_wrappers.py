@@ -29,6 +29,7 @@ from ._base import (
     first_leaf,
     flatten,
     foreach,
+    piece_index,
     pieces_of,
     sum_across,
     sums_across,
@@ -160,19 +161,28 @@ def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True).expand_as(x)
 
 
+def _units(piece: Piece) -> int:
+    """The output units :func:`_unitwise_norm` takes the norms of: rows, or the whole tensor as one."""
+    return piece.shape[0] if piece.shape.numel() and sum(s != 1 for s in piece.shape) > 1 else 1
+
+
 def _piece_unit_norms(g: list[torch.Tensor], p: list[torch.Tensor], pieces: list[Piece]
                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`_unitwise_norm` of the whole tensors whose pieces ``g`` and ``p`` are, for each element
     of the pieces (one all-reduce of the pieces' partial sums of squares per unit)."""
-    index, sizes = [], []
-    for x, piece in zip(g, pieces, strict=True):
-        units = piece.shape[0] if piece.shape.numel() and len([s for s in piece.shape if s != 1]) > 1 else 1
-        flat = torch.arange(piece.start, piece.start + x.numel(), device=x.device)
-        index.append(flat // (piece.shape.numel() // units) if units > 1 else torch.zeros_like(flat))
-        sizes.append(units)
-    sums = sums_across((x * x, i, n) for xs in (g, p) for x, i, n in zip(xs, index, sizes, strict=True))
-    norms = [s.sqrt().to(x.dtype)[i].view(x.shape) for s, x, i in zip(sums, g + p, index + index, strict=True)]
-    return list(zip(norms[:len(g)], norms[len(g):], strict=True))
+
+    def unit_of(x: torch.Tensor, piece: Piece) -> torch.Tensor | None:
+        units = _units(piece)
+        return piece_index(piece, x.numel(), x.device) // (piece.shape.numel() // units) if units > 1 else None
+
+    sums = sums_across((x * x, unit_of(x, piece), _units(piece)) for xs in (g, p)
+                       for x, piece in zip(xs, pieces, strict=True))
+    out = []
+    for j, (x, piece) in enumerate(zip(g, pieces, strict=True)):
+        unit = unit_of(x, piece)
+        g_norm, p_norm = (s.sqrt().to(x.dtype) for s in (sums[j], sums[len(g) + j]))
+        out.append((g_norm[0], p_norm[0]) if unit is None else (g_norm[unit].view(x.shape), p_norm[unit].view(x.shape)))
+    return out
 
 
 def adaptive_grad_clip(clipping: Scalar, eps: Scalar = 1e-3) -> GradientTransformation:
