@@ -189,6 +189,8 @@ ROWWISE = {
                            weight_decay_mask=fo.default_decay_mask), "a": fo.adam(1e-2)},
         lambda p: {k: "a" if k == "e" else "f" for k in p}),
     "agc_sgd": lambda: fo.chain(fo.adaptive_grad_clip(0.05), fo.sgd(0.1, momentum=0.9)),
+    "ema_inject_adafactor": lambda: fo.with_ema(fo.inject_hyperparams(fo.adafactor)(
+        learning_rate=1e-2, min_dim_size_to_factor=3), 0.9),
 }
 
 
@@ -197,6 +199,7 @@ ROWWISE = {
 @example(rows=70, cols=9, world=3, name="agc_sgd")
 @example(rows=70, cols=9, world=4, name="adafactor_groups")
 @example(rows=70, cols=9, world=3, name="adafactor_defaults")
+@example(rows=70, cols=9, world=4, name="ema_inject_adafactor")
 @given(rows=st.integers(1, 70), cols=st.integers(1, 9), world=st.integers(2, 4), name=st.sampled_from(sorted(ROWWISE)))
 def test_rowwise_statistics_of_pieces_equal_those_of_whole_tensors(rows, cols, world, name):
     """adafactor's row/column means and RMS, adaptive_grad_clip's per-row norms: computed from the pieces
