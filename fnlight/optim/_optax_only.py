@@ -250,7 +250,9 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
     (computed in float32, as optax does), updates clipped to RMS ``clipping_threshold``, scaled
     by the learning rate and by each parameter's RMS (at least 1e-3), optional momentum and
     decoupled weight decay. The momentum buffer has the parameters' dtype (optax keeps it in
-    float32 by default).
+    float32 by default). With sharded optimizer state (ZeRO-1) the row and column means and the
+    RMS of whole tensors are summed from the ranks' pieces, and every rank keeps the factored
+    moments whole (see :class:`FactoredState`): equal to the replicated update to float rounding.
 
     Example:
         >>> import fnlight.optim as fo

@@ -189,7 +189,8 @@ def adaptive_grad_clip(clipping: Scalar, eps: Scalar = 1e-3) -> GradientTransfor
     """Adaptive gradient clipping (NFNets; optax's ``adaptive_grad_clip``): each output unit's
     gradient is scaled down to at most ``clipping * max(|p_unit|, eps)``. Units are rows of a
     torch weight (``Linear``'s ``(out, in)``, ``Conv``'s ``(out, in, h, w)``); optax's are the
-    last axis of JAX's ``(in, out)``/``HWIO`` layouts: the same units, transposed.
+    last axis of JAX's ``(in, out)``/``HWIO`` layouts: the same units, transposed. With sharded
+    optimizer state (ZeRO-1) the units' norms are summed from the ranks' pieces (one all-reduce).
 
     Example:
         >>> import fnlight.optim as fo
