@@ -1,7 +1,8 @@
 """A Trainer.fit run as one rank of a gloo group, recording which samples every step trains
 (launched by tests/test_distributed_elastic.py).
 
-Usage: python -m tests._elastic_fit OUT_DIR --batch B [--zero] [--max-steps S] [--epochs E] [--slow]
+Usage: python -m tests._elastic_fit OUT_DIR --batch B [--zero] [--opt adam|adafactor] [--max-steps S] [--epochs E]
+[--slow]
 Each rank appends ``{"step", "epoch", "ids"}`` per step to OUT_DIR/samples<r>.jsonl (flushed at once,
 so a rank killed with SIGKILL leaves the steps it finished) and, at the end, writes OUT_DIR/final<r>.json
 with the hash of the parameters. Checkpoints go to OUT_DIR/ck every step.
@@ -36,6 +37,14 @@ def loss_fn(model_fn, batch, key):
     return F.cross_entropy(model_fn(x), y)
 
 
+OPTIMIZERS = {
+    "adam": lambda: fo.adam(1e-2),
+    # both weights factored (row and column moments kept whole on every rank), per-row gradient clipping
+    "adafactor": lambda: fo.chain(fo.adaptive_grad_clip(0.1), fo.adafactor(1e-2, min_dim_size_to_factor=2,
+                                                                          momentum=0.9)),
+}
+
+
 class Record(Callback):
     def __init__(self, path):
         self.path = path
@@ -53,6 +62,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--zero", action="store_true", help="shard the optimizer state")
+    ap.add_argument("--opt", choices=sorted(OPTIMIZERS), default="adam")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--slow", action="store_true", help="sleep after each step (to be killed mid-run)")
@@ -61,7 +71,7 @@ def main() -> None:
     rank = distributed.rank()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    opt = fo.adam(1e-2)
+    opt = OPTIMIZERS[args.opt]()
     record = Record(f"{args.out}/samples{rank}.jsonl")
 
     def recording_loss(model_fn, batch, key):

@@ -229,7 +229,9 @@ def test_no_foreach_norm_c_shim_warning_when_clipping(monkeypatch):
 @pytest.mark.parametrize("opt, clip", [
     (fo.adamw(1e-2), 1.0),  # make_train_step's clip: global_norm
     (fo.chain(fo.clip_by_global_norm(1.0), fo.lamb(1e-2)), None),  # global_norm and tensor_norms in the update
-], ids=["clip", "clip_by_global_norm-lamb"])
+    # per-row norms, row and column means, RMS: the sharded variants are never traced
+    (fo.chain(fo.adaptive_grad_clip(0.1), fo.adafactor(1e-2, min_dim_size_to_factor=2)), None),
+], ids=["clip", "clip_by_global_norm-lamb", "agc-adafactor"])
 def test_norms_compile_into_one_graph(opt, clip):
     # (sharded optimizer state reads a ContextVar that Dynamo cannot trace: never inside a compiled step)
     model = mlp()

@@ -116,12 +116,14 @@ def final_params(out):
 
 
 @pytest.mark.slow
-def test_sharded_two_ranks_resume_on_three_sharded_or_replicated(tmp_path):
+@pytest.mark.parametrize("opt", ["adam", "adafactor"])
+def test_sharded_two_ranks_resume_on_three_sharded_or_replicated(tmp_path, opt):
     """61 samples, batch 4: 2 ranks (ZeRO-1) stop after 3 steps; 3 ranks finish the epoch from the
-    checkpoint, sharded and (from a copy of it) replicated."""
+    checkpoint, sharded and (from a copy of it) replicated. (adafactor, with adaptive_grad_clip: its
+    factored moments are kept whole on every rank, written once.)"""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
-    finish_ranks(launch(a, 2, "--zero", "--max-steps", "3"))
+    finish_ranks(launch(a, 2, "--zero", "--opt", opt, "--max-steps", "3"))
     first = samples(a)
     assert len(first) == 3 * 2 * 4
     ck = a / "ck" / "step_000000003"  # each rank wrote its slice of the optimizer state; one record
@@ -129,12 +131,16 @@ def test_sharded_two_ranks_resume_on_three_sharded_or_replicated(tmp_path):
                                                     "tensors-00002-of-00002.safetensors"]
     state, meta = fnlight.load_checkpoint(ck)
     assert meta["data"] == {"world_size": 2, "skip": 0, "consumed": 24}
-    assert all(state.opt_state.mu[k].shape == v.shape for k, v in state.params.items())  # whole again
+    moments = state.opt_state.mu if opt == "adam" else state.opt_state[1].ema
+    assert all(moments[k].shape == v.shape for k, v in state.params.items())  # whole again
+    if opt == "adafactor":  # the factored moments: row and column means, as written
+        factored = state.opt_state[1]
+        assert factored.v_row["0.weight"].shape == (6,) and factored.v_col["0.weight"].shape == (16,)
     for f in a.glob("samples*.jsonl"):
         f.unlink()
     shutil.copytree(a, b)
-    finish_ranks(launch(a, 3, "--zero"))
-    finish_ranks(launch(b, 3))
+    finish_ranks(launch(a, 3, "--zero", "--opt", opt))
+    finish_ranks(launch(b, 3, "--opt", opt))
     for out in (a, b):
         counts = collections.Counter(first + samples(out))
         assert set(counts) == set(range(61)) and sum(counts.values()) - 61 <= 2, counts

@@ -32,6 +32,7 @@ from ._adaptive import AdadeltaState, AdagradState, RmspropState, adadelta, adag
 from ._base import (
     EmptyState,
     GradientTransformation,
+    Piece,
     apply_updates,
     chain,
     sharded,
@@ -103,6 +104,7 @@ __all__ = [
     "MaskedState",
     "MultiTransformState",
     "NadamState",
+    "Piece",
     "RmspropState",
     "STATE_TYPES",
     "Schedule",

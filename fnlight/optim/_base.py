@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
 import optree
@@ -158,29 +159,47 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
 
 # -- sharded optimizer state (ZeRO-1) --------------------------------------------
 
-#: Under :func:`sharded`, the function that sums a float tensor over the ranks (an all-reduce):
-#: every leaf the optimizer sees is this rank's piece of a parameter, so whole-tensor norms are
-#: the square roots of partial sums of squares summed across ranks.
-_SUM_ACROSS: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = \
-    contextvars.ContextVar("fnlight_optim_sum_across", default=None)
+class Piece(NamedTuple):
+    """Where a rank's piece of a parameter lies in the whole tensor (under :func:`sharded`): the
+    piece is the flat elements ``[start, start + numel)`` of a tensor of shape ``shape``.
+
+    Example:
+        >>> Piece(torch.Size([3, 4]), 5)      # elements 5.. of a 3x4 tensor: from row 1, column 1
+        Piece(shape=torch.Size([3, 4]), start=5)
+    """
+
+    shape: torch.Size  # the whole tensor's
+    start: int  # the flat index, in the whole tensor, of the piece's first element
+
+
+#: Under :func:`sharded`: the function that sums a float tensor over the ranks (an all-reduce), and
+#: where each parameter's piece lies (by name; None: every leaf is a whole tensor). Every leaf the
+#: optimizer sees is this rank's piece of a parameter, so whole-tensor norms are the square roots of
+#: partial sums of squares summed across ranks, and per-row statistics are partial row sums summed.
+_SHARDED: contextvars.ContextVar[tuple[Callable[[torch.Tensor], torch.Tensor], Mapping[str, Piece] | None] | None] \
+    = contextvars.ContextVar("fnlight_optim_sharded", default=None)
 
 
 @contextlib.contextmanager
-def sharded(sum_across: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def sharded(sum_across: Callable[[torch.Tensor], torch.Tensor], pieces: Mapping[str, Piece] | None = None
+            ) -> Iterator[None]:
     """Run optimizer updates on pieces of the parameters (each rank its slice, see
     :mod:`fnlight.train.zero`): norms of whole tensors (:func:`tensor_norms`, :func:`global_norm`,
-    so ``clip_by_global_norm``, ``lamb``, ``lars``) sum their partial squares with ``sum_across``.
+    so ``clip_by_global_norm``, ``lamb``, ``lars``) sum their partial squares with ``sum_across``;
+    ``adafactor`` and ``adaptive_grad_clip``, which need rows and columns of whole tensors, find
+    where each piece lies in ``pieces`` (parameter name -> :class:`Piece`; None: the leaves are
+    whole tensors) and sum partial row and column statistics with ``sum_across``.
 
     Example:
         >>> with sharded(lambda t: t):          # one rank: the pieces are the whole tensors
         ...     tensor_norms([torch.ones(4)])
         [tensor(2.)]
     """
-    token = _SUM_ACROSS.set(sum_across)
+    token = _SHARDED.set((sum_across, pieces))
     try:
         yield
     finally:
-        _SUM_ACROSS.reset(token)
+        _SHARDED.reset(token)
 
 
 def sum_across() -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -193,20 +212,88 @@ def sum_across() -> Callable[[torch.Tensor], torch.Tensor] | None:
         >>> sum_across() is None
         True
     """
-    return None if torch.compiler.is_compiling() else _SUM_ACROSS.get()
+    if torch.compiler.is_compiling():
+        return None
+    got = _SHARDED.get()
+    return None if got is None else got[0]
 
 
-def is_sharded() -> bool:
-    """True inside :func:`sharded` (the optimizer sees pieces of the parameters)."""
-    return sum_across() is not None
+def pieces_of(leaves: list[torch.Tensor], spec: Spec) -> list[Piece]:
+    """Under :func:`sharded`, where each leaf lies in its whole tensor (found by the leaf's
+    parameter name); each leaf is a whole tensor when :func:`sharded` was given no ``pieces``.
+
+    Example:
+        >>> with sharded(lambda t: t, {"w": Piece(torch.Size([2, 3]), 4)}):
+        ...     pieces_of([torch.zeros(1, 2)], DictSpec(["w"]))
+        [Piece(shape=torch.Size([2, 3]), start=4)]
+    """
+    got = _SHARDED.get()
+    where = None if got is None else got[1]
+    if where is None:
+        return [Piece(x.shape, 0) for x in leaves]
+    out = []
+    for name, x in zip(spec.names(), leaves, strict=True):
+        piece = where.get(name)
+        if piece is None:
+            raise ValueError(f"under sharded optimizer state, the leaf {name!r} is not a parameter the step knows "
+                             f"({sorted(where)[:5]}...): pass the optimizer the flat dict of parameter pieces (or "
+                             "groups of it, as masked/multi_transform do), keyed by the parameters' names")
+        if x.numel() > piece.shape.numel() - piece.start:
+            raise ValueError(f"the piece of {name!r} has {x.numel()} elements, more than its tensor of shape "
+                             f"{tuple(piece.shape)} holds after element {piece.start}")
+        out.append(piece)
+    return out
 
 
-def refuse_sharded(name: str, why: str) -> None:
-    """A clear error for a transformation whose arithmetic needs whole tensors, under :func:`sharded`."""
-    if is_sharded():
-        raise NotImplementedError(
-            f"{name} cannot run on sharded optimizer state (make_train_step(shard_optimizer_state=True)): {why}. "
-            "Use shard_optimizer_state=False (replicated optimizer state) with it.")
+def piece_index(piece: Piece, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """The flat indices, in the whole tensor, of a piece's ``n`` elements (int32 when they fit: the
+    indices take as much memory as a float32 piece).
+
+    Example:
+        >>> piece_index(Piece(torch.Size([2, 3]), 4), 2)
+        tensor([4, 5], dtype=torch.int32)
+    """
+    dtype = torch.int32 if piece.shape.numel() < 2 ** 31 else torch.int64
+    return torch.arange(piece.start, piece.start + n, dtype=dtype, device=device)
+
+
+def without_dim(flat: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
+    """The flat indices ``flat`` of a tensor of shape ``shape`` as flat indices of the tensor with
+    ``dim`` reduced away (where ``t.sum(dim)`` puts each element).
+
+    Example:
+        >>> without_dim(torch.arange(6), torch.Size([2, 3]), 0)     # columns
+        tensor([0, 1, 2, 0, 1, 2])
+    """
+    inner = shape[dim + 1:].numel()
+    return flat // (inner * shape[dim]) * inner + flat % inner
+
+
+def sums_across(parts: Iterable[tuple[torch.Tensor, torch.Tensor | None, int]]) -> list[torch.Tensor]:
+    """Under :func:`sharded`: for each ``(values, index, size)``, the ``size`` sums of this rank's
+    ``values`` by ``index`` (None: all into one), summed over the ranks in one all-reduce: the
+    statistics of whole tensors (row and column sums, sums of squares) from their pieces. In the
+    values' computation dtype (float32 for half and bfloat16); ``parts`` is read one at a time.
+
+    Example:
+        >>> with sharded(lambda t: t):
+        ...     sums_across([(torch.ones(4), torch.tensor([0, 1, 1, 1]), 2), (torch.ones(3), None, 1)])
+        [tensor([1., 3.]), tensor([3.])]
+    """
+    reduce = sum_across()
+    if reduce is None:
+        raise RuntimeError("sums_across is for sharded optimizer state (inside fnlight.optim.sharded)")
+    bins = []
+    for values, index, n in parts:
+        values = values.detach().reshape(-1).to(opmath(values.dtype))
+        if index is None:
+            bins.append(values.sum().reshape(1))
+        else:
+            bins.append(values.new_zeros(n).index_add_(0, index, values))
+    if not bins:
+        return []
+    dtype = functools.reduce(torch.promote_types, (b.dtype for b in bins))
+    return list(reduce(torch.cat([b.to(dtype) for b in bins])).split([b.numel() for b in bins]))
 
 
 def tensor_norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:

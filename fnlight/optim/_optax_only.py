@@ -8,6 +8,7 @@ rate), on the moments of :mod:`fnlight.optim._adam`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -17,6 +18,7 @@ from ._base import (
     Direction,
     GradientTransformation,
     Params,
+    Piece,
     Scalar,
     Spec,
     Term,
@@ -31,9 +33,13 @@ from ._base import (
     l2,
     lerp,
     optimizer,
-    refuse_sharded,
+    piece_index,
+    pieces_of,
+    sum_across,
+    sums_across,
     tensor_norms,
     tree_zeros_like,
+    without_dim,
 )
 from ._schedules import Schedule
 from ._transforms import Mask, mask_indices
@@ -55,6 +61,14 @@ class FactoredState(NamedTuple):
     v_col: Any
     v: Any
     ema: Any | None  # adafactor's momentum (optax's ema without debiasing)
+
+    @staticmethod
+    def sharding_keeps_whole(field: str, leaf: torch.Tensor, shape: torch.Size) -> bool:
+        """Under ZeRO-1 sharding (:mod:`fnlight.train.zero`) every rank keeps the factored moments
+        (``v_row``, ``v_col``: one row and one column statistic per matrix, small) and ``v``'s
+        placeholders of factored matrices whole, updated identically from statistics summed across
+        ranks; the unfactored second moments and the momentum are cut like the parameters."""
+        return field in ("v_row", "v_col") or field == "v" and len(shape) >= 2 and leaf.dim() == 1
 
 
 def _mask_idx(mask: Mask | None, p: list[torch.Tensor], spec: Spec) -> list[int] | None:
@@ -183,6 +197,49 @@ def _factored_dims(shape: torch.Size, factored: bool, min_dim_size_to_factor: in
     return order[-2], order[-1]
 
 
+def _rows_cols(piece: Piece, n: int, dims: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The flat indices, in the whole row and column moments, of a piece's ``n`` elements (made when
+    needed, one tensor at a time: they take as much memory as the piece)."""
+    flat = piece_index(piece, n, device)
+    return without_dim(flat, piece.shape, dims[1]), without_dim(flat, piece.shape, dims[0])
+
+
+def _piece_means(g: list[torch.Tensor], pieces: list[Piece], dims: list[tuple[int, int] | None], eps: float
+                 ) -> list[Any]:
+    """Sharded adafactor: the row and column means of each factored tensor's ``g * g + eps``, whole
+    and the same on every rank (one all-reduce of the pieces' partial sums by row and column)."""
+    factored = [i for i, d in enumerate(dims) if d is not None]
+
+    def parts() -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
+        for i in factored:
+            (d1, d0), piece, gi = dims[i], pieces[i], g[i]
+            rows, cols = _rows_cols(piece, gi.numel(), (d1, d0), gi.device)
+            sq, n = gi * gi + eps, piece.shape.numel()
+            yield sq, rows, n // piece.shape[d0]
+            yield sq, cols, n // piece.shape[d1]
+
+    sums = iter(sums_across(parts()))
+    means: list[Any] = [None] * len(g)
+    for i in factored:
+        (d1, d0), shape, dtype = dims[i], pieces[i].shape, g[i].dtype
+        row, col = next(sums), next(sums)
+        means[i] = ((row / shape[d0]).to(dtype).view(_without(shape, d0)),
+                    (col / shape[d1]).to(dtype).view(_without(shape, d1)))
+    return means
+
+
+def _without(shape: torch.Size, dim: int) -> list[int]:
+    return [s for j, s in enumerate(shape) if j != dim]
+
+
+def _rms(xs: list[torch.Tensor], pieces: list[Piece] | None) -> list[torch.Tensor]:
+    """The root mean square of each tensor; of each whole tensor for pieces of them (one all-reduce)."""
+    if pieces is None:
+        return [torch.sqrt(torch.mean(x * x)) for x in xs]
+    sums = sums_across((x * x, None, 1) for x in xs)
+    return [torch.sqrt(s[0] / piece.shape.numel()).to(x.dtype) for s, piece, x in zip(sums, pieces, xs, strict=True)]
+
+
 def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_factor: int = 128,
               decay_rate: float = 0.8, decay_offset: int = 0, multiply_by_parameter_scale: bool = True,
               clipping_threshold: float | None = 1.0, momentum: float | None = None,
@@ -193,7 +250,9 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
     (computed in float32, as optax does), updates clipped to RMS ``clipping_threshold``, scaled
     by the learning rate and by each parameter's RMS (at least 1e-3), optional momentum and
     decoupled weight decay. The momentum buffer has the parameters' dtype (optax keeps it in
-    float32 by default).
+    float32 by default). With sharded optimizer state (ZeRO-1) the row and column means and the
+    RMS of whole tensors are summed from the ranks' pieces, and every rank keeps the factored
+    moments whole (see :class:`FactoredState`): equal to the replicated update to float rounding.
 
     Example:
         >>> import fnlight.optim as fo
@@ -226,21 +285,28 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
         # the last bit for some steps (t = 4); a 64-element tensor takes the vectorized kernel
         rate32 = 1.0 - (t.expand(64).contiguous() ** (-decay_rate))[0]
         rate, keep = rate32.to(torch.float64), (1.0 - rate32).to(torch.float64)  # optax: both in float32
-        refuse_sharded("adafactor", "its factored second moments and RMS clipping are statistics of whole "
-                       "tensors (rows, columns, means)")
         rows, cols, vs = (spec.flatten_up_to(x) for x in (state.v_row, state.v_col, state.v))
+        # under ZeRO-1 sharding each leaf is a piece of its tensor: the row and column means, the
+        # update's RMS and the parameter's are sums over whole tensors, of partial sums across ranks
+        pieces = pieces_of(g, spec) if sum_across() is not None else None
+        dims = [_factored_dims(x.shape, factored, min_dim_size_to_factor) for x in (g if pieces is None else pieces)]
+        means = _piece_means(g, pieces, dims, eps) if pieces is not None else None
         new_rows, new_cols, new_vs, u = [], [], [], []
-        for gi, r, c, v in zip(g, rows, cols, vs, strict=True):
-            dims = _factored_dims(gi.shape, factored, min_dim_size_to_factor)
-            sq = gi * gi + eps
-            if dims is not None:
-                d1, d0 = dims
-                nr = (rate * r + keep * sq.mean(d0)).to(gi.dtype)
-                nc = (rate * c + keep * sq.mean(d1)).to(gi.dtype)
+        for i, (gi, r, c, v) in enumerate(zip(g, rows, cols, vs, strict=True)):
+            sq = gi * gi + eps if means is None or dims[i] is None else None
+            if dims[i] is not None:
+                d1, d0 = dims[i]
+                mean_row, mean_col = (sq.mean(d0), sq.mean(d1)) if sq is not None else means[i]
+                nr = (rate * r + keep * mean_row).to(gi.dtype)
+                nc = (rate * c + keep * mean_col).to(gi.dtype)
                 reduced = d1 - 1 if d1 > d0 else d1
                 row_factor = (nr / nr.mean(reduced, keepdim=True)) ** -0.5
                 col_factor = nc ** -0.5
-                u.append(gi * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1))
+                if pieces is None:
+                    u.append(gi * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1))
+                else:  # each element's row and column factors, by its row and column index
+                    ri, ci = _rows_cols(pieces[i], gi.numel(), (d1, d0), gi.device)
+                    u.append(gi * row_factor.reshape(-1)[ri].view(gi.shape) * col_factor.reshape(-1)[ci].view(gi.shape))
                 new_rows.append(nr)
                 new_cols.append(nc)
                 new_vs.append(v)
@@ -251,11 +317,11 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
                 new_cols.append(c)
                 new_vs.append(nv)
         if clipping_threshold is not None:
-            u = [x / torch.clamp(torch.sqrt(torch.mean(x * x)) / clipping_threshold, min=1.0) for x in u]
+            u = [x / torch.clamp(rms / clipping_threshold, min=1.0) for x, rms in zip(u, _rms(u, pieces), strict=True)]
         if learning_rate is not None:
             u = list(fe("mul", u, lr))
         if multiply_by_parameter_scale:
-            u = [x * torch.clamp(torch.sqrt(torch.mean(pi * pi)), min=1e-3) for x, pi in zip(u, p, strict=True)]
+            u = [x * torch.clamp(rms, min=1e-3) for x, rms in zip(u, _rms(p, pieces), strict=True)]
         ema = None
         if momentum is not None:
             ema = list(fe("lerp", spec.flatten_up_to(state.ema), u, 1.0 - momentum))

@@ -19,6 +19,7 @@ from ._base import (
     GradientTransformation,
     OptState,
     Params,
+    Piece,
     Scalar,
     Updates,
     apply_updates,
@@ -28,7 +29,10 @@ from ._base import (
     first_leaf,
     flatten,
     foreach,
-    refuse_sharded,
+    piece_index,
+    pieces_of,
+    sum_across,
+    sums_across,
 )
 from ._base import step as opt_step
 
@@ -157,11 +161,36 @@ def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True).expand_as(x)
 
 
+def _units(piece: Piece) -> int:
+    """The output units :func:`_unitwise_norm` takes the norms of: rows, or the whole tensor as one."""
+    return piece.shape[0] if piece.shape.numel() and sum(s != 1 for s in piece.shape) > 1 else 1
+
+
+def _piece_unit_norms(g: list[torch.Tensor], p: list[torch.Tensor], pieces: list[Piece]
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_unitwise_norm` of the whole tensors whose pieces ``g`` and ``p`` are, for each element
+    of the pieces (one all-reduce of the pieces' partial sums of squares per unit)."""
+
+    def unit_of(x: torch.Tensor, piece: Piece) -> torch.Tensor | None:
+        units = _units(piece)
+        return piece_index(piece, x.numel(), x.device) // (piece.shape.numel() // units) if units > 1 else None
+
+    sums = sums_across((x * x, unit_of(x, piece), _units(piece)) for xs in (g, p)
+                       for x, piece in zip(xs, pieces, strict=True))
+    out = []
+    for j, (x, piece) in enumerate(zip(g, pieces, strict=True)):
+        unit = unit_of(x, piece)
+        g_norm, p_norm = (s.sqrt().to(x.dtype) for s in (sums[j], sums[len(g) + j]))
+        out.append((g_norm[0], p_norm[0]) if unit is None else (g_norm[unit].view(x.shape), p_norm[unit].view(x.shape)))
+    return out
+
+
 def adaptive_grad_clip(clipping: Scalar, eps: Scalar = 1e-3) -> GradientTransformation:
     """Adaptive gradient clipping (NFNets; optax's ``adaptive_grad_clip``): each output unit's
     gradient is scaled down to at most ``clipping * max(|p_unit|, eps)``. Units are rows of a
     torch weight (``Linear``'s ``(out, in)``, ``Conv``'s ``(out, in, h, w)``); optax's are the
-    last axis of JAX's ``(in, out)``/``HWIO`` layouts: the same units, transposed.
+    last axis of JAX's ``(in, out)``/``HWIO`` layouts: the same units, transposed. With sharded
+    optimizer state (ZeRO-1) the units' norms are summed from the ranks' pieces (one all-reduce).
 
     Example:
         >>> import fnlight.optim as fo
@@ -175,11 +204,14 @@ def adaptive_grad_clip(clipping: Scalar, eps: Scalar = 1e-3) -> GradientTransfor
                inplace: bool = False) -> tuple[Updates, EmptyState]:
         if params is None:
             raise ValueError("adaptive_grad_clip needs the params passed to update()")
-        refuse_sharded("adaptive_grad_clip", "its norms are per output unit (row) of whole tensors")
         u, spec = flatten(updates)
+        p = spec.flatten_up_to(params)
+        # under ZeRO-1 sharding each leaf is a piece of its tensor: per-unit norms of partial sums across ranks
+        norms = _piece_unit_norms(u, p, pieces_of(u, spec)) if sum_across() is not None else \
+            [(_unitwise_norm(g), _unitwise_norm(w)) for g, w in zip(u, p, strict=True)]
         out = []
-        for g, p in zip(u, spec.flatten_up_to(params), strict=True):
-            g_norm, max_norm = _unitwise_norm(g), torch.clamp(_unitwise_norm(p), min=eps) * clipping
+        for g, (g_norm, p_norm) in zip(u, norms, strict=True):
+            max_norm = torch.clamp(p_norm, min=eps) * clipping
             clipped = g * (max_norm / torch.clamp(g_norm, min=1e-6))
             out.append(torch.where(g_norm < max_norm, g, clipped))
         return spec.unflatten(out), state

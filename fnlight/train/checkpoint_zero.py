@@ -1,14 +1,16 @@
 """Checkpoints of sharded optimizer states (ZeRO-1): every rank writes its own slice, in parallel.
 
-:func:`save_sharded` is a collective (every rank calls it). The checkpoint is an ordinary
-fnlight checkpoint directory (format version 3) whose tensor files are one per rank:
+:func:`save_sharded` is a collective (every rank calls it). The checkpoint is an ordinary fnlight
+checkpoint directory (format version 3) whose tensor files are one per rank:
 ``tensors-0000{r+1}-of-0000N.safetensors`` holds rank ``r``'s pieces of the optimizer state (as
 ``<name>%zero<r>``: ``%`` never appears unescaped in a tensor name), and rank 0's file also the
-parameters, buffers, step and key. ``checkpoint.json`` (written last, by rank 0, with the checksum
-of every rank's file: the one record) lists the pieces and the whole tensors' shapes under
-``"zero"``; :func:`merge` joins the pieces (a rank's pieces are consecutive slices of the flat
-tensor) when the checkpoint is loaded, so it loads as the whole, unsharded state: on any number of
-ranks, sharded or not, with :func:`fnlight.load_checkpoint` like any checkpoint.
+parameters, buffers, step, key and the optimizer-state leaves every rank keeps whole (adafactor's
+factored moments, counts; see :func:`fnlight.train.zero.kept_whole`). ``checkpoint.json`` (written
+last, by rank 0, with the checksum of every rank's file: the one record) lists the pieces and the
+whole tensors' shapes under ``"zero"``; :func:`merge` joins the pieces (a rank's pieces are
+consecutive slices of the flat tensor) when the checkpoint is loaded, so it loads as the whole,
+unsharded state: on any number of ranks, sharded or not, with :func:`fnlight.load_checkpoint` like
+any checkpoint.
 
 The directory is written as :func:`fnlight.save_checkpoint` writes one: into a temporary directory
 beside it, renamed into place when complete (a rank killed meanwhile leaves no checkpoint, only a

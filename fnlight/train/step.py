@@ -478,7 +478,7 @@ class TrainStep:
         finite = distributed.all_true(bool(_finite(loss, list(grads.values()))), state.step.device)
         if not finite:
             return self._skip(state, loss, metrics)
-        with optim_sharded(zero.sum_across):
+        with optim_sharded(zero.sum_across, layout.piece_map()):
             pieces, inner = self._update(grads, state.opt_state.inner, layout.pieces(state.params))
         params = zero.all_gather_params(pieces, layout)
         return self._finish(state, params, state.opt_state._replace(inner=inner), buffers, loss, metrics)

@@ -17,17 +17,25 @@ One step (inside ``TrainStep``):
 2. the flat gradients are reduce-scattered (``reduce_scatter_tensor``, a sum; gloo has it in torch
    2.13) and divided by N: each rank gets the mean gradient of its slice only;
 3. the non-finite check reads the loss and this rank's slice, and the ranks agree (``all_true``);
-4. the optimizer updates this rank's piece of every parameter (``clip``, ``clip_by_global_norm``,
-   ``lamb`` and ``lars`` norms are whole-tensor norms: the ranks all-reduce the partial sums of
-   squares, see :func:`fnlight.optim.sharded`);
+4. the optimizer updates this rank's piece of every parameter, told where each piece lies in its
+   tensor (:meth:`Layout.piece_map`: the whole shape and the piece's first flat index, see
+   :func:`fnlight.optim.sharded`). Statistics of whole tensors are sums of the pieces' partial sums
+   across ranks (small all-reduces): the norms of ``clip``, ``clip_by_global_norm``, ``lamb`` and
+   ``lars``; adafactor's row and column means of ``g * g + eps`` (summed by each element's row and
+   column index into whole-size vectors) and the RMS of its updates and parameters;
+   adaptive_grad_clip's per-unit (row) norms;
 5. the new pieces are all-gathered (``all_gather_into_tensor``) into the new parameters.
 
 The state stays an ordinary ``TrainState``: ``state.opt_state`` becomes a :class:`ShardedOptState`,
 whose ``inner`` is the optimizer's own state over this rank's pieces (ordinary tensor leaves) and
-whose ``layout`` says which slice (``[rank, world, total]``). The first sharded step shards the
-ordinary ``TrainState.create`` state (or a resumed, unsharded one); :func:`unshard` gathers the
-whole optimizer state back (what the Trainer does before writing a checkpoint, so a checkpoint of a
-sharded run resumes on any number of ranks, sharded or not).
+whose ``layout`` says which slice (``[rank, world, total]``). State leaves shaped like their parameter
+are cut into pieces; a state type may keep others whole (the same on every rank, updated identically)
+with a static method ``sharding_keeps_whole(field, leaf, shape)``: adafactor's factored moments
+(``v_row``, ``v_col``, one row and one column statistic per matrix) are kept whole, its unfactored
+second moments and momentum are cut; any other leaf not shaped like its parameter is refused. The
+first sharded step shards the ordinary ``TrainState.create`` state (or a resumed, unsharded one);
+:func:`unshard` gathers the whole optimizer state back (what the Trainer does before writing a
+checkpoint, so a checkpoint of a sharded run resumes on any number of ranks, sharded or not).
 
 Example:
     ```python
@@ -47,11 +55,11 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed
-from ..optim import GradientTransformation
+from ..optim import GradientTransformation, Piece
 from .state import Tensors, TrainState
 
 __all__ = ["ALIGN", "Layout", "ShardedOptState", "all_gather_params", "check_layout", "is_sharded",
-           "reduce_scatter_mean", "shard", "sum_across", "unshard"]
+           "reduce_scatter_mean", "shard", "shard_opt_state", "sum_across", "unshard"]
 
 
 class ShardedOptState(NamedTuple):
@@ -129,6 +137,10 @@ class Layout:
             return () if b - a == 1 else (0,)
         return (1,) * (d - 1) + (b - a,)
 
+    def piece_map(self) -> dict[str, Piece]:
+        """Where this rank's piece of each parameter lies in it (what :func:`fnlight.optim.sharded` gets)."""
+        return {k: Piece(self.shapes[i], self.bounds(i)[0]) for i, k in enumerate(self.names)}
+
     def pieces(self, tree: Tensors) -> Tensors:
         """This rank's piece of every tensor of a params-shaped dict (views, no copy)."""
         out = {}
@@ -198,24 +210,45 @@ def sum_across(t: torch.Tensor) -> torch.Tensor:
 
 
 def map_pieces(opt_state: Any, layout: Layout, fn: Any, what: str) -> Any:
-    """Apply ``fn(i, leaf)`` to the optimizer-state leaves that belong to parameter ``i`` (found under
-    the parameter's name); other leaves (counts, hyperparameters) are kept as they are.
+    """Apply ``fn(i, leaf, path, what)`` to the optimizer-state leaves that are pieces of parameter
+    ``i`` (found under the parameter's name); other leaves (counts, hyperparameters, and what a state
+    type keeps whole, see :func:`kept_whole`) are kept as they are.
 
     Example:
         ```python
         inner = map_pieces(state.opt_state, layout, lambda i, leaf, path, what: leaf[:1], "cut")
         ```
     """
-    paths, leaves, spec = optree.tree_flatten_with_path(opt_state, none_is_leaf=False)
+    accessors, leaves, spec = optree.tree_flatten_with_accessor(opt_state, none_is_leaf=False)
     index = {k: i for i, k in enumerate(layout.names)}
     out = []
-    for path, leaf in zip(paths, leaves, strict=True):
+    for accessor, leaf in zip(accessors, leaves, strict=True):
+        path = tuple(e.entry for e in accessor)
         i = next((index[p] for p in reversed(path) if isinstance(p, str) and p in index), None)
-        if i is None or not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 and layout.shapes[i] != ():
+        if i is None or not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 and layout.shapes[i] != () \
+                or kept_whole(accessor, leaf, layout.shapes[i]):
             out.append(leaf)
             continue
-        out.append(fn(i, leaf, tuple(path), what))
+        out.append(fn(i, leaf, path, what))
     return optree.tree_unflatten(spec, out)
+
+
+def kept_whole(accessor: Any, leaf: torch.Tensor, shape: torch.Size) -> bool:
+    """Whether sharding keeps an optimizer-state leaf of a parameter of shape ``shape`` whole on
+    every rank (the same, updated identically) instead of cutting it like the parameter: when the
+    innermost state NamedTuple around it says so with a static method
+    ``sharding_keeps_whole(field, leaf, shape) -> bool`` (adafactor's factored moments:
+    :class:`fnlight.optim.FactoredState`).
+
+    Example:
+        ```python
+        accessors, leaves, _ = optree.tree_flatten_with_accessor(fo.adafactor().init(params))
+        whole = [kept_whole(a, leaf, params["w"].shape) for a, leaf in zip(accessors, leaves)]
+        ```
+    """
+    entry = next((e for e in reversed(tuple(accessor)) if isinstance(e, optree.NamedTupleEntry)), None)
+    rule = getattr(entry.type, "sharding_keeps_whole", None) if entry is not None else None
+    return rule is not None and bool(rule(entry.field, leaf, shape))
 
 
 def shard(state: TrainState, optimizer: GradientTransformation) -> TrainState:
@@ -227,20 +260,32 @@ def shard(state: TrainState, optimizer: GradientTransformation) -> TrainState:
         ```
     """
     layout = _layout_of(state)
+    layout_t = torch.tensor([layout.rank, layout.world, layout.total], dtype=torch.int64)
+    return state.replace(opt_state=ShardedOptState(shard_opt_state(state.opt_state, layout), layout_t))
+
+
+def shard_opt_state(opt_state: Any, layout: Layout) -> Any:
+    """The pieces of a whole optimizer state that ``layout``'s rank keeps (copies): leaves shaped like
+    their parameter are cut, what the state type keeps whole (:func:`kept_whole`) is copied whole.
+
+    Example:
+        ```python
+        inner = shard_opt_state(opt.init(params), Layout.of(params, rank=1, world=2))
+        ```
+    """
 
     def cut(i: int, leaf: torch.Tensor, path: tuple[Any, ...], what: str) -> torch.Tensor:
         if leaf.shape != layout.shapes[i]:
             raise ValueError(
                 f"cannot shard the optimizer state leaf {'/'.join(map(str, path))}: shape {tuple(leaf.shape)}, but "
-                f"its parameter {layout.names[i]} has shape {tuple(layout.shapes[i])}; ZeRO-1 sharding needs "
-                "optimizer state shaped like the parameters (adafactor's factored moments are not): use "
+                f"its parameter {layout.names[i]} has shape {tuple(layout.shapes[i])}; ZeRO-1 sharding cuts "
+                "optimizer state shaped like the parameters, and keeps whole what its state type declares with "
+                "sharding_keeps_whole (as adafactor's FactoredState does): declare it, or use "
                 "shard_optimizer_state=False")
         a, b = layout.bounds(i)
         return leaf.reshape(-1)[a:b].clone().view(layout.piece_shape(i))
 
-    inner = map_pieces(state.opt_state, layout, cut, "shard")
-    layout_t = torch.tensor([layout.rank, layout.world, layout.total], dtype=torch.int64)
-    return state.replace(opt_state=ShardedOptState(inner, layout_t))
+    return map_pieces(opt_state, layout, cut, "shard")
 
 
 def check_layout(state: TrainState) -> Layout:
