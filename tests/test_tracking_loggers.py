@@ -20,6 +20,12 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """MLflow puts a SQLite store's artifacts (and a default store) under ./mlruns: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def fit(tmp_path: Path, loggers, crash_at: int | None = None, max_epochs: int = 3, hparams=None):
     """3 steps per epoch, a checkpoint per epoch, a step row every step and a validation every 2 steps;
     ``crash_at``: an exception after that step's update, before its row is logged."""
