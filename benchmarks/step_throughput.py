@@ -57,9 +57,18 @@ memory (measured in a fresh process, see ``gpt_peak_memory``), on ``--device`` (
 ``--precision`` (``bf16-mixed`` too). Targets: fnlight_eager >= 0.95x and fnlight_compile >= 1.1x
 torch_default's steps/s; fnlight_eager's peak memory <= 1.05x torch_default's.
 
+The ``hf`` workload (``--workload hf``, not in the default run; needs ``transformers``) trains
+examples/hf_gpt2.py's Hugging Face GPT-2 (``gpt2``: from a GPT2Config, 2 layers, width 64, block 64,
+dropout as configured, ``loss_type="ForCausalLM"``), batch 16 of random tokens, the loss
+``model(**batch).loss``, AdamW with the default decay mask and clipping at 1.0: ``torch_default``,
+``fnlight_eager``, ``fnlight_compile``. It reports the compiled step against the eager one (the issue's
+claim: 1.4x), the first call's seconds (the cold compile) and Dynamo's graph, graph-break and recompile
+counts (``--json``: ``hf.fnlight_eager``, ``hf.fnlight_compile``, ``hf.compile_s``, ``hf.graphs``...).
+
 Run:
     .venv/bin/python benchmarks/step_throughput.py              # table, 5 rounds
     .venv/bin/python benchmarks/step_throughput.py --workload gpt --json   # {"gpt": {variant: steps/s, "peak_mb": ...}}
+    .venv/bin/python benchmarks/step_throughput.py --workload hf --json    # {"hf": {variant: steps/s, "graphs": ...}}
     .venv/bin/python benchmarks/step_throughput.py --repeats 9
     .venv/bin/python benchmarks/step_throughput.py --quick      # smoke test: 1 round, few steps, no compile
     .venv/bin/python benchmarks/step_throughput.py --json       # one JSON object of median steps/s
@@ -377,23 +386,12 @@ GPT_STEPS = 20  # per timed block (~1 s on a 2-core CPU)
 GPT_TARGETS = (("fnlight_eager", 0.95), ("fnlight_compile", 1.1))
 
 
-def _gpt_module() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpt_example", Path(__file__).resolve().parents[1] / "examples"
-                                                  / "gpt.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[spec.name] = module  # (Dynamo imports a traced function's module by name)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def gpt_runner(variant: str, device: str, precision: str) -> Runner:
     """One variant of the gpt workload: examples/gpt.py's GPT (4 layers, width 128, block 64, dropout 0 as
     nanoGPT pretrains), batch 16 of random tokens, AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1 on
     the 2-D non-embedding weights), clipping at 1.0. ``torch_default``: ``torch.optim.AdamW`` (its default,
     foreach implementation) on the same parameter groups, ``clip_grad_norm_``, ``loss.backward()``."""
-    gpt, shape = _gpt_module(), GPT_SHAPE
+    gpt, shape = _example("gpt"), GPT_SHAPE
     torch.manual_seed(0)
     model = gpt.GPT(shape["vocab"], shape["block"], shape["layers"], shape["width"], shape["heads"],
                     dropout=0.0).to(device)
@@ -451,7 +449,10 @@ def gpt_peak_memory(variant: str, device: str, precision: str, steps: int = 4) -
     activations). There glibc's malloc serves blocks of 64 KiB and more with mmap and returns them to
     the system when freed (``MALLOC_MMAP_THRESHOLD_``), so that resident memory follows the live
     tensors instead of what the allocator keeps (which differs from run to run by several MB).
-    fnlight's figure includes the module's own parameters, which the state copies (its template)."""
+    The baseline is taken after the code both variants run is imported (fnlight.train, imported on first
+    use, is ~4 MB of Python objects: not memory the steps need). The runner's module is local: the plain
+    loop trains its tensors; fnlight's steps keep it without them (``stateless_template``), so there the
+    state's tensors are the only copy, as ``del model`` would make them in a script."""
     out = subprocess.run([sys.executable, __file__, "--gpt-memory", variant, "--device", device,
                           "--precision", precision, "--steps", str(steps)],
                          capture_output=True, text=True, check=True,
@@ -469,6 +470,10 @@ def _gpt_memory_main(variant: str, device: str, precision: str, steps: int) -> N
         run(steps)
         print(round((torch.cuda.max_memory_allocated() - base) / 2**20, 1))
         return
+    # fnlight imports fnlight.train (~4 MB of Python code and objects) on first use of make_train_step:
+    # the code both variants run is imported before the baseline, so only what the steps need is counted.
+    import fnlight.train  # noqa: F401
+
     before = _rss_mb("VmRSS")
     run = gpt_runner(variant, device, precision)
     run(1)
@@ -521,10 +526,130 @@ def report_gpt(rates: dict[str, list[float]], memory: dict[str, float], steps: i
           f"{'ok' if ratio <= 1.05 else 'MISSED'}")
 
 
+# -- the hf workload: examples/hf_gpt2.py's Hugging Face GPT-2 ---------------------------------------
+
+HF_VARIANTS = ("torch_default", "fnlight_eager", "fnlight_compile")
+HF_SHAPE = {"layers": 2, "width": 64, "heads": 4, "block": 64, "batch": 16}  # the example's defaults
+HF_STEPS = 40  # per timed block (~0.5-1 s on a 2-core CPU)
+
+
+def _example(name: str) -> Any:
+    """examples/<name>.py as a module (registered in sys.modules: Dynamo imports a traced function's module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_example", Path(__file__).resolve().parents[1]
+                                                  / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def hf_runner(variant: str) -> Runner:
+    """One variant of the hf workload: examples/hf_gpt2.py's model (``gpt2``: GPT2LMHeadModel from a GPT2Config,
+    random init, ``loss_type="ForCausalLM"``, the example's default shape and vocabulary), batch 16 of random
+    token windows as ``{"input_ids", "labels"}``, the loss ``model(**batch).loss``, AdamW (lr 1e-3, b2 0.95,
+    weight decay 0.1 under ``fo.default_decay_mask``) and clipping at 1.0, as the example trains it (with a
+    constant learning rate). ``torch_default``: the plain loop with ``torch.optim.AdamW`` on the same
+    parameter groups (the mask's), ``clip_grad_norm_``, ``loss.backward()``."""
+    hf = _example("hf_gpt2")
+    vocab, shape = len(set(hf.corpus(40_000))), HF_SHAPE
+    torch.manual_seed(0)
+    model = hf.gpt2(vocab, shape["block"], shape["layers"], shape["width"], shape["heads"])
+    g = torch.Generator().manual_seed(0)
+    pool = [{"input_ids": t, "labels": t} for t in (torch.randint(0, vocab, (shape["batch"], shape["block"]),
+                                                                  generator=g) for _ in range(POOL))]
+    data = itertools.cycle(pool)
+    fopt = fo.adamw(1e-3, b2=0.95, weight_decay=0.1, mask=fo.default_decay_mask)
+    if variant == "torch_default":
+        named = dict(model.named_parameters())
+        mask = fo.default_decay_mask(named)
+        groups = [{"params": [p for k, p in named.items() if mask[k]], "weight_decay": 0.1},
+                  {"params": [p for k, p in named.items() if not mask[k]], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
+        model.train()
+
+        def run_torch(n: int) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                opt.zero_grad(set_to_none=True)
+                loss = model(**next(data)).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            final = float(loss.detach())
+            return time.perf_counter() - t0, final
+
+        return run_torch
+    step = fnlight.make_train_step(model, hf.loss_fn, fopt, clip=1.0, compile=variant == "fnlight_compile")
+    state = fnlight.TrainState.create(model, fopt)
+
+    def run(n: int) -> tuple[float, float]:
+        nonlocal state
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state, metrics = step(state, next(data))
+        final = float(metrics["loss"])
+        return time.perf_counter() - t0, final
+
+    return run
+
+
+def measure_hf(steps: int, repeats: int, compile: bool, log: bool,
+               quick: bool = False) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """steps/s of every timed block per variant (interleaved rounds, as ``measure``), and what the compile
+    did: the seconds of the first (compiling) call, and Dynamo's counts of graphs, graph breaks and
+    recompilations over the whole run (after the warm-up, a recompile would show in the timings)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    variants = [v for v in HF_VARIANTS if compile or v != "fnlight_compile"]
+    runners = {v: hf_runner(v) for v in variants}
+    info: dict[str, Any] = {}
+    for name, run in runners.items():
+        t0 = time.perf_counter()
+        run(1)
+        first = time.perf_counter() - t0
+        if not quick:
+            run(WARMUP - 1)
+        if name == "fnlight_compile":
+            info["compile_s"] = round(first, 1)
+        if log:
+            print(f"hf: warmed up {name} (first call {first:.1f} s)", file=sys.stderr, flush=True)
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for name in variants[r % len(variants):] + variants[:r % len(variants)]:
+            gc.collect()
+            dt, loss = runners[name](steps)
+            assert loss == loss, f"hf {name}: loss is NaN"
+            rates[name].append(steps / dt)
+        if log:
+            print(f"hf: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    if compile:
+        info["graphs"] = counters["stats"]["unique_graphs"]
+        info["graph_breaks"] = sum(counters["graph_break"].values())
+        info["recompiles"] = sum(n for k, n in counters["recompiles"].items()) if "recompiles" in counters else 0
+    return rates, info
+
+
+def report_hf(rates: dict[str, list[float]], info: dict[str, Any], steps: int) -> None:
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\nhf: examples/hf_gpt2.py's GPT-2, {HF_SHAPE}, AdamW + clip 1.0, cpu, {steps} steps per timing")
+    print(f"{'variant':<18}{'median steps/s':>16}{'min':>10}{'max':>10}{'vs eager':>10}")
+    for k, v in rates.items():
+        print(f"{k:<18}{med[k]:>16,.2f}{min(v):>10,.2f}{max(v):>10,.2f}{med[k] / med['fnlight_eager']:>9.2f}x")
+    if "fnlight_compile" in med:
+        print(f"hf: fnlight_compile / fnlight_eager {med['fnlight_compile'] / med['fnlight_eager']:.2f}x "
+              f"(the issue's figure: 1.4x); first call {info['compile_s']} s, {info['graphs']} graph(s), "
+              f"{info['graph_breaks']} graph break(s), {info['recompiles']} recompile(s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="fnlight training-step throughput benchmark")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5)")
-    parser.add_argument("--workload", choices=[w.name for w in WORKLOADS] + [GROUPS.name, "gpt"], action="append",
+    parser.add_argument("--workload", choices=[w.name for w in WORKLOADS] + [GROUPS.name, "gpt", "hf"],
+                        action="append",
                         help="run only this workload (repeatable; default all)")
     parser.add_argument("--quick", action="store_true", help="1 round, few steps, no compile: a smoke test")
     parser.add_argument("--no-compile", action="store_true", help="skip fnlight_compile")
@@ -557,6 +682,10 @@ def main() -> None:
         steps["gpt"] = 2 if args.quick else GPT_STEPS
         gpt = measure_gpt(steps["gpt"], repeats, not (args.quick or args.no_compile), args.device, args.precision,
                           not args.json, quick=args.quick)
+    hf: tuple[dict[str, list[float]], dict[str, Any]] | None = None
+    if args.workload and "hf" in args.workload:  # (needs transformers: the hf extra)
+        steps["hf"] = 2 if args.quick else HF_STEPS
+        hf = measure_hf(steps["hf"], repeats, not (args.quick or args.no_compile), not args.json, quick=args.quick)
     if args.json:
         out: dict[str, Any] = {wl: {k: round(statistics.median(r[k]), 2) if k in r else None
                                     for k in (GROUP_VARIANTS if wl == GROUPS.name else VARIANTS)}
@@ -565,12 +694,17 @@ def main() -> None:
             out["gpt"] = {k: round(statistics.median(gpt[0][k]), 3) if k in gpt[0] else None for k in GPT_VARIANTS}
             out["gpt"]["peak_mb"] = gpt[1]
             out["gpt"]["device"], out["gpt"]["precision"] = args.device, args.precision
+        if hf is not None:
+            out["hf"] = {k: round(statistics.median(hf[0][k]), 3) if k in hf[0] else None for k in HF_VARIANTS}
+            out["hf"].update(hf[1])
         print(json.dumps(out))
     else:
         if results:
             report(results, steps, repeats, time.perf_counter() - t0, load)
         if gpt is not None:
             report_gpt(*gpt, steps["gpt"], args.device, args.precision)
+        if hf is not None:
+            report_hf(*hf, steps["hf"])
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ def token_dataset(text: str, block: int, directory: str) -> tuple[datasets.Datas
     return datasets.load_from_disk(directory), chars
 
 
+def gpt2(vocab: int, block: int = 64, layers: int = 2, width: int = 64, heads: int = 4) -> GPT2LMHeadModel:
+    """The example's model: a GPT-2 built from a config (random init from torch's global generator), with its
+    loss type set, so that a compiled step is one graph (benchmarks/step_throughput.py --workload hf times it)."""
+    config = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=width, n_layer=layers, n_head=heads,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # the loss transformers would pick anyway, without a warning in the graph
+    return model
+
+
 def loss_fn(model_fn: Callable[..., Any], batch: dict[str, torch.Tensor], key: torch.Tensor) -> torch.Tensor:
     return model_fn(**batch).loss
 
@@ -87,10 +97,7 @@ def main() -> None:
         dm = fnlight.DataModule(pipeline, seed=0)
 
         torch.manual_seed(0)
-        config = GPT2Config(vocab_size=len(chars), n_positions=args.block, n_embd=args.width, n_layer=args.layers,
-                            n_head=args.heads, bos_token_id=0, eos_token_id=0)
-        model = GPT2LMHeadModel(config)
-        model.loss_type = "ForCausalLM"  # the loss transformers would pick anyway, without a warning in the graph
+        model = gpt2(len(chars), args.block, args.layers, args.width, args.heads)
         opt = fo.adamw(fo.warmup_cosine(args.lr, max(1, args.max_steps // 10), args.max_steps), b2=0.95,
                        weight_decay=0.1, mask=fo.default_decay_mask)
         state = fnlight.TrainState.create(model, opt, seed=0)

@@ -83,6 +83,18 @@ def test_step_throughput_gpt_json():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_step_throughput_hf_json():
+    pytest.importorskip("transformers")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--quick", "--json",
+                          "--workload", "hf"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hf = json.loads(out.stdout.strip().splitlines()[-1])["hf"]
+    assert set(hf) == {"torch_default", "fnlight_eager", "fnlight_compile"}  # --quick: no compile, no counts
+    assert hf["fnlight_compile"] is None and hf["torch_default"] > 0 and hf["fnlight_eager"] > 0
+
+
+@pytest.mark.slow
 def test_remote_json():
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")

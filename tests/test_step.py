@@ -465,3 +465,66 @@ def test_a_loss_fn_returning_a_model_output_is_told_to_return_its_loss():
     fixed = fnlight.make_train_step(m, lambda mf, b, k: returns_output(mf, b, k).loss, fo.sgd(0.1))
     reference = fnlight.make_train_step(m, lambda mf, b, k: F.cross_entropy(mf(b[0]), b[1]), fo.sgd(0.1))
     assert tree_equal(fixed(state, batches(1)[0])[0], reference(state, batches(1)[0])[0])
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_steps_keep_no_weights_of_the_module_and_never_change_it(bn):
+    """The steps keep the module without its tensors: once the caller lets go of the module, the state's
+    tensors are the only copy (its parameters are freed); the module itself is not changed, nor its mode."""
+    import gc
+    import weakref
+
+    model = mlp(bn=bn, dropout=0.3).eval()
+    before = {k: t.detach().clone() for k, t in (*model.named_parameters(), *model.named_buffers())}
+    opt = fo.adam(1e-2)
+    state = fnlight.TrainState.create(model, opt)
+    step = fnlight.make_train_step(model, loss_fn, opt, sync_batchnorm=bn)
+    eval_step = fnlight.make_eval_step(model, metrics_fn)
+    state = run(step, state, batches(2))
+    eval_step(state, batches(1)[0])
+    assert not model.training and all(torch.equal(t, before[k])
+                                      for k, t in (*model.named_parameters(), *model.named_buffers()))
+    assert all(t.is_meta for t in (*step.model.parameters(), *eval_step.model.parameters()))
+    weights = [weakref.ref(p) for p in model.parameters()]
+    del model
+    gc.collect()
+    assert all(w() is None for w in weights)  # nothing of fnlight's holds them
+    state = run(step, state, batches(2))  # and the steps still run
+    assert eval_step(state, batches(1)[0])["loss"] > 0
+
+
+def test_the_template_keeps_ties_and_grad_flags_and_the_state_must_hold_every_tensor():
+    from fnlight.train.step import stateless_template
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    model[2].bias.requires_grad_(False)
+    template = stateless_template(model)
+    assert template[2].weight is template[0].weight and template[0].weight.is_meta
+    assert not template[2].bias.requires_grad and template[0].bias.requires_grad
+    assert template[1].running_mean.is_meta and model[1].running_mean.device.type == "cpu"
+    assert stateless_template(template) is template  # (no copy of a copy)
+    opt = fo.sgd(0.1)
+    state = fnlight.TrainState.create(model, opt)
+    step = fnlight.make_train_step(model, lambda mf, b, k: mf(b).square().mean(), opt)
+    step(state, torch.randn(8, 4))
+    partial = state.replace(buffers={k: v for k, v in state.buffers.items() if k != "1.running_var"})
+    with pytest.raises(KeyError, match=r"no value for the module's \['1.running_var'\].*TrainState.create"):
+        step(partial, torch.randn(8, 4))
+    with pytest.raises(KeyError, match="1.running_var"):
+        fnlight.make_eval_step(model, lambda mf, b: {"m": mf(b).mean()})(partial, torch.randn(8, 4))
+
+
+def test_a_module_that_cannot_be_copied_is_used_itself():
+    import threading
+
+    from fnlight.train.step import stateless_template
+
+    model = mlp()
+    model.lock = threading.Lock()  # deepcopy cannot copy a lock
+    assert stateless_template(model) is model
+    opt = fo.sgd(0.1)
+    step = fnlight.make_train_step(model, loss_fn, opt)
+    assert step.model is model
+    state, _ = step(fnlight.TrainState.create(model, opt), batches(1)[0])
+    assert int(state.step) == 1

@@ -156,6 +156,7 @@ def loss_from_module(module: Any, *, batch_idx: int = 0) -> LossFn:
             raise UnsupportedModuleError(f"training_step must return the loss tensor, got {type(out).__name__}")
         return out, logged
 
+    loss_fn.runs_module = module  # type: ignore[attr-defined]  # the step must run this instance, not a copy
     return loss_fn
 
 
@@ -182,6 +183,7 @@ def metrics_from_module(module: Any, method: str = "validation_step", *,
                                          "there are no metrics to report")
         return metrics
 
+    metrics_fn.runs_module = module  # type: ignore[attr-defined]  # (as loss_fn's)
     return metrics_fn
 
 

@@ -28,8 +28,12 @@ class TrainState:
     """The model's trainable parameters, its buffers (BatchNorm statistics, frozen
     parameters), the optimizer's state, the step counter (int64) and the RNG key.
 
-    The module it was made from is afterwards only a stateless template: steps
-    call it with these values through ``torch.func.functional_call``.
+    The module it was made from is afterwards only a template: steps keep a copy of
+    it without its tensors (:func:`fnlight.train.step.stateless_template`) and call
+    that with these values through ``torch.func.functional_call``. The state's
+    tensors are its own (``create`` copies them, so training never changes the
+    module); ``del model`` after making the state and the steps leaves them the
+    only copy in memory.
     """
 
     params: Tensors

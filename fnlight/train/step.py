@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -121,6 +122,43 @@ def _set_mode(model: torch.nn.Module, training: bool) -> None:
         model.train(training)
 
 
+def stateless_template(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules whose parameters and buffers are on the meta device (no storage).
+
+    A step runs its module through ``functional_call``, which supplies every parameter and buffer
+    from the state, so the module's own tensors are never read. The steps keep this copy instead of
+    ``model``, so they hold no weights of their own: once the caller lets go of ``model``, the
+    state's tensors are the only copy (as in a plain PyTorch loop, where the module's are). Tied
+    tensors stay tied (one meta tensor), ``requires_grad`` is kept, other attributes are deep-copied.
+    A module whose tensors are all on the meta device already is returned itself, and so is one
+    that ``copy.deepcopy`` cannot copy (the step then keeps that module, weights included).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> template = stateless_template(model)
+        >>> template.weight.device.type, template.weight.requires_grad, model.weight.device.type
+        ('meta', True, 'cpu')
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.is_meta for t in tensors):
+        return model
+    try:
+        # (the memo maps each tensor to its meta twin; tied tensors share one id, so one twin)
+        memo: dict[int, Any] = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                                for p in model.parameters()}
+        memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+        return copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001 - a module deepcopy cannot copy (a lock, an open file...) is kept as it is
+        return model
+
+
+def _template(model: torch.nn.Module, fn: Callable[..., Any]) -> torch.nn.Module:
+    """What a step keeps of ``model``: its :func:`stateless_template`, or ``model`` itself when the loss or
+    metrics function ``fn`` runs that very instance (``fn.runs_module is model``: fnlight.lightning's
+    functions redirect the instance's ``forward`` to its ``training_step``)."""
+    return model if getattr(fn, "runs_module", None) is model else stateless_template(model)
+
+
 class _Functional:
     """``functional_call(module, (params, buffers), args, kwargs)``, with the module's tied
     parameters and buffers resolved once instead of on every call.
@@ -130,6 +168,9 @@ class _Functional:
     holds each tied tensor once, under its first name; here the other names are given the
     same value explicitly, which is what ``tie_weights=True`` does, so ``tie_weights=False``
     computes the same. The ties are read once, when the step is made.
+
+    The module is a :func:`stateless_template`: every tensor must come from the state
+    (:meth:`check` says which ones a state lacks).
     """
 
     def __init__(self, module: torch.nn.Module):
@@ -141,6 +182,16 @@ class _Functional:
                 self.aliases[name] = first[id(t)]
             else:
                 first[id(t)] = name
+        self.names = frozenset(first.values())
+
+    def check(self, state: TrainState) -> None:
+        """A KeyError naming the module's tensors that ``state`` lacks (the module has none of its own)."""
+        missing = self.names.difference(state.params, state.buffers)
+        if missing:
+            raise KeyError(
+                f"the state has no value for the module's {sorted(missing)}: make it with "
+                "TrainState.create(model, ...) from the module the step was made with (the step keeps the "
+                "module without its tensors, so every parameter and buffer comes from the state)")
 
     def __call__(self, params: Tensors, buffers: Tensors, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         values: tuple[Tensors, ...] = (params, buffers)
@@ -305,8 +356,11 @@ class TrainStep:
 
     def __post_init__(self) -> None:
         _check_model(self.model)
+        # The step keeps the module without its tensors (the state supplies them): it does not keep
+        # the user's weights alive, and it never changes the user's module (nor its train/eval mode).
+        object.__setattr__(self, "model", _template(self.model, self.loss_fn))
         # functional_call runs this template: a copy with synchronized BatchNorm layers (same
-        # parameter and buffer names), or the user's module itself. torch.nn.SyncBatchNorm layers
+        # parameter and buffer names), or that module itself. torch.nn.SyncBatchNorm layers
         # are always converted: their own forward cannot run under torch.func with several ranks.
         plain = self.sync_batchnorm
         template = convert_sync_batchnorm(self.model, plain=plain) if has_batchnorm(self.model, plain=plain) \
@@ -422,6 +476,7 @@ class TrainStep:
         if not state.params:
             raise ValueError("the state has no trainable parameters, so there is nothing to train (TrainState.create "
                              "keeps parameters with requires_grad=False among the buffers)")
+        self._call.check(state)
         _set_mode(self.model, True)
         if self._template is not self.model:
             _set_mode(self._template, True)
@@ -586,7 +641,11 @@ def make_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: Gradient
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
-        model: the module, used only as a stateless template.
+        model: the module, used only as a stateless template: the step keeps a copy of its modules
+            without their tensors (:func:`stateless_template`; every parameter and buffer comes from
+            the state), so it does not keep the module's weights alive (``del model`` after
+            ``TrainState.create`` leaves the state's as the only copy), never changes the module (nor
+            its train/eval mode), and does not see changes made to the module after the step is made.
         loss_fn: ``loss_fn(model_fn, batch, key)`` returning a scalar loss or
             ``(loss, metrics_dict)``; ``model_fn(*inputs)`` runs the module with
             the state's parameters and buffers; ``key`` is this step's key.
@@ -687,9 +746,11 @@ class EvalStep:
 
     def __post_init__(self) -> None:
         _check_model(self.model)
+        object.__setattr__(self, "model", _template(self.model, self.metrics_fn))  # (as TrainStep's)
         object.__setattr__(self, "_call", _Functional(self.model))
 
     def __call__(self, state: TrainState, batch: Any) -> Metrics:
+        self._call.check(state)
         _set_mode(self.model, False)
 
         def model_fn(*args: Any, **kwargs: Any) -> Any:
