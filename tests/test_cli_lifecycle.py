@@ -26,11 +26,16 @@ CLI = str(Path(sys.executable).parent / "fnlight")
 
 
 def slow(seed: int = 0, hidden: int = 16, max_epochs: int = 2) -> Experiment:
-    """The digits MLP whose loss sleeps 40 ms per step (time to be interrupted mid-run)."""
+    """The digits MLP whose loss sleeps 40 ms per step (time to be interrupted mid-run); it creates the file
+    ``$FNLIGHT_TEST_TRAINING`` (when set) at its second step, so a test can signal mid-run."""
     exp = digits(seed=seed, hidden=hidden, max_epochs=max_epochs)
+    started, calls = os.environ.get("FNLIGHT_TEST_TRAINING"), []
 
     def loss(model_fn, batch, key):
         time.sleep(0.04)
+        calls.append(1)
+        if started and len(calls) == 2:  # the second step: the training loop (and its signal handlers) runs
+            Path(started).touch()
         return exp.loss_fn(model_fn, batch, key)
 
     return dataclasses.replace(exp, loss_fn=loss)
@@ -44,9 +49,16 @@ def fit_cmd(run_dir, *extra):
     return [CLI, "fit", "tests.test_cli_lifecycle:slow", "--run-dir", str(run_dir), *extra]
 
 
-def start(cmd):
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+def start(cmd, **env):
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.01)
 
 
 def newest(run_dir):
@@ -66,9 +78,10 @@ def full(tmp_path_factory):
 @pytest.mark.parametrize(("signum", "delay"), [(signal.SIGTERM, 0.4), (signal.SIGINT, 1.4)])
 def test_a_signal_exits_128_plus_n_and_the_same_command_resumes_bitwise(tmp_path, full, signum, delay):
     run = tmp_path / "run"
-    proc = start(fit_cmd(run))
-    assert proc.stdout.readline().startswith("fit: ")  # training is about to start
-    time.sleep(delay + 1.0)  # somewhere in the 46 steps (~0.05 s each)
+    training = tmp_path / "training"
+    proc = start(fit_cmd(run), FNLIGHT_TEST_TRAINING=str(training))
+    wait_for(training)  # the first step runs: the handlers are in place (a fixed delay raced them under load)
+    time.sleep(delay)  # somewhere in the 46 steps (~0.05 s each)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
