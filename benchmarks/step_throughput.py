@@ -93,7 +93,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,11 +172,9 @@ def torch_loop(model: torch.nn.Module, pool: list[Batch], fused: bool) -> Runner
     return run
 
 
-def fnlight_loop(model: torch.nn.Module, pool: list[Batch], **options: Any) -> Runner:
-    opt = fo.adam(LR)
-    step = fnlight.make_train_step(model, loss_fn, opt, **options)
-    state = fnlight.TrainState.create(model, opt)
-    data = itertools.cycle(pool)
+def step_runner(step: Callable[..., Any], state: fnlight.TrainState, data: Iterator[Any]) -> Runner:
+    """Runs ``n`` fnlight steps from ``state`` (carried from block to block) on batches of ``data``: seconds and
+    the last loss (read with ``float``, which waits for the step)."""
 
     def run(n: int) -> tuple[float, float]:
         nonlocal state
@@ -187,6 +185,28 @@ def fnlight_loop(model: torch.nn.Module, pool: list[Batch], **options: Any) -> R
         return time.perf_counter() - t0, final
 
     return run
+
+
+def rounds(runners: dict[str, Runner], steps: int, repeats: int, label: str, log: bool) -> dict[str, list[float]]:
+    """steps/s of every timed block of ``steps`` steps, per variant: ``repeats`` rounds, each running every
+    variant once, the order rotated from round to round (no variant always first after the collector)."""
+    names = list(runners)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()
+            dt, loss = runners[name](steps)
+            assert loss == loss, f"{label}/{name}: loss is NaN"
+            rates[name].append(steps / dt)
+        if log:
+            print(f"{label}: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return rates
+
+
+def fnlight_loop(model: torch.nn.Module, pool: list[Batch], **options: Any) -> Runner:
+    opt = fo.adam(LR)
+    step = fnlight.make_train_step(model, loss_fn, opt, **options)
+    return step_runner(step, fnlight.TrainState.create(model, opt), itertools.cycle(pool))
 
 
 class LitMLP(lightning.LightningModule):
@@ -265,17 +285,7 @@ def measure(w: Workload, steps: int, repeats: int, compile: bool, log: bool) -> 
         run(1 if name == "lightning" else WARMUP)
         if log:
             print(f"{w.name}: warmed up {name} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-    names = list(runners)
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            gc.collect()
-            dt, loss = runners[name](steps)
-            assert loss == loss, f"{name}: loss is NaN"
-            rates[name].append(steps / dt)
-        if log:
-            print(f"{w.name}: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return rates
+    return rounds(runners, steps, repeats, w.name, log)
 
 
 # -- the "groups" workload: AdamW with two parameter groups ------------------------------------
@@ -309,17 +319,7 @@ def fnlight_groups_loop(model: torch.nn.Module, pool: list[Batch], **options: An
     opt = fo.multi_transform({"decay": fo.adamw(LR, weight_decay=0.1), "no_decay": fo.adamw(LR, weight_decay=0.0)},
                              labels)
     step = fnlight.make_train_step(model, loss_fn, opt, **options)
-    state = fnlight.TrainState.create(model, opt)
-    data = itertools.cycle(pool)
-
-    def run(n: int) -> tuple[float, float]:
-        nonlocal state
-        t0 = time.perf_counter()
-        for _ in range(n):
-            state, metrics = step(state, next(data))
-        return time.perf_counter() - t0, float(metrics["loss"])
-
-    return run
+    return step_runner(step, fnlight.TrainState.create(model, opt), itertools.cycle(pool))
 
 
 def measure_groups(steps: int, repeats: int, log: bool) -> dict[str, list[float]]:
@@ -335,17 +335,7 @@ def measure_groups(steps: int, repeats: int, log: bool) -> dict[str, list[float]
     runners = {name: make(copy.deepcopy(template)) for name, make in factories.items()}
     for run in runners.values():
         run(WARMUP)
-    names = list(runners)
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            gc.collect()
-            dt, loss = runners[name](steps)
-            assert loss == loss, f"groups/{name}: loss is NaN"
-            rates[name].append(steps / dt)
-        if log:
-            print(f"groups: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return rates
+    return rounds(runners, steps, repeats, "groups", log)
 
 
 def report(results: dict[str, dict[str, list[float]]], steps: dict[str, int], repeats: int, wall: float,
@@ -422,17 +412,7 @@ def gpt_runner(variant: str, device: str, precision: str) -> Runner:
     fopt = fo.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1, mask=gpt.decay_mask)
     step = fnlight.make_train_step(model, gpt.loss_fn, fopt, clip=1.0, precision=precision,
                                    compile=variant == "fnlight_compile", donate=variant == "fnlight_donate")
-    state = fnlight.TrainState.create(model, fopt)
-
-    def run(n: int) -> tuple[float, float]:
-        nonlocal state
-        t0 = time.perf_counter()
-        for _ in range(n):
-            state, metrics = step(state, next(data))
-        final = float(metrics["loss"])
-        return time.perf_counter() - t0, final
-
-    return run
+    return step_runner(step, fnlight.TrainState.create(model, fopt), data)
 
 
 def _rss_mb(field: str) -> float:
@@ -493,15 +473,7 @@ def measure_gpt(steps: int, repeats: int, compile: bool, device: str, precision:
         run(1 if quick else WARMUP)
         if log:
             print(f"gpt: warmed up {name} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-    rates: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(repeats):
-        for name in variants[r % len(variants):] + variants[:r % len(variants)]:
-            gc.collect()
-            dt, loss = runners[name](steps)
-            assert loss == loss, f"gpt {name}: loss is NaN"
-            rates[name].append(steps / dt)
-        if log:
-            print(f"gpt: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    rates = rounds(runners, steps, repeats, "gpt", log)
     del runners
     memory = {v: gpt_peak_memory(v, device, precision, steps=1 if quick else 4) for v in variants}
     return rates, memory
@@ -582,17 +554,7 @@ def hf_runner(variant: str) -> Runner:
 
         return run_torch
     step = fnlight.make_train_step(model, hf.loss_fn, fopt, clip=1.0, compile=variant == "fnlight_compile")
-    state = fnlight.TrainState.create(model, fopt)
-
-    def run(n: int) -> tuple[float, float]:
-        nonlocal state
-        t0 = time.perf_counter()
-        for _ in range(n):
-            state, metrics = step(state, next(data))
-        final = float(metrics["loss"])
-        return time.perf_counter() - t0, final
-
-    return run
+    return step_runner(step, fnlight.TrainState.create(model, fopt), data)
 
 
 def measure_hf(steps: int, repeats: int, compile: bool, log: bool,
@@ -617,15 +579,7 @@ def measure_hf(steps: int, repeats: int, compile: bool, log: bool,
             info["compile_s"] = round(first, 1)
         if log:
             print(f"hf: warmed up {name} (first call {first:.1f} s)", file=sys.stderr, flush=True)
-    rates: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(repeats):
-        for name in variants[r % len(variants):] + variants[:r % len(variants)]:
-            gc.collect()
-            dt, loss = runners[name](steps)
-            assert loss == loss, f"hf {name}: loss is NaN"
-            rates[name].append(steps / dt)
-        if log:
-            print(f"hf: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    rates = rounds(runners, steps, repeats, "hf", log)
     if compile:
         info["graphs"] = counters["stats"]["unique_graphs"]
         info["graph_breaks"] = sum(counters["graph_break"].values())
