@@ -47,3 +47,25 @@ def max_rel(got, want):
     """The largest difference relative to each tensor's largest value (a per-element ratio blows up
     where a value crosses zero)."""
     return max(float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp(min=1e-30)) for k in want)
+
+
+# every kind of per_tensor optimizer (fnlight.optim.GradientTransformation.per_tensor), with options that use its state
+PER_TENSOR = {
+    "sgd": lambda: fo.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam-amsgrad-l2": lambda: fo.adam(1e-2, weight_decay=0.1, amsgrad=True),
+    "adamw-schedule": lambda: fo.adamw(fo.warmup_cosine(1e-2, 2, 10), weight_decay=0.1),
+    "adamw-foreach": lambda: fo.adamw(1e-2, weight_decay=0.1, fused=False),
+    "adamax": lambda: fo.adamax(1e-2, weight_decay=0.01),
+    "nadam": lambda: fo.nadam(1e-2),
+    "radam": lambda: fo.radam(1e-2, decoupled_weight_decay=True, weight_decay=0.01),
+    "adabelief": lambda: fo.adabelief(1e-2),
+    "rmsprop": lambda: fo.rmsprop(1e-2, momentum=0.9, centered=True),
+    "adagrad": lambda: fo.adagrad(1e-2, lr_decay=0.01),
+    "adadelta": lambda: fo.adadelta(1.0),
+    "lion": lambda: fo.lion(1e-3),
+    "lamb": lambda: fo.lamb(1e-2, weight_decay=0.01),
+    "lars": lambda: fo.lars(0.1, weight_decay=1e-3, nesterov=True),
+    "adafactor": lambda: fo.adafactor(1e-2, min_dim_size_to_factor=2, momentum=0.9),
+    "chain": lambda: fo.chain(fo.scale_by_adam(), fo.add_decayed_weights(0.01), fo.scale_by_learning_rate(1e-2)),
+    "inject": lambda: fo.inject_hyperparams(fo.adamw)(learning_rate=1e-2, weight_decay=0.1),
+}

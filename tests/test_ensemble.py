@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 import fnlight
 import fnlight.optim as fo
+from fnlight.train import ensemble as ensemble_mod
 from fnlight.train.ensemble import clip_per_sample
 from fnlight.train.step import NonFiniteError, TorchFuncTrapError
+from tests._optim_helpers import PER_TENSOR
 
 MEMBERS = 4
 
@@ -107,6 +109,51 @@ def test_each_member_equals_training_it_alone(opt, kw):
         # round differently under vmap); batched matmuls may round differently on other machines
         assert max_rel(member.params, alone.params) < 1e-5
         assert int(member.step) == int(alone.step) == len(data)
+
+
+@pytest.fixture
+def merged_calls(monkeypatch):
+    """The results of the ensemble step's one-call updates (True: all members updated in one call)."""
+    calls: list[bool] = []
+    real = ensemble_mod._Merged.apply
+
+    def spy(self, *args):
+        calls.append(real(self, *args))
+        return calls[-1]
+    monkeypatch.setattr(ensemble_mod._Merged, "apply", spy)
+    return calls
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("name", ["sgd", "adam-amsgrad-l2", "adamw-schedule", "adamw-foreach", "rmsprop", "lion",
+                                  "lamb", "lars", "adafactor", "chain", "inject"])
+def test_per_tensor_optimizers_update_all_members_in_one_call_bitwise(name, donate, merged_calls):
+    opt = PER_TENSOR[name]()
+    one_call = fnlight.make_train_step(mlp(), loss_fn, opt, ensemble=True, donate=donate, clip=0.5)
+    # one optimizer per member: updated member by member, as each would be alone
+    by_member = fnlight.make_train_step(mlp(), loss_fn, (opt,) * MEMBERS, ensemble=True, donate=donate, clip=0.5)
+    a = fnlight.stack_states(states(opt))
+    b = fnlight.tree.tree_map(torch.clone, a)
+    for batch in batches(6):
+        a, ma = one_call(a, batch)
+        b, mb = by_member(b, batch)
+    assert merged_calls == [True] * 6
+    assert fnlight.tree.tree_first_difference(a, b) is None
+    assert torch.equal(ma["loss"], mb["loss"])
+
+
+def test_members_with_different_hyperparameters_are_updated_one_by_one(merged_calls):
+    opt = fo.inject_hyperparams(fo.adam)(learning_rate=1e-3)
+    base = fnlight.TrainState.create(mlp(), opt, seed=0)
+    members = [base.replace(opt_state=fo.set_hyperparams(base.opt_state, learning_rate=lr)) for lr in (1e-3, 1e-2)]
+    stacked = fnlight.stack_states(members)
+    before = fnlight.tree.tree_map(torch.clone, stacked)
+    ens = fnlight.make_train_step(mlp(), loss_fn, opt, ensemble=True)
+    after, _ = ens(stacked, batches(1)[0])
+    assert merged_calls == [False]  # declined before touching anything
+    assert fnlight.tree.tree_equal(stacked, before)
+    assert fo.hyperparams(after.opt_state)["learning_rate"].tolist() == [1e-3, 1e-2]
+    assert after.opt_state.count.tolist() == [1, 1]
 
 
 def _fresh_tensor_sgd(lr: float) -> fo.GradientTransformation:

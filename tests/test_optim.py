@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import fnlight.optim as fo
 from fnlight.testing import assert_reproducible, optimizers
 from fnlight.tree import tree_equal
+from tests._optim_helpers import PER_TENSOR
 
 SHAPES = {"w1": (7, 5), "b1": (7,), "w2": (3, 7, 2), "scale": (), "b2": (1,)}
 
@@ -260,3 +261,36 @@ def test_per_step_scalars_are_unchanged_eager_and_compiled():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(count), f(count), strict=True):
         assert got.shape == () and torch.equal(got, want)
+
+
+# -- per_tensor: the law the ensemble step's one-call update relies on ---------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PER_TENSOR))
+@given(shapes=st.lists(st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple), min_size=2, max_size=4),
+       seed=st.integers(0, 2**16))
+def test_a_per_tensor_optimizer_updates_tensors_as_if_each_were_alone(name, shapes, seed):
+    """``per_tensor``: updating several tensors in one call equals updating each in a call of its own, bitwise."""
+    opt = PER_TENSOR[name]()
+    assert opt.per_tensor
+    g = torch.Generator().manual_seed(seed)
+    params = {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    together, state = {k: v.clone() for k, v in params.items()}, None
+    alone = {k: ({k: v.clone()}, None) for k, v in params.items()}
+    state = opt.init(together)
+    alone = {k: (p, opt.init(p)) for k, (p, _) in alone.items()}
+    for _ in range(3):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        together, state = fo.step(opt, {k: v.clone() for k, v in grads.items()}, state, together, inplace=True)
+        alone = {k: fo.step(opt, {k: grads[k].clone()}, s, p, inplace=True) for k, (p, s) in alone.items()}
+    for k, (p, _) in alone.items():
+        assert torch.equal(together[k], p[k]), k
+
+
+def test_per_tensor_is_off_where_tensors_interact_or_are_picked_by_name():
+    assert not fo.chain(fo.clip_by_global_norm(1.0), fo.adam(1e-3)).per_tensor
+    assert not fo.adamw(1e-3, mask=fo.default_decay_mask).per_tensor
+    assert not fo.sgd(0.1, mask={"w": True}).per_tensor
+    assert not fo.lars(0.1, trust_ratio_mask=lambda p: {k: v.dim() > 1 for k, v in p.items()}).per_tensor
+    assert not fo.apply_if_finite(fo.adam(1e-3), 3).per_tensor
+    assert not fo.GradientTransformation(lambda p: (), lambda u, s, p=None, *, inplace=False: (u, s)).per_tensor

@@ -133,7 +133,7 @@ def scale_by_adam(b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
                               spec.unflatten(nu_max) if amsgrad else None)
         return spec.unflatten(direction), new_state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, per_tensor=True)
 
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -183,7 +183,7 @@ def _adam(learning_rate: float | Schedule, b1: Scalar, b2: Scalar, eps: Scalar, 
                               _all(len(g), decay) if factor else None)
         return direction, new_state
 
-    base = optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay))
+    base = optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay), per_tensor=mask is None)
 
     def fused_step(grads: Updates, state: AdamState, params: Params, inplace: bool) -> tuple[Params, OptState]:
         """torch's fused Adam/AdamW kernel: one pass over each tensor (as Adam(fused=True))."""
@@ -223,7 +223,7 @@ def _adam(learning_rate: float | Schedule, b1: Scalar, b2: Scalar, eps: Scalar, 
             return fused_step(grads, state, params, inplace)
         return base.step(grads, state, params, inplace=inplace)
 
-    return GradientTransformation(init, base.update, step, base.learning_rate)
+    return GradientTransformation(init, base.update, step, base.learning_rate, base.per_tensor)
 
 
 def adam(learning_rate: float | Schedule = 1e-3, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
@@ -290,7 +290,7 @@ def adamax(learning_rate: float | Schedule = 2e-3, b1: Scalar = 0.9, b2: Scalar 
         return (Direction([Term("addcdiv", mu, nu, step_size)]),
                 AdamaxState(count, spec.unflatten(mu), spec.unflatten(nu)))
 
-    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay))
+    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay), per_tensor=True)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -343,7 +343,7 @@ def nadam(learning_rate: float | Schedule = 2e-3, b1: Scalar = 0.9, b2: Scalar =
         return (Direction(terms, scalars[3] if decay is not None else None, list(range(len(g)))),
                 NadamState(count, spec.unflatten(mu), spec.unflatten(nu), mu_product))
 
-    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay))
+    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay), per_tensor=True)
 
 
 def radam(learning_rate: float | Schedule = 1e-3, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
@@ -392,7 +392,7 @@ def radam(learning_rate: float | Schedule = 1e-3, b1: Scalar = 0.9, b2: Scalar =
                           list(range(len(g)))),
                 AdamState(count, spec.unflatten(mu), spec.unflatten(nu), None))
 
-    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay))
+    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay), per_tensor=True)
 
 
 class BeliefState(NamedTuple):
@@ -439,5 +439,5 @@ def adabelief(learning_rate: float | Schedule, b1: Scalar = 0.9, b2: Scalar = 0.
         return (Direction([Term("axpy", direction, None, -lr)]),
                 BeliefState(count, spec.unflatten(mu), spec.unflatten(nu)))
 
-    return optimizer(core, init, learning_rate, needs_params=False)
+    return optimizer(core, init, learning_rate, needs_params=False, per_tensor=True)
 

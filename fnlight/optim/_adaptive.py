@@ -97,7 +97,7 @@ def rmsprop(learning_rate: float | Schedule = 1e-2, alpha: Scalar = 0.99, eps: S
             return Direction([Term("axpy", buf, None, -lr)]), new._replace(momentum=spec.unflatten(buf))
         return Direction([Term("addcdiv", g, avg, -lr)]), new
 
-    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay))
+    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay), per_tensor=True)
 
 
 def adagrad(learning_rate: float | Schedule = 1e-2, lr_decay: Scalar = 0.0, weight_decay: Scalar = 0.0,
@@ -135,7 +135,7 @@ def adagrad(learning_rate: float | Schedule = 1e-2, lr_decay: Scalar = 0.0, weig
         numerator = foreach("mul", g, minus_clr, inplace=owned)
         return Direction([Term("addcdiv", numerator, std, 1.0)]), AdagradState(count, spec.unflatten(acc))
 
-    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay))
+    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay), per_tensor=True)
 
 
 def adadelta(learning_rate: float | Schedule = 1.0, rho: Scalar = 0.9, eps: Scalar = 1e-6,
@@ -170,4 +170,4 @@ def adadelta(learning_rate: float | Schedule = 1.0, rho: Scalar = 0.9, eps: Scal
         return (Direction([Term("axpy", deltas, None, -lr)]),
                 AdadeltaState(count, spec.unflatten(nu), spec.unflatten(acc)))
 
-    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay))
+    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay), per_tensor=True)

@@ -56,6 +56,13 @@ class GradientTransformation(NamedTuple):
     update applied to the parameters with torch.optim's own last op (see the module
     docstring), and their ``learning_rate`` schedule.
 
+    ``per_tensor`` is True when the update of each tensor depends only on that tensor's
+    gradient, parameter and state, and on scalars shared by all tensors (the update count,
+    the learning rate, hyperparameters): no reduction across tensors (global-norm clipping),
+    no rule that picks tensors by name (masks). Then a call on several models' tensors at
+    once updates each model as a call on its own tensors would, bit for bit, which is how an
+    ensemble step updates all its members in one call (``make_train_step(ensemble=True)``).
+
     Example:
         >>> import torch, fnlight.optim as fo
         >>> opt = fo.chain(fo.clip_by_global_norm(1.0), fo.adam(1e-3))
@@ -69,6 +76,7 @@ class GradientTransformation(NamedTuple):
     update: UpdateFn
     step: StepFn | None = None
     learning_rate: Callable[[Any], torch.Tensor] | None = None
+    per_tensor: bool = False
 
 
 class EmptyState(NamedTuple):
@@ -123,8 +131,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     last = transforms[-1] if transforms else None
     # the chain's learning rate: the last element that has a schedule
     rate = next((t.learning_rate for t in reversed(transforms) if t.learning_rate is not None), None)
+    per_tensor = all(t.per_tensor for t in transforms)
     if last is None or last.step is None:
-        return GradientTransformation(init, update, None, rate)
+        return GradientTransformation(init, update, None, rate, per_tensor)
     last_step = last.step
 
     def fused(grads: Updates, state: tuple[OptState, ...], params: Params, *,
@@ -133,7 +142,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         params, tail = last_step(grads, state[-1], params, inplace=inplace)
         return params, (*head, tail)
 
-    return GradientTransformation(init, update, fused, rate)
+    return GradientTransformation(init, update, fused, rate, per_tensor)
 
 
 def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) -> Params:
@@ -650,11 +659,12 @@ def finish_step(d: Direction, p: list[torch.Tensor], *, inplace: bool) -> list[t
 
 
 def optimizer(core: Callable[..., tuple[Direction, OptState]], init: Callable[[Params], OptState],
-              learning_rate: Any, needs_params: bool) -> GradientTransformation:
+              learning_rate: Any, needs_params: bool, per_tensor: bool = False) -> GradientTransformation:
     """An optimizer from its arithmetic: ``core(g, state, p, spec, lr, inplace) -> (Direction,
     state)`` on the leaves. ``lr`` is the learning rate of this update: a Python float when
     ``learning_rate`` is a number (so the last op is torch's, bitwise), else a float64 tensor
-    (a schedule evaluated at the update count, or an injected hyperparameter)."""
+    (a schedule evaluated at the update count, or an injected hyperparameter). ``per_tensor``:
+    see :class:`GradientTransformation`."""
     from ._schedules import as_schedule
 
     constant = not callable(learning_rate)
@@ -684,4 +694,4 @@ def optimizer(core: Callable[..., tuple[Direction, OptState]], init: Callable[[P
         d, new_state = core(g, state, p, spec, rate(state), inplace)
         return spec.unflatten(finish_step(d, p, inplace=inplace)), new_state
 
-    return GradientTransformation(init, update, step, schedule)
+    return GradientTransformation(init, update, step, schedule, per_tensor)

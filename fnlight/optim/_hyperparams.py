@@ -116,7 +116,9 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
             from ._schedules import constant
 
             rate = constant(float(lr))
-        return GradientTransformation(init, update, step, rate)
+        # per tensor as the optimizer it makes (its hyperparameters are scalars shared by all tensors)
+        per_tensor = factory(**static, **numbers, **schedules).per_tensor
+        return GradientTransformation(init, update, step, rate, per_tensor)
 
     make.__doc__ = f"{getattr(factory, '__name__', 'factory')} with its hyperparameters in the optimizer state."
     return make

@@ -114,7 +114,8 @@ def lion(learning_rate: float | Schedule, b1: Scalar = 0.9, b2: Scalar = 0.99, w
         return (Direction([Term("axpy", u, None, -lr)]),
                 LionState(count_up(state.count, inplace), spec.unflatten(mu)))
 
-    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay))
+    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay),
+                     per_tensor=mask is None)
 
 
 def lamb(learning_rate: float | Schedule, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-6,
@@ -150,7 +151,7 @@ def lamb(learning_rate: float | Schedule, b1: Scalar = 0.9, b2: Scalar = 0.999, 
         return Direction([Term("axpy", u, None, -lr)]), state._replace(count=count, mu=spec.unflatten(mu),
                                                                         nu=spec.unflatten(nu))
 
-    return optimizer(core, init, learning_rate, needs_params=True)
+    return optimizer(core, init, learning_rate, needs_params=True, per_tensor=mask is None)
 
 
 def lars(learning_rate: float | Schedule, weight_decay: Scalar = 0.0, weight_decay_mask: Mask | bool = True,
@@ -185,7 +186,8 @@ def lars(learning_rate: float | Schedule, weight_decay: Scalar = 0.0, weight_dec
         return (Direction([Term("axpy", d, None, -1.0)]),
                 LarsState(count_up(state.count, inplace), spec.unflatten(trace)))
 
-    return optimizer(core, init, learning_rate, needs_params=True)
+    return optimizer(core, init, learning_rate, needs_params=True,
+                     per_tensor=isinstance(weight_decay_mask, bool) and isinstance(trust_ratio_mask, bool))
 
 
 def _factored_dims(shape: torch.Size, factored: bool, min_dim_size_to_factor: int) -> tuple[int, int] | None:
@@ -333,5 +335,6 @@ def adafactor(learning_rate: float | Schedule | None = None, min_dim_size_to_fac
                             s(ema) if ema is not None else None)
         return Direction([Term("axpy", u, None, -1.0)]), new
 
-    return optimizer(core, init, learning_rate if learning_rate is not None else 1.0, needs_params=True)
+    return optimizer(core, init, learning_rate if learning_rate is not None else 1.0, needs_params=True,
+                     per_tensor=weight_decay_mask is None)
 

@@ -93,7 +93,7 @@ def trace(momentum: Scalar, nesterov: bool = False, dampening: Scalar = 0.0) -> 
             out = foreach("copy", g, buf, inplace=True) if inplace else list(fe("mul", buf, 1.0))
         return spec.unflatten(out), TraceState(count_up(state.count, inplace), spec.unflatten(buf))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, per_tensor=True)
 
 
 def sgd(learning_rate: float | Schedule, momentum: Scalar = 0.0, nesterov: bool = False,
@@ -130,4 +130,4 @@ def sgd(learning_rate: float | Schedule, momentum: Scalar = 0.0, nesterov: bool 
             buf = spec.unflatten(b)
         return Direction([Term("axpy", g, None, -lr)]), SgdState(count_up(state.count, inplace), buf)
 
-    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay))
+    return optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay), per_tensor=mask is None)

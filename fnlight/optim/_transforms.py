@@ -215,7 +215,7 @@ def scale(factor: Scalar) -> GradientTransformation:
         u, spec = flatten(updates)
         return spec.unflatten(foreach("mul", u, factor, inplace=inplace)), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, per_tensor=True)
 
 
 def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransformation:
@@ -238,7 +238,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
         out = foreach("mul", u, neg_lr, inplace=inplace)
         return spec.unflatten(out), CountState(count_up(state.count, inplace))
 
-    return GradientTransformation(init, update, None, schedule)
+    return GradientTransformation(init, update, None, schedule, per_tensor=True)
 
 
 def add_decayed_weights(weight_decay: Scalar, mask: Mask | None = None) -> GradientTransformation:
@@ -265,7 +265,7 @@ def add_decayed_weights(weight_decay: Scalar, mask: Mask | None = None) -> Gradi
         idx = mask_indices(mask, params, spec, "weight-decay mask")
         return spec.unflatten(l2(u, p, weight_decay, idx, inplace=inplace)), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, per_tensor=mask is None)
 
 
 def global_norm(tensors: Any) -> torch.Tensor:

@@ -41,8 +41,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+import optree
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
@@ -52,7 +53,16 @@ from .. import distributed
 from .. import random as fr
 from ..optim import GradientTransformation, global_norm
 from ..optim import step as optim_step
-from ..tree import batch_size, named_leaves, tree_leaves, tree_map, tree_structure
+from ..tree import (
+    NAMESPACE,
+    batch_size,
+    named_leaves,
+    tree_flatten,
+    tree_leaves,
+    tree_map,
+    tree_structure,
+    tree_unflatten,
+)
 from . import checks
 from .state import TrainState
 from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError, autocast, split_loss
@@ -398,9 +408,21 @@ def _clone(t: Any) -> Any:
     return t.clone() if isinstance(t, torch.Tensor) else t
 
 
-def _member(tree: Any, i: int) -> Any:
-    """Member ``i``'s slice of a stacked tree (views of the stacked tensors)."""
-    return tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, tree)
+class _Members:
+    """A stacked tree cut into its members' trees (views of the stacked tensors), flattened once:
+    ``tree(i)`` is member ``i``'s tree, ``views(i)`` its leaves (non-tensor leaves as they are)."""
+
+    def __init__(self, tree: Any, members: int):
+        leaves, self.spec = tree_flatten(tree)
+        rows = [t.unbind(0) if isinstance(t, torch.Tensor) else None for t in leaves]
+        self._views = [[leaf if r is None else r[i] for leaf, r in zip(leaves, rows, strict=True)]
+                       for i in range(members)]
+
+    def views(self, i: int) -> list[Any]:
+        return self._views[i]
+
+    def tree(self, i: int) -> Any:
+        return tree_unflatten(self.spec, self._views[i])
 
 
 def _rows(tree: Any, a: int, b: int) -> Any:
@@ -413,15 +435,97 @@ def _cat(trees: list[Any]) -> Any:
 
 
 def _write_back(new: Any, views: Any) -> None:
-    """Copy a member's new tensors into its views of the stacked tensors, where the update did not
-    already write them in place (an optimizer may return fresh tensors even when asked for in place)."""
-    for n, v in zip(tree_leaves(new), tree_leaves(views), strict=True):
+    """Copy a member's new tensors into its views of the stacked tensors (a tree, or its leaves), where
+    the update did not already write them in place (an optimizer may return fresh tensors even when
+    asked for in place)."""
+    for n, v in zip(tree_leaves(new), views if isinstance(views, list) else tree_leaves(views), strict=True):
         if isinstance(v, torch.Tensor):
             if n.data_ptr() != v.data_ptr() or n.shape != v.shape:
                 v.copy_(n)
         elif n != v:
             raise TypeError(f"an optimizer state leaf that is not a tensor changed in an update ({v!r} -> {n!r}); "
                             "an ensemble's optimizer state must hold its values in tensors")
+
+
+class _Key(NamedTuple):
+    """A member's tensor in the merged tree of :class:`_Merged` (prints as the tensor's name)."""
+
+    member: int
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class _Merged:
+    """How to update all members in one optimizer call (for a ``per_tensor`` optimizer).
+
+    The call's params are a flat dict of every member's tensors, ``{_Key(i, name): params[name][i]}``,
+    and its state the state ``optimizer.init`` makes for them: per-tensor state (moments) is member
+    ``i``'s row of the stacked leaf, and state shared by all tensors (the count, hyperparameters) is
+    the members' common value. ``slots[j]`` says where leaf ``j`` of that state comes from: (index of
+    the stacked state's leaf, member, or ``None`` for a shared leaf).
+    """
+
+    spec: Any
+    slots: tuple[tuple[int, int | None], ...]
+
+    @staticmethod
+    def plan(opt: GradientTransformation, params: dict[str, torch.Tensor], opt_state: Any) -> _Merged | None:
+        """The plan for these stacked params and state, or ``None`` where the state does not map."""
+        members = next(iter(params.values())).shape[0]
+        meta = {_Key(i, k): torch.empty(v.shape[1:], dtype=v.dtype, device="meta")
+                for i in range(members) for k, v in params.items()}
+        try:
+            template = opt.init(meta)
+        except Exception:  # an init that meta tensors cannot run: update member by member
+            return None
+        paths, leaves, spec = optree.tree_flatten_with_path(template, namespace=NAMESPACE)
+        s_paths, s_leaves, _ = optree.tree_flatten_with_path(opt_state, namespace=NAMESPACE)
+        where = {path: j for j, path in enumerate(s_paths)}
+        slots = []
+        for path, leaf in zip(paths, leaves, strict=True):
+            keys = [e for e in path if isinstance(e, _Key)]
+            j = where.get(tuple(e.name if isinstance(e, _Key) else e for e in path))
+            if len(keys) > 1 or j is None:
+                return None
+            stacked = s_leaves[j]
+            if isinstance(leaf, torch.Tensor) != isinstance(stacked, torch.Tensor) or (
+                    isinstance(leaf, torch.Tensor) and tuple(stacked.shape) != (members, *leaf.shape)):
+                return None
+            slots.append((j, keys[0].member if keys else None))
+        return _Merged(spec, tuple(slots))
+
+    def apply(self, opt: GradientTransformation, grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+              opt_state: Any) -> bool:
+        """Update the stacked ``params`` and ``opt_state`` in place with one call; False (nothing done)
+        when the members' shared state differs (e.g. a learning-rate sweep): then update them one by one."""
+        s_leaves = optree.tree_leaves(opt_state, namespace=NAMESPACE)
+        rows: dict[int, tuple[torch.Tensor, ...]] = {}
+        leaves: list[Any] = []
+        for j, member in self.slots:
+            t = s_leaves[j]
+            if not isinstance(t, torch.Tensor):
+                leaves.append(t)
+            elif member is None:
+                if not torch.equal(t, t[:1].expand_as(t)):
+                    return False
+                leaves.append(t[0].clone())  # (a copy: an in-place update must not reach the other members)
+            else:
+                leaves.append((rows[j] if j in rows else rows.setdefault(j, t.unbind(0)))[member])
+        members = range(next(iter(params.values())).shape[0])
+        g = {_Key(i, k): v[i] for k, v in grads.items() for i in members}
+        p = {_Key(i, k): v[i] for k, v in params.items() for i in members}
+        new_p, new_s = optim_step(opt, g, optree.tree_unflatten(self.spec, leaves), p, inplace=True)
+        _write_back(list(new_p.values()), list(p.values()))
+        new_leaves = optree.tree_leaves(new_s, namespace=NAMESPACE)
+        for (j, member), new in zip(self.slots, new_leaves, strict=True):
+            if member is None and isinstance(new, torch.Tensor):
+                s_leaves[j].copy_(new.expand_as(s_leaves[j]))
+        _write_back([n for n, (_, m) in zip(new_leaves, self.slots, strict=True) if m is not None],
+                    [o for o, (_, m) in zip(leaves, self.slots, strict=True) if m is not None])
+        return True
 
 
 class PerMember(tuple):  # type: ignore[type-arg]
@@ -507,28 +611,49 @@ class EnsembleTrainStep:
         return total, loss, metrics, buffers
 
     def _apply(self, grads: dict[str, torch.Tensor], state: TrainState, inplace: bool) -> tuple[Any, Any]:
-        """New params and optimizer state, member by member: each member's update is the ordinary
-        step's (``fnlight.optim.step``, fused kernels included) on its slices of the stacked tensors.
+        """New params and optimizer state: each member's update is the ordinary step's
+        (``fnlight.optim.step``, fused kernels included) on its slices of the stacked tensors.
 
-        Vectorizing the update instead would run foreach ops one tensor at a time under vmap (no batching
-        rule) and hold every member's temporaries at once: slower and several times the memory. The
-        slices are views, so the members' updates write into the stacked tensors; without ``inplace``
-        into a copy of the state (one copy, as the ordinary step's non-donating update makes).
+        A ``per_tensor`` optimizer (element-wise ones such as SGD and Adam, and per-tensor ones such as
+        lamb and adafactor) updates all members in one call, each member's slices as tensors of their
+        own (:class:`_Merged`), when the members share their count and hyperparameters; otherwise (a
+        sweep, one optimizer per member, global-norm clipping in the optimizer) one call per member.
+        Either way each member's update is bitwise the one it would get alone: the kernels process
+        each tensor on its own (on one stacked tensor instead, torch's vectorized kernels would round
+        some elements differently where a member's tensor ends mid-vector). Vectorizing with vmap
+        instead would run foreach ops one tensor at a time (no batching rule) and hold every member's
+        temporaries at once. The slices are views, so the updates write into the stacked tensors;
+        without ``inplace`` into a copy of the state (one copy, as the ordinary step's non-donating
+        update makes).
         """
         params, opt_state = state.params, state.opt_state
         if not inplace:
             params, opt_state = tree_map(_clone, params), tree_map(_clone, opt_state)
-        opts = self.optimizer if isinstance(self.optimizer, PerMember) else (self.optimizer,) * len(
-            next(iter(params.values())))
+        if self.clip is not None:  # the ordinary step's clip, on each member's gradients
+            for g in zip(*(v.unbind(0) for v in grads.values()), strict=True):
+                factor = torch.clamp(self.clip / (global_norm(list(g)) + 1e-6), max=1.0)
+                for v in g:
+                    v.mul_(factor)
+        if not isinstance(self.optimizer, PerMember) and self.optimizer.per_tensor:
+            merged = self._merged_plan(params, opt_state)
+            if merged is not None and merged.apply(self.optimizer, grads, params, opt_state):
+                return params, opt_state
+        n = len(next(iter(params.values())))
+        g_rows, p_rows, s_rows = _Members(grads, n), _Members(params, n), _Members(opt_state, n)
+        opts = self.optimizer if isinstance(self.optimizer, PerMember) else (self.optimizer,) * n
         for i, opt in enumerate(opts):
-            g, p, s = _member(grads, i), _member(params, i), _member(opt_state, i)
-            if self.clip is not None:  # the ordinary step's clip, on this member's gradients
-                factor = torch.clamp(self.clip / (global_norm(list(g.values())) + 1e-6), max=1.0)
-                g = {k: v.mul_(factor) for k, v in g.items()}
-            new_p, new_s = optim_step(opt, g, s, p, inplace=True)
-            _write_back(new_p, p)
-            _write_back(new_s, s)
+            new_p, new_s = optim_step(opt, g_rows.tree(i), s_rows.tree(i), p_rows.tree(i), inplace=True)
+            _write_back(new_p, p_rows.views(i))
+            _write_back(new_s, s_rows.views(i))
         return params, opt_state
+
+    def _merged_plan(self, params: dict[str, torch.Tensor], opt_state: Any) -> _Merged | None:
+        """The cached :class:`_Merged` plan for this state's shapes and structure."""
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()), tree_structure(opt_state))
+        plans = self.__dict__.setdefault("_plans", {})
+        if key not in plans:
+            plans[key] = _Merged.plan(self.optimizer, params, opt_state)  # type: ignore[arg-type]
+        return plans[key]
 
     # the step -------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
