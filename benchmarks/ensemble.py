@@ -9,7 +9,9 @@ What it measures, on the CPU: member-steps/s of Adam (lr 1e-3) on cross-entropy 
 * ``ensemble``: one ``make_train_step(..., ensemble=True)`` step on the stacked state;
 * ``ensemble_compile``: the same with ``compile=True`` (inductor; the forward and backward are compiled);
 * ``ensemble_chunk2``: the ensemble step with ``member_chunk=2`` (4 vectorized passes of 2 members: the
-  step's working memory is 2 members' gradients and activations instead of 8).
+  step's working memory is 2 members' gradients and activations instead of 8);
+* ``products``: the ensemble step's matrix products alone (``torch.bmm`` with the shapes and layouts vmap
+  gives them, see :class:`Products`), in member-steps/s: a bound on any ensemble step that computes them.
 
 Peak memory: ``sequential``, ``ensemble`` and ``ensemble_chunk2`` also run in fresh subprocesses that report the memory
 their states take (``states_mb.<variant>``) and the peak that the states and the training steps take
@@ -26,8 +28,10 @@ loss with ``float()``. Reported: medians and min-max, with the machine's load av
 
 Run:
     .venv/bin/python benchmarks/ensemble.py             # table
-    .venv/bin/python benchmarks/ensemble.py --json      # keys: sequential, ensemble, ensemble_compile, peak_mb.*,
-                                                        # gflops.* and ceiling_x (matmul peak / sequential's GFLOP/s)
+    .venv/bin/python benchmarks/ensemble.py --json      # keys: sequential, ensemble, ensemble_compile,
+                                                        # ensemble_chunk2, products, products_x (products /
+                                                        # sequential), peak_mb.*, states_mb.*, gflops.* and
+                                                        # ceiling_x (matmul peak / sequential's GFLOP/s)
     .venv/bin/python benchmarks/ensemble.py --quick     # smoke test: 1 round, few steps, no compile
 """
 
@@ -163,8 +167,35 @@ def peak_mb() -> float:
 
 
 def member_step_flops() -> float:
-    """Floating-point operations of one member's step: forward (2 per multiply-add) and backward (4)."""
-    return 6.0 * BATCH * sum(m.in_features * m.out_features for m in model() if isinstance(m, torch.nn.Linear))
+    """Floating-point operations of one member's matrix products in a step (2 per multiply-add): the
+    forward, the weights' gradients, and the inputs' gradients of every layer but the first (whose
+    input is the data, which needs no gradient)."""
+    sizes = [m.in_features * m.out_features for m in model() if isinstance(m, torch.nn.Linear)]
+    return 2.0 * BATCH * (2 * sum(sizes) + sum(sizes[1:]))
+
+
+class Products:
+    """The ensemble step's matrix products alone, batched over the members as vmap batches them
+    (``torch.bmm``, the same shapes and layouts): per layer the forward and the weights' gradient, and
+    the inputs' gradient of every layer but the first. ``run(n)`` times n steps' worth. No ensemble step
+    that computes these products can train faster than this."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ops = []
+        for i, m in enumerate(x for x in model() if isinstance(x, torch.nn.Linear)):
+            x = torch.randn(BATCH, m.in_features, generator=g).expand(MEMBERS, -1, -1) if i == 0 else \
+                torch.randn(MEMBERS, BATCH, m.in_features, generator=g)
+            w = torch.randn(MEMBERS, m.out_features, m.in_features, generator=g)
+            dy = torch.randn(MEMBERS, BATCH, m.out_features, generator=g)
+            self.ops += [(x, w.transpose(1, 2)), (dy.transpose(1, 2), x)] + ([(dy, w)] if i > 0 else [])
+
+    def run(self, n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            for a, b in self.ops:
+                torch.bmm(a, b)
+        return time.perf_counter() - t
 
 
 def matmul_gflops(repeats: int = 5) -> float:
@@ -195,7 +226,9 @@ def main() -> None:
     steps = args.steps or (2 if args.quick else 20)
     variants = [v for v in VARIANTS if v != "ensemble_compile" or not (args.quick or args.no_compile)]
     load, t0 = os.getloadavg()[0], time.perf_counter()
-    runners = {v: Runner(v) for v in variants}
+    runners: dict[str, Runner | Products] = {v: Runner(v) for v in variants}
+    runners["products"] = Products()
+    variants.append("products")
     for r in runners.values():
         r.run(3)  # warm-up (and compile)
     rates: dict[str, list[float]] = {v: [] for v in variants}
@@ -205,11 +238,12 @@ def main() -> None:
     del runners
     peak = matmul_gflops()
     achieved = {v: med_ * member_step_flops() / 1e9 for v, med_ in
-                ((v, statistics.median(r)) for v, r in rates.items())}
+                ((v, statistics.median(r)) for v, r in rates.items()) if v != "products"}
     memory = {v: peak_memory(v, steps) for v in ("sequential", "ensemble", "ensemble_chunk2")}
     med = {v: statistics.median(r) for v, r in rates.items()}
     if args.json:
-        out: dict[str, Any] = {v: round(med[v], 2) if v in med else None for v in VARIANTS}
+        out: dict[str, Any] = {v: round(med[v], 2) if v in med else None for v in (*VARIANTS, "products")}
+        out["products_x"] = round(med["products"] / med["sequential"], 2)
         out.update({f"peak_mb.{v}": round(p, 1) for v, (_, p) in memory.items()})
         out.update({f"states_mb.{v}": round(st, 1) for v, (st, _) in memory.items()})
         out.update({f"gflops.{v}": round(g, 1) for v, g in achieved.items()})
@@ -224,8 +258,10 @@ def main() -> None:
     for v in variants:
         print(f"  {v:17s} {med[v]:8.1f} member-steps/s  ({min(rates[v]):.1f}-{max(rates[v]):.1f})  "
               f"{med[v] / base:5.2f}x sequential")
-    print(f"  compute: sequential achieves {achieved['sequential']:.1f} GFLOP/s; a 1024^3 matrix product "
-          f"{peak:.1f} GFLOP/s, so no variant can exceed {peak / achieved['sequential']:.2f}x sequential")
+    print(f"  bound: the ensemble step's matrix products alone (`products`) run at {med['products'] / base:.2f}x "
+          "sequential; no ensemble step that computes them can be faster")
+    print(f"  compute: sequential's products run at {achieved['sequential']:.1f} GFLOP/s, a 1024^3 matrix product at "
+          f"{peak:.1f} GFLOP/s: products at that peak would give {peak / achieved['sequential']:.2f}x sequential")
     for v, (st, p) in memory.items():
         print(f"  memory {v:11s} states {st:6.1f} MB, peak {p:6.1f} MB  ({p / memory['sequential'][1]:4.2f}x "
               "sequential's peak)")

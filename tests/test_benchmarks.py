@@ -66,6 +66,7 @@ def test_ensemble_json():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"sequential", "ensemble", "ensemble_compile", "peak_mb.sequential", "peak_mb.ensemble"} <= set(result)
     assert result["sequential"] > 0 and result["ensemble"] > 0 and result["ensemble_compile"] is None  # --quick
+    assert result["products"] > 0 and result["products_x"] == round(result["products"] / result["sequential"], 2)
     assert result["peak_mb.ensemble"] > result["states_mb.ensemble"] > 0
 
 
