@@ -556,3 +556,15 @@ def test_a_loss_fn_returning_a_model_output_gets_the_hint_in_an_ensemble_too():
     step = fnlight.make_train_step(mlp(), out_loss, fo.sgd(0.1), ensemble=True)
     with pytest.raises(TypeError, match=r"return its \.loss"):
         step(fnlight.stack_states(states(fo.sgd(0.1))), batches(1)[0])
+
+
+def test_a_per_tensor_optimizer_changing_a_non_tensor_leaf_is_refused_too():
+    def init(params):
+        return {"count": 0, "mu": {k: torch.zeros_like(v) for k, v in params.items()}}
+
+    def update(grads, state, params=None, *, inplace=False):
+        return {k: -0.1 * g for k, g in grads.items()}, {"count": state["count"] + 1, "mu": state["mu"]}
+    opt = fo.GradientTransformation(init, update, per_tensor=True)
+    ens = fnlight.make_train_step(mlp(), loss_fn, opt, ensemble=True)
+    with pytest.raises(TypeError, match="must hold its values in tensors"):
+        ens(fnlight.stack_states(states(opt)), batches(1)[0])

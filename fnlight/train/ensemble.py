@@ -523,8 +523,10 @@ class _Merged:
         for (j, member), new in zip(self.slots, new_leaves, strict=True):
             if member is None and isinstance(new, torch.Tensor):
                 s_leaves[j].copy_(new.expand_as(s_leaves[j]))
-        _write_back([n for n, (_, m) in zip(new_leaves, self.slots, strict=True) if m is not None],
-                    [o for o, (_, m) in zip(leaves, self.slots, strict=True) if m is not None])
+        # (members' tensors written where not in place; a changed non-tensor leaf is refused)
+        pairs = [(n, o) for n, o, (_, m) in zip(new_leaves, leaves, self.slots, strict=True)
+                 if m is not None or not isinstance(o, torch.Tensor)]
+        _write_back([n for n, _ in pairs], [o for _, o in pairs])
         return True
 
 
