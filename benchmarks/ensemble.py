@@ -260,8 +260,9 @@ def main() -> None:
               f"{med[v] / base:5.2f}x sequential")
     print(f"  bound: the ensemble step's matrix products alone (`products`) run at {med['products'] / base:.2f}x "
           "sequential; no ensemble step that computes them can be faster")
-    print(f"  compute: sequential's products run at {achieved['sequential']:.1f} GFLOP/s, a 1024^3 matrix product at "
-          f"{peak:.1f} GFLOP/s: products at that peak would give {peak / achieved['sequential']:.2f}x sequential")
+    print(f"  compute: sequential's step achieves {achieved['sequential']:.1f} GFLOP/s (its products' FLOPs over its "
+          f"time), a 1024^3 matrix product {peak:.1f} GFLOP/s: products at that peak taking all the time would give "
+          f"{peak / achieved['sequential']:.2f}x sequential")
     for v, (st, p) in memory.items():
         print(f"  memory {v:11s} states {st:6.1f} MB, peak {p:6.1f} MB  ({p / memory['sequential'][1]:4.2f}x "
               "sequential's peak)")
