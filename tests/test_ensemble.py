@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fnlight
 import fnlight.optim as fo
 from fnlight.train import ensemble as ensemble_mod
-from fnlight.train.ensemble import clip_per_sample
+from fnlight.train.dp import clip_per_sample
 from fnlight.train.step import NonFiniteError, TorchFuncTrapError
 from tests._optim_helpers import PER_TENSOR
 

@@ -18,7 +18,8 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .ensemble import DPConfig, num_members, per_sample_grads, stack_states, unstack_states
+from .dp import DPConfig, per_sample_grads
+from .ensemble import num_members, stack_states, unstack_states
 from .loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from .loop import FitResult, Interrupted, Trainer
 from .lr_callbacks import LRFinder, ReduceLROnPlateau

@@ -1,24 +1,13 @@
-"""Many models in one step: stacked states, ensemble steps, per-sample gradients and DP-SGD.
+"""Many models in one step: stacked states and ensemble steps.
 
 A fnlight state is a pytree, so N states with the same structure can be stacked
 leaf by leaf (:func:`stack_states`) and trained together by one step built with
 ``torch.func.vmap`` (``make_train_step(..., ensemble=True)``): a seed ensemble, or
 a learning-rate grid whose values live in the optimizer state
-(``fnlight.optim.inject_hyperparams``). The same machinery gives per-sample
-gradients (:func:`per_sample_grads`) and DP-SGD (``make_train_step(..., dp=DPConfig(...))``).
-
-Two things torch does not do under ``vmap`` are handled here:
-
-- ``torch._foreach_*`` ops (fnlight's optimizers are written with them) have no
-  batching rule; inside the vectorized parts they run as the same per-tensor ops,
-  which is what the foreach kernels compute on the CPU.
-- Dropout draws from torch's global generator, which under ``vmap`` would make a
-  member's masks depend on the other members. Inside these steps ``F.dropout``
-  (``nn.Dropout``) draws its mask from the member's (or sample's) own key with
-  :func:`fnlight.random.bernoulli`, so a member's result depends only on its own
-  state and key: reordering or repeating members changes nothing for the others.
-  Any other random op raises a clear error (draw from the ``key`` given to
-  ``loss_fn`` instead).
+(``fnlight.optim.inject_hyperparams``). Each member draws its dropout from its own
+key (:mod:`fnlight.train._vmap`), so reordering or repeating members changes nothing
+for the others. The same machinery gives per-sample gradients and DP-SGD
+(:mod:`fnlight.train.dp`).
 
 Example:
     >>> import torch, fnlight, fnlight.optim as fo
@@ -36,18 +25,15 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import optree
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
-from torch.overrides import TorchFunctionMode
+from torch.func import grad_and_value
 
 from .. import distributed
 from .. import random as fr
@@ -64,13 +50,16 @@ from ..tree import (
     tree_unflatten,
 )
 from . import checks
+from ._vmap import ModelFns, Vectorizable, explain_vmap_errors, vmap_tree
 from .state import TrainState
-from .step import LossFn, Metrics, NonFiniteError, Precision, TorchFuncTrapError, autocast, split_loss
+from .step import LossFn, Metrics, NonFiniteError, Precision, autocast, split_loss
+
+if TYPE_CHECKING:
+    from .dp import DPConfig, DPTrainStep
 
 __all__ = [
-    "DPConfig", "DPTrainStep", "EnsembleEvalStep", "EnsembleTrainStep", "PerSampleGrads", "clip_per_sample",
-    "make_vectorized_train_step", "member_metrics", "member_norms", "num_members", "per_sample_grads",
-    "scalar_step", "spread_members", "stack_states", "unstack_states",
+    "EnsembleEvalStep", "EnsembleTrainStep", "PerMember", "make_vectorized_train_step", "member_metrics",
+    "member_norms", "num_members", "scalar_step", "spread_members", "stack_states", "unstack_states",
 ]
 
 
@@ -207,167 +196,6 @@ def _named(state: Any) -> dict[str, Any]:
     return dict(zip(names, leaves, strict=True))
 
 
-# -- what torch does not do under vmap ------------------------------------------------
-
-_VALUE_OPS = {"addcmul", "addcdiv"}
-# in-place ops without a batching rule in torch 2.13 (vmap warns and runs them member by member)
-_NO_INPLACE_BATCHING = {"lerp_", "addcmul_", "addcdiv_"}  # their scalar argument is keyword-only on the per-tensor op
-
-
-def _foreach_as_loop(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``torch._foreach_<op>(xs, ...)`` as the per-tensor ops (what it computes on the CPU)."""
-    xs = args[0]
-    n = len(xs)
-
-    def at(a: Any, i: int) -> Any:
-        return a[i] if isinstance(a, list | tuple) and len(a) == n else a
-
-    base = op.rstrip("_")
-    if base == "norm":
-        ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
-        return [torch.linalg.vector_norm(x, ord_) for x in xs]
-    if base == "copy":
-        for x, src in zip(xs, args[1], strict=True):
-            x.copy_(src)
-        return None
-    rest = list(args[1:])
-    if base in _VALUE_OPS and len(rest) == 3:
-        kwargs = {**kwargs, "value": rest.pop()}
-    out = []
-    for i, x in enumerate(xs):
-        a = [at(r, i) for r in rest]
-        k = {key: at(v, i) for key, v in kwargs.items()}
-        if base in _VALUE_OPS and isinstance(k.get("value"), torch.Tensor):
-            value = k.pop("value")  # a tensor scalar: the per-tensor op takes a number
-            t1, t2 = a
-            prod = t1 * t2 if base == "addcmul" else t1 / t2
-            out.append(getattr(torch.Tensor, "add_" if op.endswith("_") else "add")(x, prod * value))
-            continue
-        if op in _NO_INPLACE_BATCHING:  # vmap would loop over the members: the out-of-place op, copied in
-            out.append(x.copy_(getattr(torch.Tensor, base)(x, *a, **k)))
-            continue
-        out.append(getattr(torch.Tensor, op)(x, *a, **k))
-    return None if op.endswith("_") else out
-
-
-_FOREACH = {getattr(torch, name): name[len("_foreach_"):] for name in dir(torch) if name.startswith("_foreach_")}
-
-
-class _Vectorizable(TorchFunctionMode):
-    """Inside an ensemble/per-sample step: foreach ops as loops, dropout from per-member keys."""
-
-    def __init__(self, key: torch.Tensor | None):
-        super().__init__()
-        self.key, self.calls = key, 0
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        op = _FOREACH.get(func)
-        if op is not None:
-            return _foreach_as_loop(op, args, kwargs)
-        if func is F.dropout:
-            return self._dropout(*args, **kwargs)
-        return func(*args, **kwargs)
-
-    def _dropout(self, input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
-        if not training or p == 0.0:
-            return input
-        if p == 1.0:
-            return input.mul_(0) if inplace else input * 0
-        if self.key is None:
-            raise TorchFuncTrapError("dropout needs a key here")
-        k = fr.fold_in(self.key, self.calls)
-        self.calls += 1
-        keep = fr.bernoulli(k, 1.0 - p, tuple(input.shape))
-        scale = 1.0 / (1.0 - p)
-        return input.mul_(keep).mul_(scale) if inplace else input * keep * scale
-
-
-_RANDOM_ADVICE = (
-    "a random op ran inside a vectorized step ({what}). Each member (or sample) must draw from its own key: "
-    "nn.Dropout / F.dropout are handled; draw other randomness from the `key` given to loss_fn with "
-    "fnlight.random (e.g. fnlight.random.normal(key, shape)), and set attention dropout_p=0 or apply F.dropout "
-    "to the attention weights.")
-
-
-@contextlib.contextmanager
-def _explain_vmap_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (RuntimeError, OverflowError) as e:
-        text = str(e)
-        if "random operation while in randomness error mode" in text:
-            raise TorchFuncTrapError(_RANDOM_ADVICE.format(what=what) + f"\n(torch said: {text.splitlines()[0]})") \
-                from e
-        if "too big to convert to int64_t" in text:
-            raise TorchFuncTrapError(
-                f"{what}: inductor cannot compile fnlight.random's int64 hash inside vmap (the keyed dropout masks): "
-                "its index arithmetic overflows. Use compile={'backend': 'aot_eager'} (same results as eager), "
-                f"compile=False, or a model without dropout.\n(torch said: {text.strip().splitlines()[-1]})") from e
-        if "running_mean" in text or "were not batched" in text:
-            raise TorchFuncTrapError(
-                f"{what}: a buffer updated in place was not batched. Stack the states with fnlight.stack_states "
-                f"so every member has its own buffers.\n(torch said: {text.splitlines()[0]})") from e
-        raise
-
-
-def _flatten(obj: Any) -> tuple[list[Any], Callable[[Iterator[Any]], Any]]:
-    """Leaves and a rebuild function, for dicts, lists, tuples, NamedTuples and ``None``: plain Python,
-    so that ``torch.compile`` traces it (optree's C++ structures are opaque to Dynamo). Anything else is a
-    leaf; non-tensor leaves are carried as constants."""
-    if obj is None:
-        return [], lambda it: None
-    if isinstance(obj, dict):
-        keys = list(obj)
-        parts = [_flatten(obj[k]) for k in keys]
-        return [x for leaves, _ in parts for x in leaves], \
-            lambda it: {k: build(it) for k, (_, build) in zip(keys, parts, strict=True)}
-    if isinstance(obj, tuple | list):
-        parts = [_flatten(v) for v in obj]
-        leaves = [x for ls, _ in parts for x in ls]
-        kind = type(obj)  # (the closures must not hold obj: its tensors would outlive the step)
-        if hasattr(obj, "_fields"):  # NamedTuple
-            return leaves, lambda it: kind(*(build(it) for _, build in parts))
-        return leaves, lambda it: kind(build(it) for _, build in parts)
-    return [obj], lambda it: next(it)
-
-
-def _vmap_tree(fn: Callable[..., Any], in_axes: tuple[int | None, ...]) -> Callable[..., Any]:
-    """``vmap`` over trees of dicts, lists, tuples and NamedTuples (``None`` and non-tensor leaves are
-    constants): the tensors of argument ``j`` are mapped over their axis ``in_axes[j]`` (``None``: shared).
-    torch's own ``vmap`` takes ``None`` leaves for tensors and refuses them."""
-
-    def wrapped(*args: Any) -> Any:
-        flat: list[torch.Tensor] = []
-        dims: list[int | None] = []
-        slots: list[list[Any]] = []
-        builds = []
-        for a, ax in zip(args, in_axes, strict=True):
-            leaves, build = _flatten(a)
-            builds.append(build)
-            slots.append([None if isinstance(x, torch.Tensor) else x for x in leaves])
-            for x in leaves:
-                if isinstance(x, torch.Tensor):
-                    flat.append(x)
-                    dims.append(ax)
-        box: dict[str, Any] = {}
-
-        def inner(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            it = iter(tensors)
-            rebuilt = [build(iter([next(it) if c is None else c for c in cs]))
-                       for build, cs in zip(builds, slots, strict=True)]
-            leaves, build = _flatten(fn(*rebuilt))
-            box["build"], box["slots"] = build, [None if isinstance(x, torch.Tensor) else x for x in leaves]
-            return tuple(x for x in leaves if isinstance(x, torch.Tensor))
-
-        out = iter(vmap(inner, in_dims=tuple(dims), randomness="error")(*flat))
-        return box["build"](iter([next(out) if c is None else c for c in box["slots"]]))
-
-    return wrapped
-
-
-
-
 def member_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each member's global L2 norm over a stacked tree (``[members]``): the norm of the per-tensor
     norms, as :func:`fnlight.optim.global_norm` computes it for one model.
@@ -384,22 +212,6 @@ def member_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
-
-
-class _ModelFns:
-    """``loss`` / ``metrics`` of one member (or sample) from explicit values, under the vectorizing mode."""
-
-    def __init__(self, model: torch.nn.Module, precision: Precision):
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
-            raise TypeError(f"got a {type(model).__name__}-wrapped module: pass the plain module (ddp.module)")
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-        self.model, self.precision = model, precision
-
-    def run(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> Callable[..., Any]:
-        def model_fn(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, (params, buffers), args, kwargs)
-        return model_fn
 
 
 # -- the ensemble train step ------------------------------------------------------------
@@ -566,9 +378,9 @@ class EnsembleTrainStep:
                              f"{self.member_chunk!r}")
         if type(self.optimizer) in (list, tuple):  # one per member (a GradientTransformation is a NamedTuple)
             object.__setattr__(self, "optimizer", PerMember(self.optimizer))
-        fns = _ModelFns(self.model, self.precision)
+        fns = ModelFns(self.model, self.precision)
         batch_axis = 0 if self.member_batches else None
-        grads = _vmap_tree(self._member_grads, (0, 0, batch_axis, 0))
+        grads = vmap_tree(self._member_grads, (0, 0, batch_axis, 0))
         if self.compile:
             # Only the forward and backward are compiled: Dynamo does not route the update's foreach ops
             # through the mode that vectorizes them, and the update is element-wise anyway.
@@ -584,7 +396,7 @@ class EnsembleTrainStep:
     # one member, inside vmap -------------------------------------------------------
     def _member_loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any,
                      key: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, tuple[Metrics, Any]]:
-        with _Vectorizable(key), autocast(self.precision, device):
+        with Vectorizable(key), autocast(self.precision, device):
             loss, metrics = split_loss(self.loss_fn(self._fns.run(params, buffers), batch, key))
         return loss.float(), ({k: torch.as_tensor(v).detach().float().reshape(()) for k, v in metrics.items()}, buffers)
 
@@ -695,7 +507,7 @@ class EnsembleTrainStep:
         member is number ``first``): new params, optimizer state, buffers, and the metrics."""
         keys = fr.fold_in(state.key, state.step)  # per member: fold_in(key_i, step_i)
         buffers = {k: v.clone() for k, v in state.buffers.items()}
-        with _explain_vmap_errors("ensemble train step"):
+        with explain_vmap_errors("ensemble train step"):
             grads, loss, metrics, buffers = self._grads(state.params, buffers, batch, keys)
         if distributed.world_size() > 1:
             grads = distributed.all_reduce_mean(grads)
@@ -737,11 +549,11 @@ class EnsembleEvalStep:
     member_batches: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_fns", _ModelFns(self.model, self.precision))
-        object.__setattr__(self, "_eval", _vmap_tree(self._member, (0, 0, 0 if self.member_batches else None)))
+        object.__setattr__(self, "_fns", ModelFns(self.model, self.precision))
+        object.__setattr__(self, "_eval", vmap_tree(self._member, (0, 0, 0 if self.member_batches else None)))
 
     def _member(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any) -> Metrics:
-        with _Vectorizable(None), autocast(self.precision, params[next(iter(params))].device):
+        with Vectorizable(None), autocast(self.precision, params[next(iter(params))].device):
             out = self.metrics_fn(self._fns.run(params, buffers), batch)
         if not isinstance(out, Mapping):
             raise TypeError(f"metrics_fn must return a dict of scalar metrics, got {type(out).__name__}")
@@ -752,207 +564,8 @@ class EnsembleEvalStep:
             raise ValueError("an ensemble eval step needs a stacked state: fnlight.stack_states([state, ...])")
         if self.model.training:
             self.model.train(False)
-        with torch.no_grad(), _explain_vmap_errors("ensemble eval step"):
+        with torch.no_grad(), explain_vmap_errors("ensemble eval step"):
             return self._eval(state.params, state.buffers, batch)
-
-
-# -- per-sample gradients and DP-SGD ---------------------------------------------------------
-
-def _one_sample(batch: Any) -> Any:
-    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, batch)
-
-
-def _check_per_sample_model(model: torch.nn.Module) -> None:
-    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.SyncBatchNorm)
-    bad = [n for n, m in model.named_modules() if isinstance(m, norms)]
-    if bad:
-        raise TypeError(f"per-sample gradients are not defined for BatchNorm (it mixes the samples of a batch): "
-                        f"{bad[0]!r}. Use GroupNorm or LayerNorm (as Opacus requires).")
-
-
-@dataclass(frozen=True, eq=False)
-class PerSampleGrads:
-    """``(state, batch) -> grads``; see :func:`per_sample_grads`."""
-
-    model: torch.nn.Module
-    loss_fn: LossFn
-    precision: Precision = "32"
-
-    def __post_init__(self) -> None:
-        _check_per_sample_model(self.model)
-        object.__setattr__(self, "_fns", _ModelFns(self.model, self.precision))
-        object.__setattr__(self, "_vmapped", _vmap_tree(grad_and_value(self._sample_loss), (None, None, 0, 0)))
-
-    def _sample_loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], sample: Any,
-                     key: torch.Tensor) -> torch.Tensor:
-        with _Vectorizable(key), autocast(self.precision, key.device):
-            loss, _ = split_loss(self.loss_fn(self._fns.run(params, buffers), _one_sample(sample), key))
-        return loss.float()
-
-    def with_losses(self, state: TrainState, batch: Any,
-                    key: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-sample gradients and per-sample losses (``[batch]``)."""
-        if self.model.training is False:
-            self.model.train(True)
-        n = batch_size(batch)
-        base = fr.fold_in(state.key, state.step) if key is None else key
-        keys = fr.fold_in(base.expand(n), torch.arange(n, device=base.device))
-        with _explain_vmap_errors("per-sample gradients"):
-            return self._vmapped(state.params, state.buffers, batch, keys)
-
-    def __call__(self, state: TrainState, batch: Any, key: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per-sample gradients of ``batch`` at ``state``; sample ``i`` draws from ``fold_in(key, i)``
-        (``key`` defaults to this step's key, ``fold_in(state.key, state.step)``)."""
-        return self.with_losses(state, batch, key)[0]
-
-
-def per_sample_grads(model: torch.nn.Module, loss_fn: LossFn, *, precision: Precision = "32") -> PerSampleGrads:
-    """``(state, batch) -> grads``: a tree like ``state.params`` whose leaves have a leading batch axis,
-    ``grads[k][i]`` the gradient of the loss of sample ``i`` alone (``vmap(grad)``, as Opacus's
-    per-sample gradients). ``loss_fn(model_fn, batch, key)`` is the ordinary step's: it sees one sample
-    with a leading batch axis of size 1. Dropout draws per sample from ``fold_in(step_key, i)``.
-    BatchNorm, which mixes the samples of a batch, is refused.
-
-    Example:
-        ```python
-        psg = fnlight.per_sample_grads(model, loss_fn)
-        g = psg(fnlight.TrainState.create(model, fo.sgd(0.1)), (torch.randn(5, 4), torch.randint(0, 2, (5,))))
-        tuple(g["weight"].shape)
-        # (5, 2, 4)
-        ```
-    """
-    return PerSampleGrads(model, loss_fn, precision)
-
-
-@dataclass(frozen=True)
-class DPConfig:
-    """DP-SGD (Abadi et al., 2016) for ``make_train_step(..., dp=DPConfig(...))``.
-
-    Each sample's gradient is clipped to ``clip_norm`` (its global L2 norm over all parameters, factor
-    ``min(1, clip_norm / norm)``), the clipped gradients are summed, Gaussian noise of standard deviation
-    ``noise_multiplier * clip_norm`` is added (drawn from the state's key, so a run is reproducible and
-    resumes exactly), and the sum is divided by the batch size: Opacus's ``DPOptimizer`` arithmetic,
-    except that Opacus divides by ``norm + 1e-6``.
-
-    Example:
-        >>> dp = fnlight.DPConfig(clip_norm=1.0, noise_multiplier=1.1)
-    """
-
-    clip_norm: float
-    noise_multiplier: float
-    expected_batch_size: int | None = None
-    """Divide by this instead of the batch's size (Opacus's ``expected_batch_size``): with Poisson
-    sampling the actual size depends on the data, and dividing by it is not private."""
-
-    def __post_init__(self) -> None:
-        if self.expected_batch_size is not None and self.expected_batch_size < 1:
-            raise ValueError(f"DPConfig.expected_batch_size must be >= 1, got {self.expected_batch_size}")
-        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
-            raise ValueError(f"DPConfig.clip_norm must be a positive finite number, got {self.clip_norm}")
-        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise ValueError(f"DPConfig.noise_multiplier must be >= 0 and finite, got {self.noise_multiplier}")
-
-
-_NOISE_SALT = 0x5EED  # the noise key: fold_in(step_key, _NOISE_SALT), apart from the samples' fold_in(key, i)
-
-
-def clip_per_sample(per: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The sum over samples of per-sample gradients clipped to ``clip_norm`` (global L2 norm over all
-    parameters, factor ``min(1, clip_norm / norm)``), and the per-sample norms before clipping.
-
-    Example:
-        >>> summed, norms = clip_per_sample({"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}, 1.0)
-        >>> summed["w"], norms
-        (tensor([0.9000, 1.2000]), tensor([5.0000, 0.5000]))
-    """
-    names = list(per)
-    n = per[names[0]].shape[0]
-    norms = torch.stack([per[k].reshape(n, -1).double().pow(2).sum(1) for k in names]).sum(0).sqrt()
-    factor = torch.clamp(clip_norm / norms, max=1.0)  # norm 0: inf, clamped to 1
-    return {k: torch.einsum("n,n...->...", factor.to(per[k].dtype), per[k]) for k in names}, norms.to(torch.float32)
-
-
-@dataclass(frozen=True, eq=False)
-class DPTrainStep:
-    """``train_step(state, batch) -> (state, metrics)`` with DP-SGD gradients; see ``make_train_step(dp=...)``.
-
-    Metrics: ``loss`` (the batch's mean loss, before clipping), ``grad_norm`` (the mean per-sample
-    gradient norm before clipping) and ``clipped`` (the fraction of samples that were clipped).
-    """
-
-    model: torch.nn.Module
-    loss_fn: LossFn
-    optimizer: GradientTransformation
-    dp: DPConfig
-    accumulate: int = 1
-    precision: Precision = "32"
-    donate: bool = False
-    on_nonfinite: Literal["raise", "skip"] = "raise"
-
-    def __post_init__(self) -> None:
-        checks.check_step_options(self.accumulate, self.precision, self.on_nonfinite)
-        object.__setattr__(self, "_psg", PerSampleGrads(self.model, self.loss_fn, self.precision))
-
-    def donating(self) -> DPTrainStep:
-        """The same step with ``donate=True``."""
-        return self if self.donate else dataclasses.replace(self, donate=True)
-
-    def gradients(self, state: TrainState, batch: Any) -> tuple[dict[str, torch.Tensor], Metrics]:
-        """The noised, averaged DP gradient of ``batch`` at ``state``, and the step's metrics."""
-        key = fr.fold_in(state.key, state.step)
-        n = batch_size(batch)
-        if n < self.accumulate:
-            raise ValueError(f"accumulate={self.accumulate} needs batches of at least that many samples, got {n}")
-        total: dict[str, torch.Tensor] = {}
-        losses, norms = [], []
-        offset = 0
-        for chunk in _chunks(batch, self.accumulate):  # sample i keeps key fold_in(key, i) in any chunking
-            m = batch_size(chunk)
-            keys = fr.fold_in(key.expand(m), torch.arange(offset, offset + m, device=key.device))
-            with _explain_vmap_errors("per-sample gradients"):
-                per, loss_i = self._psg._vmapped(state.params, state.buffers, chunk, keys)
-            summed, norm_i = clip_per_sample(per, self.dp.clip_norm)
-            total = {k: total[k] + v for k, v in summed.items()} if total else summed
-            losses.append(loss_i)
-            norms.append(norm_i)
-            offset += m
-        noise_key = fr.fold_in(key, _NOISE_SALT)
-        std = self.dp.noise_multiplier * self.dp.clip_norm
-        divisor = self.dp.expected_batch_size or n
-        grads = {}
-        for j, (k, summed) in enumerate(total.items()):
-            if std > 0:
-                summed = summed + fr.normal(fr.fold_in(noise_key, j), tuple(summed.shape), dtype=summed.dtype) * std
-            grads[k] = summed / divisor
-        norm = torch.cat(norms)
-        return grads, {"loss": torch.cat(losses).mean(), "grad_norm": norm.mean(),
-                       "clipped": (norm > self.dp.clip_norm).float().mean()}
-
-    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if num_members(state) is not None:
-            raise ValueError("dp= takes an ordinary state, not a stacked one (ensembles with DP are not supported)")
-        if self.model.training is False:
-            self.model.train(True)
-        grads, metrics = self.gradients(state, batch)
-        if distributed.world_size() > 1:
-            grads = distributed.all_reduce_mean(grads)
-        if not bool(torch.isfinite(global_norm(list(grads.values()))) & torch.isfinite(metrics["loss"])):
-            if self.on_nonfinite == "raise":
-                raise NonFiniteError(f"non-finite loss or gradients at step {int(state.step)} "
-                                     f"(loss={float(metrics['loss'])}). Use on_nonfinite='skip' to skip such steps, "
-                                     "or lower the learning rate.")
-            return state.replace(step=state.step + 1), {**metrics, "skipped": torch.ones(())}
-        params, opt_state = optim_step(self.optimizer, grads, state.opt_state, state.params, inplace=self.donate)
-        if self.on_nonfinite == "skip":
-            metrics["skipped"] = torch.zeros(())
-        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
-
-
-def _chunks(batch: Any, k: int) -> list[Any]:
-    if k == 1:
-        return [batch]
-    return [tree_map(lambda t, i=i: torch.tensor_split(t, k)[i] if isinstance(t, torch.Tensor) else t, batch)
-            for i in range(k)]
 
 
 def make_vectorized_train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: GradientTransformation, *,
@@ -961,6 +574,8 @@ def make_vectorized_train_step(model: torch.nn.Module, loss_fn: LossFn, optimize
                                sync_batchnorm: bool, ensemble: bool, member_batches: bool,
                                member_chunk: int | None, dp: DPConfig | None) -> EnsembleTrainStep | DPTrainStep:
     """``make_train_step(..., ensemble=True)`` or ``make_train_step(..., dp=...)`` (checks the combination)."""
+    from .dp import DPConfig, DPTrainStep  # (dp imports this module)
+
     if sync_batchnorm:
         raise ValueError("sync_batchnorm is not supported with ensemble=True or dp=")
     if member_batches and not ensemble:
