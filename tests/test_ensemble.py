@@ -568,3 +568,11 @@ def test_a_per_tensor_optimizer_changing_a_non_tensor_leaf_is_refused_too():
     ens = fnlight.make_train_step(mlp(), loss_fn, opt, ensemble=True)
     with pytest.raises(TypeError, match="must hold its values in tensors"):
         ens(fnlight.stack_states(states(opt)), batches(1)[0])
+
+
+def test_the_dp_names_still_import_from_the_ensemble_module():
+    from fnlight.train import dp, ensemble
+
+    assert ensemble.DPConfig is dp.DPConfig and ensemble.clip_per_sample is dp.clip_per_sample
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        ensemble.nothing  # noqa: B018

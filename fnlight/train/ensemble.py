@@ -594,3 +594,12 @@ def make_vectorized_train_step(model: torch.nn.Module, loss_fn: LossFn, optimize
         return DPTrainStep(model, loss_fn, optimizer, dp, accumulate, precision, donate, on_nonfinite)
     return EnsembleTrainStep(model, loss_fn, optimizer, accumulate, clip, precision, compile, donate, on_nonfinite,
                              member_batches, member_chunk)
+
+
+def __getattr__(name: str) -> Any:
+    """Per-sample gradients and DP-SGD moved to :mod:`fnlight.train.dp`; their old names here still resolve."""
+    if name in ("DPConfig", "DPTrainStep", "PerSampleGrads", "clip_per_sample", "per_sample_grads"):
+        from . import dp
+
+        return getattr(dp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
