@@ -105,7 +105,7 @@ def test_each_member_equals_training_it_alone(opt, kw):
     for member, alone in zip(fnlight.unstack_states(stacked), ss, strict=True):
         for b in data:
             alone, _ = one(alone, b)
-        # measured (torch 2.13 CPU): bitwise equal, but 1.8e-7 relative with accumulate=2 (the chunks' gradient sums
+        # measured (torch 2.13 CPU): bitwise equal, but 2.1e-7 relative with accumulate=2 (the chunks' gradient sums
         # round differently under vmap); batched matmuls may round differently on other machines
         assert max_rel(member.params, alone.params) < 1e-5
         assert int(member.step) == int(alone.step) == len(data)
