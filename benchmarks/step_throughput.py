@@ -154,22 +154,33 @@ def loss_fn(model_fn: Callable[..., Any], batch: Batch, key: torch.Tensor) -> to
     return F.cross_entropy(model_fn(x), y)
 
 
-def torch_loop(model: torch.nn.Module, pool: list[Batch], fused: bool) -> Runner:
-    opt = torch.optim.Adam(model.parameters(), lr=LR, foreach=not fused, fused=fused)
-    data = itertools.cycle(pool)
+def torch_runner(opt: torch.optim.Optimizer, loss_of: Callable[[Any], torch.Tensor], data: Iterator[Any],
+                 clip: list[torch.nn.Parameter] | None = None) -> Runner:
+    """Runs ``n`` steps of the plain PyTorch loop (``zero_grad``, ``loss_of(batch).backward()``, optionally
+    ``clip_grad_norm_(clip, 1.0)``, ``opt.step()``) on batches of ``data``: seconds and the last loss."""
 
     def run(n: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         for _ in range(n):
-            x, y = next(data)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_of(next(data))
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(clip, 1.0)
             opt.step()
         final = float(loss.detach())
         return time.perf_counter() - t0, final
 
     return run
+
+
+def mlp_loss(model: torch.nn.Module) -> Callable[[Batch], torch.Tensor]:
+    return lambda batch: F.cross_entropy(model(batch[0]), batch[1])
+
+
+def torch_loop(model: torch.nn.Module, pool: list[Batch], fused: bool) -> Runner:
+    opt = torch.optim.Adam(model.parameters(), lr=LR, foreach=not fused, fused=fused)
+    return torch_runner(opt, mlp_loss(model), itertools.cycle(pool))
 
 
 def step_runner(step: Callable[..., Any], state: fnlight.TrainState, data: Iterator[Any]) -> Runner:
@@ -299,19 +310,7 @@ def torch_groups_loop(model: torch.nn.Module, pool: list[Batch], fused: bool) ->
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, foreach=not fused, fused=fused)
-    data = itertools.cycle(pool)
-
-    def run(n: int) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            x, y = next(data)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - t0, float(loss.detach())
-
-    return run
+    return torch_runner(opt, mlp_loss(model), itertools.cycle(pool))
 
 
 def fnlight_groups_loop(model: torch.nn.Module, pool: list[Batch], **options: Any) -> Runner:
@@ -395,20 +394,12 @@ def gpt_runner(variant: str, device: str, precision: str) -> Runner:
     if variant == "torch_default":
         opt = torch.optim.AdamW(gpt.torch_param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
 
-        def run_torch(n: int) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                x, y = next(data)
-                opt.zero_grad(set_to_none=True)
-                with autocast():
-                    loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-            final = float(loss.detach())
-            return time.perf_counter() - t0, final
+        def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            with autocast():
+                return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
 
-        return run_torch
+        return torch_runner(opt, loss_of, data, clip=list(model.parameters()))
     fopt = fo.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1, mask=gpt.decay_mask)
     step = fnlight.make_train_step(model, gpt.loss_fn, fopt, clip=1.0, precision=precision,
                                    compile=variant == "fnlight_compile", donate=variant == "fnlight_donate")
@@ -540,19 +531,7 @@ def hf_runner(variant: str) -> Runner:
                   {"params": [p for k, p in named.items() if not mask[k]], "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
         model.train()
-
-        def run_torch(n: int) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                opt.zero_grad(set_to_none=True)
-                loss = model(**next(data)).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-            final = float(loss.detach())
-            return time.perf_counter() - t0, final
-
-        return run_torch
+        return torch_runner(opt, lambda batch: model(**batch).loss, data, clip=list(model.parameters()))
     step = fnlight.make_train_step(model, hf.loss_fn, fopt, clip=1.0, compile=variant == "fnlight_compile")
     return step_runner(step, fnlight.TrainState.create(model, fopt), data)
 
