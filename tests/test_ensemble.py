@@ -125,8 +125,7 @@ def merged_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("donate", [False, True])
-@pytest.mark.parametrize("name", ["sgd", "adam-amsgrad-l2", "adamw-schedule", "adamw-foreach", "rmsprop", "lion",
-                                  "lamb", "lars", "adafactor", "chain", "inject"])
+@pytest.mark.parametrize("name", sorted(PER_TENSOR))
 def test_per_tensor_optimizers_update_all_members_in_one_call_bitwise(name, donate, merged_calls):
     opt = PER_TENSOR[name]()
     one_call = fnlight.make_train_step(mlp(), loss_fn, opt, ensemble=True, donate=donate, clip=0.5)

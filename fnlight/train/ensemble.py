@@ -310,10 +310,10 @@ class _Merged:
         return _Merged(spec, tuple(slots))
 
     def apply(self, opt: GradientTransformation, grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
-              opt_state: Any) -> bool:
-        """Update the stacked ``params`` and ``opt_state`` in place with one call; False (nothing done)
-        when the members' shared state differs (e.g. a learning-rate sweep): then update them one by one."""
-        s_leaves = optree.tree_leaves(opt_state, namespace=NAMESPACE)
+              s_leaves: list[Any]) -> bool:
+        """Update the stacked ``params`` and optimizer state (its leaves ``s_leaves``) in place with one call;
+        False (nothing done) when the members' shared state differs (e.g. a learning-rate sweep): then update
+        them one by one."""
         rows: dict[int, tuple[torch.Tensor, ...]] = {}
         leaves: list[Any] = []
         for j, member in self.slots:
@@ -449,8 +449,9 @@ class EnsembleTrainStep:
                 for v in g:
                     v.mul_(factor)
         if not isinstance(self.optimizer, PerMember) and self.optimizer.per_tensor:
-            merged = self._merged_plan(params, opt_state)
-            if merged is not None and merged.apply(self.optimizer, grads, params, opt_state):
+            s_leaves, s_spec = tree_flatten(opt_state)
+            merged = self._merged_plan(params, opt_state, s_spec)
+            if merged is not None and merged.apply(self.optimizer, grads, params, s_leaves):
                 return params, opt_state
         n = len(next(iter(params.values())))
         g_rows, p_rows, s_rows = _Members(grads, n), _Members(params, n), _Members(opt_state, n)
@@ -461,9 +462,9 @@ class EnsembleTrainStep:
             _write_back(new_s, s_rows.views(i))
         return params, opt_state
 
-    def _merged_plan(self, params: dict[str, torch.Tensor], opt_state: Any) -> _Merged | None:
-        """The cached :class:`_Merged` plan for this state's shapes and structure."""
-        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()), tree_structure(opt_state))
+    def _merged_plan(self, params: dict[str, torch.Tensor], opt_state: Any, spec: Any) -> _Merged | None:
+        """The cached :class:`_Merged` plan for this state's shapes and structure (``spec``)."""
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()), spec)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             plans[key] = _Merged.plan(self.optimizer, params, opt_state)  # type: ignore[arg-type]
