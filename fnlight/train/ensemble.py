@@ -309,11 +309,18 @@ class _Merged:
             slots.append((j, keys[0].member if keys else None))
         return _Merged(spec, tuple(slots))
 
+    def shared_equal(self, s_leaves: list[Any], device: torch.device) -> torch.Tensor:
+        """Whether the members' shared state (count, hyperparameters) is equal, as a bool tensor on ``device``
+        (read by the caller together with the non-finite check: one host sync for both). Where it is not
+        (e.g. a learning-rate sweep), the members are updated one by one instead of with :meth:`apply`."""
+        same = [(t == t[:1]).all().to(device) for (j, member) in self.slots if member is None
+                for t in (s_leaves[j],) if isinstance(t, torch.Tensor)]
+        return torch.stack(same).all() if same else torch.ones((), dtype=torch.bool, device=device)
+
     def apply(self, opt: GradientTransformation, grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
-              s_leaves: list[Any]) -> bool:
+              s_leaves: list[Any]) -> None:
         """Update the stacked ``params`` and optimizer state (its leaves ``s_leaves``) in place with one call;
-        False (nothing done) when the members' shared state differs (e.g. a learning-rate sweep): then update
-        them one by one."""
+        the members' shared state must be equal (:meth:`shared_equal`)."""
         rows: dict[int, tuple[torch.Tensor, ...]] = {}
         leaves: list[Any] = []
         for j, member in self.slots:
@@ -321,8 +328,6 @@ class _Merged:
             if not isinstance(t, torch.Tensor):
                 leaves.append(t)
             elif member is None:
-                if not torch.equal(t, t[:1].expand_as(t)):
-                    return False
                 leaves.append(t[0].clone())  # (a copy: an in-place update must not reach the other members)
             else:
                 leaves.append((rows[j] if j in rows else rows.setdefault(j, t.unbind(0)))[member])
@@ -339,7 +344,6 @@ class _Merged:
         pairs = [(n, o) for n, o, (_, m) in zip(new_leaves, leaves, self.slots, strict=True)
                  if m is not None or not isinstance(o, torch.Tensor)]
         _write_back([n for n, _ in pairs], [o for _, o in pairs])
-        return True
 
 
 class PerMember(tuple):  # type: ignore[type-arg]
@@ -424,7 +428,8 @@ class EnsembleTrainStep:
             metrics = {k: metrics.get(k, 0) + v * w for k, v in m_i.items()}
         return total, loss, metrics, buffers
 
-    def _apply(self, grads: dict[str, torch.Tensor], state: TrainState, inplace: bool) -> tuple[Any, Any]:
+    def _apply(self, grads: dict[str, torch.Tensor], state: TrainState, inplace: bool,
+               merged: tuple[_Merged, list[Any]] | None) -> tuple[Any, Any]:
         """New params and optimizer state: each member's update is the ordinary step's
         (``fnlight.optim.step``, fused kernels included) on its slices of the stacked tensors.
 
@@ -432,6 +437,7 @@ class EnsembleTrainStep:
         lamb and adafactor) updates all members in one call, each member's slices as tensors of their
         own (:class:`_Merged`), when the members share their count and hyperparameters; otherwise (a
         sweep, one optimizer per member, global-norm clipping in the optimizer) one call per member.
+        ``merged`` is the one-call plan and the state's leaves (from :meth:`_merged_plan`), or ``None``.
         Either way each member's update is bitwise the one it would get alone: the kernels process
         each tensor on its own (on one stacked tensor instead, torch's vectorized kernels would round
         some elements differently where a member's tensor ends mid-vector). Vectorizing with vmap
@@ -448,11 +454,10 @@ class EnsembleTrainStep:
                 factor = torch.clamp(self.clip / (global_norm(list(g)) + 1e-6), max=1.0)
                 for v in g:
                     v.mul_(factor)
-        if not isinstance(self.optimizer, PerMember) and self.optimizer.per_tensor:
-            s_leaves, s_spec = tree_flatten(opt_state)
-            merged = self._merged_plan(params, opt_state, s_spec)
-            if merged is not None and merged.apply(self.optimizer, grads, params, s_leaves):
-                return params, opt_state
+        if merged is not None:
+            plan, s_leaves = merged
+            plan.apply(self.optimizer, grads, params, s_leaves if inplace else tree_leaves(opt_state))  # type: ignore[arg-type]
+            return params, opt_state
         n = len(next(iter(params.values())))
         g_rows, p_rows, s_rows = _Members(grads, n), _Members(params, n), _Members(opt_state, n)
         opts = self.optimizer if isinstance(self.optimizer, PerMember) else (self.optimizer,) * n
@@ -462,13 +467,17 @@ class EnsembleTrainStep:
             _write_back(new_s, s_rows.views(i))
         return params, opt_state
 
-    def _merged_plan(self, params: dict[str, torch.Tensor], opt_state: Any, spec: Any) -> _Merged | None:
-        """The cached :class:`_Merged` plan for this state's shapes and structure (``spec``)."""
-        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()), spec)
+    def _merged_plan(self, state: TrainState) -> tuple[_Merged, list[Any]] | None:
+        """The cached :class:`_Merged` plan for this state's shapes and structure, and the state's optimizer
+        state leaves; ``None`` where the optimizer is not ``per_tensor`` or its state does not map."""
+        if isinstance(self.optimizer, PerMember) or not self.optimizer.per_tensor:
+            return None
+        s_leaves, spec = tree_flatten(state.opt_state)
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in state.params.items()), spec)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
-            plans[key] = _Merged.plan(self.optimizer, params, opt_state)  # type: ignore[arg-type]
-        return plans[key]
+            plans[key] = _Merged.plan(self.optimizer, state.params, state.opt_state)
+        return None if plans[key] is None else (plans[key], s_leaves)
 
     # the step -------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
@@ -516,8 +525,13 @@ class EnsembleTrainStep:
         finite = torch.isfinite(member_norms(grads)) & torch.isfinite(loss)
         if distributed.world_size() > 1:  # every rank must take the same decision
             finite = distributed.all_reduce_mean({"f": finite.double()})["f"] == 1
-        if bool(finite.all()):
-            params, opt_state = self._apply(grads, state, self.donate)
+        merged = self._merged_plan(state)
+        checks = [finite.all()] + ([merged[0].shared_equal(merged[1], finite.device)] if merged else [])
+        all_finite, *shared_equal = torch.stack(checks).tolist()  # one host sync for both decisions
+        if shared_equal != [True]:
+            merged = None
+        if all_finite:
+            params, opt_state = self._apply(grads, state, self.donate, merged)
         else:
             bad = [first + i for i, f in enumerate(finite.tolist()) if not f]
             if self.on_nonfinite == "raise":
@@ -525,7 +539,7 @@ class EnsembleTrainStep:
                     f"non-finite loss or gradients in ensemble member(s) {bad} at step {state.step.tolist()} "
                     f"(loss={loss.tolist()}). Use on_nonfinite='skip' to skip those members' updates, or lower "
                     "the learning rate / clip the gradients.")
-            params, opt_state = self._apply(grads, state, False)
+            params, opt_state = self._apply(grads, state, False, merged)
 
             def keep(new: Any, old: Any) -> Any:
                 return torch.where(_expand(finite, new), new, old) if isinstance(new, torch.Tensor) else new
