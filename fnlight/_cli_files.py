@@ -198,7 +198,7 @@ def figure(run_dirs: list[Path], metrics: list[str] | tuple[str, ...] = ()) -> A
         fig = figure([Path("runs/a"), Path("runs/b")], metrics=["loss"])
         ```
     """
-    from .train.loop import read_resumes
+    from .train.rundir import read_resumes
 
     if not run_dirs:
         raise CliError("plot needs at least one RUN directory")

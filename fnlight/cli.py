@@ -80,7 +80,7 @@ from .train.checkpoint import list_checkpoints
 from .train.checkpoint_tree import differences
 from .train.checks import NOTED
 from .train.ensemble import num_members, scalar_step
-from .train.loop import next_version, set_aside
+from .train.rundir import next_version, set_aside
 from .tree import batch_size, device_put
 
 #: Errors that are the user's input, not a bug: one line and exit code 2 (the traceback with --debug).

@@ -19,7 +19,7 @@ import torch
 import fnlight
 import fnlight.optim as fo
 from fnlight.train import Interrupted
-from fnlight.train.loop import set_aside
+from fnlight.train.rundir import set_aside
 from fnlight.tree import tree_equal
 
 from .models import loss_fn, mlp

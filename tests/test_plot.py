@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from fnlight.cli import main
-from fnlight.train.loop import read_resumes
+from fnlight.train.rundir import read_resumes
 
 pytest.importorskip("matplotlib")
 

@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fnlight.train.loop import read_resumes
+from fnlight.train.rundir import read_resumes
 
 fsspec = pytest.importorskip("fsspec")
 
