@@ -21,8 +21,9 @@ Example:
     $ fnlight data describe                         # the pipeline, hyperparameters and fingerprint
     $ fnlight data bench
 
-Exit codes: 0 success; 1 a failed check (``verify``, ``export``) or an error in
-the experiment's own code; 2 a usage error (bad option, bad TARGET or ``--set``,
+Exit codes: 0 success; 1 a failed check (``verify``, ``export``), an error in
+the experiment's own code, or the machine's (a full disk, a read-only or forbidden path; one line
+``error: ...``); 2 a usage error (bad option, bad TARGET or ``--set``,
 missing or corrupted checkpoint, unknown device, a bad config file), printed as one line
 ``error: ...`` (``fnlight --debug ...`` adds the traceback).
 """
@@ -30,6 +31,7 @@ missing or corrupted checkpoint, unknown device, a bad config file), printed as 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -86,6 +88,11 @@ from .tree import batch_size, device_put
 #: Errors that are the user's input, not a bug: one line and exit code 2 (the traceback with --debug).
 USER_ERRORS = (CheckpointError, FingerprintError, DownloadError)
 
+#: OSErrors that are the machine's state, not a bug (a full disk or quota, a read-only or forbidden path,
+#: too many open files): one line and exit code 1 (the traceback with --debug).
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE,
+                            errno.ENFILE})
+
 
 class _Main(click.Group):
     """The group: turns user errors into one line (``error: ...``, exit code 2), with the traceback under --debug."""
@@ -102,8 +109,15 @@ class _Main(click.Group):
                 traceback.print_exc()
             raise CliError(str(e)) from e
         except Exception as e:
-            if not getattr(e, NOTED, False) or ctx.params.get("debug"):
-                raise  # fnlight's own bug, or --debug: the whole traceback
+            if ctx.params.get("debug"):
+                raise
+            if isinstance(e, OSError) and e.errno in MACHINE_ERRNOS and not getattr(e, NOTED, False):
+                click.echo(f"error: {e}\n  (the machine's state, not a bug: fix it (free space, permissions) or give "
+                           "another --run-dir, and run the same command again: fit resumes from its newest checkpoint. "
+                           "fnlight --debug ... prints the traceback)", err=True)
+                ctx.exit(1)
+            if not getattr(e, NOTED, False):
+                raise  # fnlight's own bug: the whole traceback
             # an error in the experiment's own code (its loss_fn, metrics_fn, a transform, a callback...)
             click.echo("\n".join(user_error_lines(e)), err=True)
             ctx.exit(1)

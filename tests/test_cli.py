@@ -25,6 +25,9 @@ from fnlight._cli_files import curves
 from fnlight.cli import _forwarded, fit, main
 from fnlight.experiment import Experiment, build_experiment, digits, digits_datamodule, hparams_of
 from fnlight.train import load_checkpoint, save_checkpoint
+from fnlight.train.checkpoint import list_checkpoints
+
+from .faults import small_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ("--set", "hidden=16")  # a small digits MLP: a step costs little
@@ -463,3 +466,24 @@ def test_verify_options_are_checked():
     assert_one_line_error(invoke("verify", *SMALL, "--steps", "6", "--stop-at", "6"),
                           "--stop-at must be in 1 .. 5 (the run has 6 steps), got 6")
     assert invoke("verify", "--steps", "1").exit_code == 2
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_goes_on_once_space_is_freed(tmp_path):
+    with small_disk(tmp_path, "120k") as disk:
+        cmd = ("fit", "--max-steps", "40", *SMALL, "--ckpt-every-n-steps", "1", "--keep-last", "100",
+               "--run-dir", disk / "run")
+        res = invoke(*cmd)
+        assert res.exit_code == 1, res.output
+        errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "No space left on device" in errors[0], res.output
+        assert "Traceback" not in res.output and "run the same command again" in res.output
+        kept = list_checkpoints(disk / "run" / "checkpoints")
+        assert kept, "the disk should hold a few checkpoints before it fills"
+        newest = int(kept[-1].name.split("_")[1])
+        assert invoke("test", "--ckpt", kept[-1]).exit_code == 0  # what was written is whole
+        for ck in kept[:-1]:  # free space
+            shutil.rmtree(ck)
+        res = invoke(*cmd, "--keep-last", "1")  # (the last --keep-last counts: one checkpoint at a time now)
+        assert res.exit_code == 0, res.output
+        assert f"resuming from {kept[-1]}" in res.output and newest < 40
+        assert [ck.name for ck in list_checkpoints(disk / "run" / "checkpoints")] == ["step_000000040"]
