@@ -20,7 +20,7 @@ import torch
 from torch.func import functional_call
 
 from . import random as fr
-from ._cli_common import CliError, Target, configure
+from ._cli_common import CliError, Target, configure, parse_sets
 from .experiment import Experiment
 from .optim import step as optim_step
 from .train import make_eval_step, make_train_step, stack_states, unstack_states
@@ -70,11 +70,10 @@ def _same_updates(a: Any, b: Any, stacked: TrainState, steps: int = 3) -> bool:
     return True
 
 
-def _values(text: str, option: str) -> list[str]:
+def _values(text: str, option: str, example: str) -> list[str]:
     values = [v.strip() for v in text.split(",")]
     if len(values) < 2 or any(not v for v in values):
-        raise CliError(f"{option} takes two or more comma-separated values, e.g. {option} "
-                       f"{'0,1,2' if option == '--seeds' else 'lr=1e-3,3e-3'}; got {text!r}")
+        raise CliError(f"{option} takes two or more comma-separated values, e.g. {example}; got {text!r}")
     if len(set(values)) != len(values):
         raise CliError(f"{option}: the values {values} repeat one (a repeated member trains the same model twice)")
     return values
@@ -89,7 +88,7 @@ def build_members(target: Target, sets: Sequence[str], *, seeds: str | None, swe
                        "configuration, --sweep seed=0,1,2 --set key=value)")
     configs: list[tuple[str, list[str], int | None]] = []
     if seeds is not None:
-        for v in _values(seeds, "--seeds"):
+        for v in _values(seeds, "--seeds", "--seeds 0,1,2"):
             try:
                 configs.append((f"seed={int(v)}", list(sets), int(v)))
             except ValueError:
@@ -100,7 +99,16 @@ def build_members(target: Target, sets: Sequence[str], *, seeds: str | None, swe
         if not sep or not key.strip():
             raise CliError(f"--sweep takes KEY=V1,V2,..., e.g. --sweep lr=1e-3,3e-3,1e-2; got {sweep!r}")
         key = key.strip()
-        configs = [(f"{key}={v}", [*sets, f"{key}={v}"], None) for v in _values(rest, f"--sweep {key}=")]
+        values = _values(rest, f"--sweep {key}", f"--sweep {key}=1e-3,3e-3" if key == "lr" else f"--sweep {key}=1,2")
+        if isinstance(target.obj, Experiment):
+            raise CliError(f"--sweep needs a factory: {target.spec} is an Experiment object, which has no "
+                           "hyperparameters; name a function that returns it and takes them as keyword arguments")
+        try:  # each value on its own, so that an error names the --sweep option and the value
+            for v in values:
+                parse_sets([f"{key}={v}"], target.obj)
+        except CliError as e:
+            raise CliError(str(e).replace("bad --set ", "bad --sweep ", 1)) from None
+        configs = [(f"{key}={v}", [*sets, f"{key}={v}"], None) for v in values]
         what = f"--sweep {key}"
     exps, hps = [], []
     for _, member_sets, seed in configs:

@@ -76,6 +76,11 @@ def test_sweeps_that_change_the_model_data_or_length_are_refused(tmp_path):
     assert_one_line_error(invoke("fit", "--seeds", "0,x", *SMALL), "integers")
     assert_one_line_error(invoke("fit", "--seeds", "0,0", *SMALL), "repeat")
     assert_one_line_error(invoke("fit", "--sweep", "lr", *SMALL), "KEY=V1,V2")
+    assert_one_line_error(invoke("fit", "--sweep", "lr=3e-3", *SMALL), "--sweep lr takes two or more",
+                          "e.g. --sweep lr=1e-3,3e-3;")
+    assert_one_line_error(invoke("fit", "--sweep", "lr=1e-3,abc", *SMALL), "bad --sweep lr=abc", "a number")
+    assert_one_line_error(invoke("fit", "--sweep", "nope=1,2", *SMALL), "bad --sweep 'nope=1'",
+                          "unknown hyperparameter 'nope'")
     assert_one_line_error(invoke("fit", "--seeds", "0,1", "--sweep", "lr=1,2", *SMALL), "together")
     assert_one_line_error(invoke("fit", "--seeds", "0,1", "--devices", "2", *SMALL), "--devices")
     assert not (tmp_path / "runs").exists()
