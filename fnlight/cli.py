@@ -82,11 +82,11 @@ from .train.checkpoint import list_checkpoints
 from .train.checkpoint_tree import differences
 from .train.checks import NOTED
 from .train.ensemble import num_members, scalar_step
-from .train.rundir import next_version, set_aside
+from .train.rundir import RunDirInUse, claim, next_version, set_aside
 from .tree import batch_size, device_put
 
 #: Errors that are the user's input, not a bug: one line and exit code 2 (the traceback with --debug).
-USER_ERRORS = (CheckpointError, FingerprintError, DownloadError)
+USER_ERRORS = (CheckpointError, FingerprintError, DownloadError, RunDirInUse)
 
 #: OSErrors that are the machine's state, not a bug (a full disk or quota, a read-only or forbidden path,
 #: too many open files): one line and exit code 1 (the traceback with --debug).
@@ -311,6 +311,7 @@ def fit(ctx: click.Context, **params: Any) -> None:
         distributed.broadcast_object(next_version("runs") if lead else None)
     cfg = cfg.resolve(exp, hparams, run_dir=run)
     ckpt_dir = run / "checkpoints"
+    ctx.with_resource(claim(run))  # until the command ends: nobody else sets this run aside or trains in it
     if lead and not cfg["resume"]:
         aside = set_aside(run)  # kept, not deleted: a new run that fails at step 0 loses nothing
         if aside is not None:

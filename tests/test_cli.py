@@ -26,6 +26,7 @@ from fnlight.cli import _forwarded, fit, main
 from fnlight.experiment import Experiment, build_experiment, digits, digits_datamodule, hparams_of
 from fnlight.train import load_checkpoint, save_checkpoint
 from fnlight.train.checkpoint import list_checkpoints
+from fnlight.train.rundir import LOCK
 
 from .faults import small_disk
 
@@ -144,7 +145,7 @@ def test_fit_in_a_process_prints_a_summary_and_resumes(tmp_path):
 def test_no_resume_starts_afresh(run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    before = sorted(p.name for p in copy.iterdir())
+    before = sorted(p.name for p in copy.iterdir() if p.name != LOCK)  # (the claim's lock file stays)
     res = invoke("fit", "--max-steps", "5", *SMALL, "--run-dir", copy, "--no-resume")
     assert res.exit_code == 0, res.output
     assert f"--no-resume: the previous run is kept in {copy / 'previous' / '0'}" in res.output

@@ -19,7 +19,7 @@ import torch
 import fnlight
 import fnlight.optim as fo
 from fnlight.train import Interrupted
-from fnlight.train.rundir import set_aside
+from fnlight.train.rundir import LOCK, RunDirInUse, set_aside
 from fnlight.tree import tree_equal
 
 from .models import loss_fn, mlp
@@ -266,11 +266,53 @@ def test_set_aside_keeps_the_previous_run_loadable(tmp_path):
     trainer(tmp_path, max_epochs=1).fit(state, step, dm)
     (tmp_path / "run" / "extra.txt").write_text("x")
     assert set_aside(tmp_path / "run") == tmp_path / "run" / "previous" / "0"
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["previous"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != LOCK) == ["previous"]
     assert (tmp_path / "run" / "previous" / "0" / "metrics.csv").is_file()
     (tmp_path / "run" / "new.txt").write_text("y")
     assert set_aside(tmp_path / "run") == tmp_path / "run" / "previous" / "1"
     assert set_aside(tmp_path / "run") is None and set_aside(tmp_path / "nothing") is None
+
+
+# -- one run at a time in a run directory ------------------------------------------------------------
+
+HOLD = "import sys; from fnlight.train.rundir import claim; c = claim(sys.argv[1]); c.__enter__(); " \
+       "print('held', flush=True); sys.stdin.read()"
+
+
+def test_a_second_process_cannot_train_in_a_claimed_run_dir_and_kill_9_leaves_no_stale_claim(tmp_path):
+    from .test_cli import assert_one_line_error, invoke
+
+    dm, state, step, _ = setup()
+    run = tmp_path / "run"
+    trainer(tmp_path, max_epochs=1).fit(state, step, dm)  # an earlier run's files, which nobody may touch
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirInUse, match=f"{run} is in use: another process is training there"):
+            trainer(tmp_path, max_epochs=2).fit(state, step, dm)
+        # fnlight fit, even with --no-resume (which would move the holder's files aside): one line, exit 2
+        assert_one_line_error(invoke("fit", "--set", "hidden=8", "--max-steps", "1", "--run-dir", run, "--no-resume"),
+                              f"{run} is in use")
+        assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # nothing read-modified or moved
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock; nothing stale is left to clean up
+        holder.wait()
+    result = trainer(tmp_path, max_epochs=2).fit(state, step, dm)
+    assert result.resumed_from is not None and len(result.history) == 2
+
+
+def test_claims_nest_within_a_process(tmp_path):
+    from fnlight.train.rundir import claim
+
+    dm, state, step, _ = setup()
+    with claim(tmp_path / "run"):  # what fnlight fit holds around Trainer.fit
+        trainer(tmp_path, max_epochs=1).fit(state, step, dm)
+        trainer(tmp_path, max_epochs=2).fit(state, step, dm)
+    out = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path / "run")], input="", capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "held", out.stderr  # released once the outermost claim ends
 
 
 # -- errors from the user's code ---------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .checkpoint_zero import save_sharded
 from .checks import check_state_matches, noted
 from .ensemble import EnsembleTrainStep, PerMember, member_metrics, scalar_step, spread_members
 from .loggers import CSVLogger, JSONLLogger, Logger
-from .rundir import RESUMES, next_version, record_resume
+from .rundir import RESUMES, claim, next_version, record_resume
 from .state import TrainState
 from .step import TrainStep
 from .zero import is_sharded, unshard
@@ -289,6 +289,7 @@ class _Fit:
         self.loggers: list[Logger] = []
         self.val: Metrics = {}  # the latest validation metrics (for the progress bar)
         self.groups = frozenset({"train/"} | ({"val/"} if eval_step is not None else set()))
+        self.claimed = contextlib.ExitStack()  # the run directory's claim, from start() until fit returns
 
     # -- start or resume ------------------------------------------------------------------------
     def start(self, state: TrainState) -> TrainState:
@@ -305,6 +306,7 @@ class _Fit:
             self.run_dir = distributed.broadcast_object(next_version(Path("runs")) if self.lead else None)
         if self.lead and isinstance(self.run_dir, Path):  # (a remote directory exists once it holds a file)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.claimed.enter_context(claim(self.run_dir))  # one run at a time in a directory (released by fit)
         self.fingerprint = dm.fingerprint if self.checkpoints is not None else None  # a checkpoint records its data
         # Rank 0 reads the checkpoint; the others get its meta here and its state from the broadcast below
         # (so ranks need not share a file system for resuming).

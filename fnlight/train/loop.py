@@ -295,7 +295,9 @@ class Trainer:
         ones, with a warning); a run that had finished (``max_epochs``/``max_steps`` reached, or
         stopped by a callback) trains nothing, unless the limits were raised. SIGTERM, SIGINT and
         SIGUSR1 (``handle_signals``) stop it after the step in progress: it saves a checkpoint
-        there, closes the loggers and raises :class:`Interrupted`.
+        there, closes the loggers and raises :class:`Interrupted`. The run directory is claimed for the
+        call (:func:`fnlight.train.rundir.claim`): another process fitting into it meanwhile gets
+        ``RunDirInUse`` at once, before it reads or writes anything there.
 
         Example:
             >>> model, opt = torch.nn.Linear(4, 2), fo.sgd(0.1)
@@ -313,17 +315,18 @@ class Trainer:
         """
         run = _Fit(self, train_step, self._datamodule(datamodule), eval_step, hparams, on_checkpoint)
         run.config = _json_hparams(config)
-        state = run.start(state)  # start, or resume where the newest checkpoint left off
-        if run.finished_before:
-            return _result(run, state)
-        with _SignalFlag(self.signal_numbers) as signals, _deterministic(self.deterministic):
-            ended = False  # training ended (finished, stopped or interrupted by a signal), not an exception
-            try:
-                while run.epoch < run.max_epochs and run.stopped is None and not run.interrupted:
-                    state = run.train_epoch(state, signals)
-                ended = True
-            finally:
-                run.close(ended)
+        with run.claimed:  # (the run directory, claimed by start: released last)
+            state = run.start(state)  # start, or resume where the newest checkpoint left off
+            if run.finished_before:
+                return _result(run, state)
+            with _SignalFlag(self.signal_numbers) as signals, _deterministic(self.deterministic):
+                ended = False  # training ended (finished, stopped or interrupted by a signal), not an exception
+                try:
+                    while run.epoch < run.max_epochs and run.stopped is None and not run.interrupted:
+                        state = run.train_epoch(state, signals)
+                    ended = True
+                finally:
+                    run.close(ended)
         if run.interrupted:
             raise Interrupted(run.interrupted, run.step, run.epoch, run.position, run.checkpoints.last
                               if run.checkpoints is not None else None)

@@ -1,22 +1,102 @@
-"""The run directory's bookkeeping: new ``runs/version_<n>`` directories, setting an earlier run aside
-(``fnlight fit --no-resume``), and the record of where a run resumed (``resumes.jsonl``, which
-``fnlight plot`` marks on the curves). Local paths and object-store URLs alike.
+"""The run directory's bookkeeping: new ``runs/version_<n>`` directories, one run at a time in a
+directory (:func:`claim`), setting an earlier run aside (``fnlight fit --no-resume``), and the record
+of where a run resumed (``resumes.jsonl``, which ``fnlight plot`` marks on the curves). Local paths
+and object-store URLs alike (an object store's directories are not claimed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
+from .. import distributed
 from .._remote import Location, RemotePath, location
 
-__all__ = ["RESUMES", "next_version", "read_resumes", "record_resume", "set_aside"]
+__all__ = ["LOCK", "RESUMES", "RunDirInUse", "claim", "next_version", "read_resumes", "record_resume", "set_aside"]
 
 log = logging.getLogger("fnlight")
+
+#: The file a training process holds locked in its run directory (see :func:`claim`).
+LOCK = ".fnlight.lock"
+
+
+class RunDirInUse(RuntimeError):
+    """Another process is training in this run directory (it holds the directory's :data:`LOCK`)."""
+
+
+_held: dict[str, list[Any]] = {}  # resolved run directory -> [its FileLock, how many claims of this process]
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def claim(run_dir: Location) -> Iterator[None]:
+    """Hold ``run_dir`` for this process while the block runs: a second process that claims it meanwhile
+    gets :class:`RunDirInUse` at once (``Trainer.fit`` and ``fnlight fit`` claim their run directory, so
+    two runs of the same command never write one directory's logs and checkpoints together).
+
+    The claim is an OS lock (``flock``) on ``run_dir/.fnlight.lock``: a process killed with ``kill -9``
+    holds nothing, so there is never a stale lock to delete. Claims nest within a process. With several
+    ranks, rank 0 claims and every rank gets its answer (a collective). An object-store ``run_dir``
+    is not claimed.
+
+    Example:
+        >>> import subprocess, sys
+        >>> with claim(Path("runs/a")):
+        ...     other = [sys.executable, "-c", "from fnlight.train.rundir import claim; claim('runs/a').__enter__()"]
+        ...     "RunDirInUse" in subprocess.run(other, capture_output=True, text=True).stderr
+        True
+    """
+    run = location(run_dir)
+    key, error = None, None
+    if distributed.rank() == 0 and isinstance(run, Path):
+        try:
+            key = _acquire(run)
+        except RunDirInUse as e:
+            error = str(e)
+    if distributed.world_size() > 1:
+        error = distributed.broadcast_object(error)
+    if error is not None:
+        raise RunDirInUse(error)
+    try:
+        yield
+    finally:
+        if key is not None:
+            _release(key)
+
+
+def _acquire(run: Path) -> str:
+    key = str(run.resolve())
+    with _held_guard:
+        if key in _held:
+            _held[key][1] += 1
+            return key
+        run.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(run / LOCK), timeout=0, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunDirInUse(f"{run} is in use: another process is training there (it holds {run / LOCK}); wait "
+                              "for it to end, or give another run directory (--run-dir)") from None
+        _held[key] = [lock, 1]
+        return key
+
+
+def _release(key: str) -> None:
+    with _held_guard:
+        entry = _held[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[key]
+            entry[0].release()
 
 
 #: One JSON line per resume in the run directory (what ``fnlight plot`` marks on the curves).
@@ -106,7 +186,7 @@ def set_aside(run_dir: str | os.PathLike) -> Path | None:
     run = location(run_dir)
     if isinstance(run, RemotePath):
         return _set_aside_remote(run)
-    items = sorted(p for p in run.iterdir() if p.name != "previous") if run.is_dir() else []
+    items = sorted(p for p in run.iterdir() if p.name not in ("previous", LOCK)) if run.is_dir() else []
     if not items:
         return None
     n = 0
