@@ -125,6 +125,33 @@ def test_update_plus_apply_matches_the_fused_step(name, cls, kw, ours):
         torch.testing.assert_close(got[k], fused[k], rtol=1e-5, atol=1e-6)
 
 
+def _layouts(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``t``'s values in layouts that are not contiguous (as vmap and transposed views give them)."""
+    stacked = torch.stack([t.t(), -t.t()], dim=-1).permute(2, 1, 0)  # [2, *t.shape], the member axis not outermost
+    return {"transposed": t.t().contiguous().t(), "a row of a permuted stack": stacked[0],
+            "every other column": torch.stack([t, t], dim=-1)[..., 0]}
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("layout", ["transposed", "a row of a permuted stack", "every other column"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_fused_kernel_takes_tensors_that_are_not_contiguous(decoupled, layout, inplace):
+    """torch's fused Adam kernel reads each tensor as one contiguous block: a gradient or parameter laid
+    out otherwise must give the same update as its contiguous copy (it once flipped update signs)."""
+    opt = (fo.adamw if decoupled else fo.adam)(1e-2, fused=True)
+    g = torch.Generator().manual_seed(0)
+    w, grads = torch.randn(7, 5, generator=g), [torch.randn(7, 5, generator=g) for _ in range(3)]
+    ref_p, ref_s = {"w": w.clone()}, opt.init({"w": w})
+    odd_p, odd_s = {"w": _layouts(w.clone())[layout]}, opt.init({"w": w})
+    assert not odd_p["w"].is_contiguous()
+    for gr in grads:
+        ref_p, ref_s = fo.step(opt, {"w": gr}, ref_s, ref_p)
+        odd_g = _layouts(gr)[layout]
+        assert not odd_g.is_contiguous()
+        odd_p, odd_s = fo.step(opt, {"w": odd_g}, odd_s, odd_p, inplace=inplace)
+    assert torch.equal(odd_p["w"], ref_p["w"]) and tree_equal(odd_s, ref_s)
+
+
 def test_chain_keeps_the_fused_step():
     opt = fo.chain(fo.clip_by_global_norm(0.1), fo.adam(1e-2))
     assert opt.step is not None and float(opt.learning_rate(0)) == pytest.approx(1e-2)

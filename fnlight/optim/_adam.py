@@ -186,12 +186,18 @@ def _adam(learning_rate: float | Schedule, b1: Scalar, b2: Scalar, eps: Scalar, 
     base = optimizer(core, init, learning_rate, needs_params=not is_zero(weight_decay), per_tensor=mask is None)
 
     def fused_step(grads: Updates, state: AdamState, params: Params, inplace: bool) -> tuple[Params, OptState]:
-        """torch's fused Adam/AdamW kernel: one pass over each tensor (as Adam(fused=True))."""
+        """torch's fused Adam/AdamW kernel: one pass over each tensor (as Adam(fused=True)).
+
+        The kernel reads and writes every tensor as one contiguous block, so a tensor that is not
+        contiguous (a gradient from vmap, a transposed view) is given to it as a contiguous copy:
+        otherwise it would pair the elements of differently laid-out tensors wrongly."""
         g, spec = flatten(grads)
+        g = [t.contiguous() for t in g]
         p_in = spec.flatten_up_to(params)
 
         def own(xs: list[torch.Tensor]) -> list[torch.Tensor]:  # the kernel writes in place
-            return xs if inplace else [x.clone() for x in xs]
+            return [x if inplace and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+                    for x in xs]
 
         p, mu, nu = own(p_in), own(spec.flatten_up_to(state.mu)), own(spec.flatten_up_to(state.nu))
         nu_max = own(spec.flatten_up_to(state.nu_max)) if amsgrad else None
