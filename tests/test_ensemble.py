@@ -122,12 +122,15 @@ class TokenModel(torch.nn.Module):
         return self.out(torch.tanh(self.tok(x) + self.pos(torch.arange(x.shape[1])))).mean(1)
 
 
-@pytest.mark.parametrize("make_opt", [lambda: fo.adam(1e-2), lambda: fo.adamw(1e-2),
-                                      lambda: fo.adam(1e-2, fused=False)], ids=["adam", "adamw", "adam-foreach"])
-def test_members_with_embeddings_equal_their_lone_runs_bitwise(make_opt):
+EMBEDDING_OPTS = {"adam": lambda: fo.adam(1e-2), "adamw": lambda: fo.adamw(1e-2), **PER_TENSOR}
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDING_OPTS))
+def test_members_with_embeddings_equal_their_lone_runs_bitwise(name):
     """vmap gives the embeddings' gradients a layout that is not contiguous; torch's fused Adam kernel,
-    given them as they were, paired their elements wrongly (members ended 8-11% off their lone runs)."""
-    opt, g = make_opt(), torch.Generator().manual_seed(0)
+    given them as they were, paired their elements wrongly (members ended 8-11% off their lone runs).
+    LARS's norms of those gradients round differently (measured 6e-8 absolute after 20 steps)."""
+    opt, g = EMBEDDING_OPTS[name](), torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 10, (16, 5), generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(20)]
     ss = [fnlight.TrainState.create(TokenModel(), opt, seed=s) for s in range(MEMBERS)]
     ens = fnlight.make_train_step(TokenModel(), loss_fn, opt, ensemble=True)
@@ -138,7 +141,10 @@ def test_members_with_embeddings_equal_their_lone_runs_bitwise(make_opt):
     for member, alone in zip(fnlight.unstack_states(stacked), ss, strict=True):
         for b in data:
             alone, _ = one(alone, b)
-        assert fnlight.tree.tree_first_difference(member.params, alone.params) is None
+        if name == "lars":
+            assert max_rel(member.params, alone.params) < 1e-6
+        else:
+            assert fnlight.tree.tree_first_difference(member.params, alone.params) is None
 
 
 @pytest.fixture
